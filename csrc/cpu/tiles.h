@@ -1,0 +1,69 @@
+// Work decomposition shared by the CPU kernels.
+//
+// Both layouts are walked as 2-D tiles of `rows` x `width` values with row stride `ld`:
+//   channels-first: one tile per (row part, channel c); rows are samples n, columns the S positions of c,
+//                   ld = C*S. Every column belongs to channel c (channel stride 0).
+//   channels-last:  one tile per row part; rows are positions, columns the C channels, ld = C
+//                   (channel stride 1).
+// Rows are split into parts of a size fixed by the shape alone (never by the thread count), so the
+// reduction order, and hence every result, is the same however many threads run it.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <type_traits>
+
+#include "../layout.h"
+
+namespace fusedbn::cpu {
+
+struct Tile {
+  int64_t offset;   // element offset of the tile's first value
+  int64_t rows;     // rows in this tile
+  int64_t width;    // values per row
+  int64_t ld;       // elements between consecutive rows
+  int64_t channel;  // channel of column 0
+  int64_t part;     // row part, the index into per-part partial buffers
+};
+
+// Enough values per task to amortise scheduling, small enough to keep both cores busy at C = 1.
+constexpr int64_t kValuesPerPart = 1 << 16;
+
+inline int64_t rows_per_part(const ChannelLayout& layout) {
+  const int64_t width = layout.channels_last ? layout.C : layout.S;
+  return std::max<int64_t>(1, kValuesPerPart / std::max<int64_t>(1, width));
+}
+
+inline int64_t num_parts(const ChannelLayout& layout) {
+  const int64_t rows = layout.rows();
+  const int64_t per_part = rows_per_part(layout);
+  return std::max<int64_t>(1, (rows + per_part - 1) / per_part);
+}
+
+// Calls body(tile, channel_stride) for every tile, in parallel. channel_stride is a compile-time
+// std::integral_constant (0 or 1) so the inner loops index per-channel arrays without a branch.
+template <typename Body>
+void parallel_for_tiles(const ChannelLayout& layout, Body&& body) {
+  const int64_t parts = num_parts(layout);
+  const int64_t per_part = rows_per_part(layout);
+  const int64_t rows = layout.rows();
+  if (layout.channels_last) {
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t r0 = p * per_part, r1 = std::min(rows, r0 + per_part);
+        body(Tile{r0 * layout.C, r1 - r0, layout.C, layout.C, 0, p}, std::integral_constant<int, 1>{});
+      }
+    });
+  } else {
+    const int64_t C = layout.C, S = layout.S;
+    at::parallel_for(0, parts * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t p = task / C, c = task % C;
+        const int64_t r0 = p * per_part, r1 = std::min(rows, r0 + per_part);
+        body(Tile{r0 * C * S + c * S, r1 - r0, S, C * S, c, p}, std::integral_constant<int, 0>{});
+      }
+    });
+  }
+}
+
+}  // namespace fusedbn::cpu

@@ -1,0 +1,61 @@
+// How an (N, C, *) tensor is laid out in memory, reduced to one of two 3-D views without copying:
+//   channels-first (N, C, S): channel c of sample n is a contiguous run of S values;
+//   channels-last  (N*S, C):  each row holds all C channels of one position (NHWC, NDHWC, and (N, C)).
+// Host-side only; shared by every backend's front.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+namespace fusedbn {
+
+struct ChannelLayout {
+  int64_t N = 0, C = 0, S = 0;
+  bool channels_last = false;
+
+  int64_t count_per_channel() const { return N * S; }
+  // Rows of the 2-D view a kernel walks: samples (channels-first) or positions (channels-last).
+  int64_t rows() const { return channels_last ? N * S : N; }
+};
+
+inline bool is_channels_last_dense(const at::Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+
+inline ChannelLayout channel_layout(const at::Tensor& dense) {
+  ChannelLayout layout;
+  layout.N = dense.size(0);
+  layout.C = dense.size(1);
+  layout.S = dense.numel() / std::max<int64_t>(1, layout.N * layout.C);
+  if (dense.numel() == 0) {
+    layout.S = 1;
+    for (int64_t d = 2; d < dense.dim(); ++d) layout.S *= dense.size(d);
+  }
+  // With one position per channel run the two views coincide; channels-last walks it with full-width rows.
+  layout.channels_last = layout.S == 1 || !dense.is_contiguous();
+  return layout;
+}
+
+// The input itself when it already is one of the two views, else one dense copy in the memory format
+// torch would suggest for it (so a sliced NHWC tensor stays channels-last).
+inline at::Tensor dense_input(const at::Tensor& x) {
+  if (x.is_contiguous() || is_channels_last_dense(x)) return x;
+  const auto format = x.suggest_memory_format();
+  if (format != at::MemoryFormat::Contiguous) return x.contiguous(format);
+  return x.contiguous();
+}
+
+// `t` (same sizes as the layout's tensor) arranged in the layout's view, copying only if it is not.
+inline at::Tensor to_layout(const at::Tensor& t, const ChannelLayout& layout) {
+  if (layout.channels_last) {
+    return is_channels_last_dense(t) ? t : t.movedim(1, -1).contiguous().movedim(-1, 1);
+  }
+  return t.contiguous();
+}
+
+inline at::Tensor empty_in_layout(const at::Tensor& like, const ChannelLayout& layout,
+                                  at::ScalarType dtype) {
+  auto options = like.options().dtype(dtype);
+  if (!layout.channels_last) return at::empty(like.sizes(), options);
+  return at::empty(like.movedim(1, -1).sizes(), options).movedim(-1, 1);
+}
+
+}  // namespace fusedbn

@@ -1,0 +1,47 @@
+"""Builds fusedbn._C: the CPU kernels always; the CUDA kernels when torch has CUDA and nvcc is found.
+
+FUSEDBN_CUDA=auto (default) | 1 (require CUDA, fail without it) | 0 (CPU only).
+TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 and sm_90 are built.
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda():
+    mode = os.environ.get("FUSEDBN_CUDA", "auto")
+    available = cpp_extension.CUDA_HOME is not None and bool(sources("csrc/cuda/*.cu"))
+    import torch
+
+    available = available and torch.version.cuda is not None
+    if mode == "1" and not available:
+        raise RuntimeError("FUSEDBN_CUDA=1 but torch has no CUDA, nvcc was not found or no CUDA sources exist")
+    return mode != "0" and available
+
+
+def extension():
+    cxx_flags = ["-O3"]
+    cpp_sources = ["csrc/fusedbn.cpp"] + sources("csrc/cpu/*.cpp")
+    if not want_cuda():
+        return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"fusedbn: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    return cpp_extension.CUDAExtension(
+        "fusedbn._C",
+        cpp_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
