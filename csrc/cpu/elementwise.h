@@ -23,20 +23,21 @@ void tile_normalize(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc
   }
 }
 
-// dx = dy * a[c] + (x - mean[c]) * b[c] + k[c], the training backward as a per-channel affine map.
+// dx = (dy - mean_dy[c] - (x - mean[c]) * proj[c]) * a[c], the training backward. Subtracting before
+// scaling by a = w * invstd avoids the cancellation between a*dy and a*mean_dy when invstd is large.
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_backward_elemt(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean,
-                         const acc_t* a, const acc_t* b, const acc_t* k, const Tile& tile) {
+                         const acc_t* mean_dy, const acc_t* proj, const acc_t* a, const Tile& tile) {
   const acc_t* mu = mean + tile.channel;
+  const acc_t* mdy = mean_dy + tile.channel;
+  const acc_t* pc = proj + tile.channel;
   const acc_t* ac = a + tile.channel;
-  const acc_t* bc = b + tile.channel;
-  const acc_t* kc = k + tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r) {
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       const acc_t xmu = static_cast<acc_t>(x[base + j]) - mu[c];
-      dx[base + j] = static_cast<scalar_t>(static_cast<acc_t>(dy[base + j]) * ac[c] + xmu * bc[c] + kc[c]);
+      dx[base + j] = static_cast<scalar_t>((static_cast<acc_t>(dy[base + j]) - mdy[c] - xmu * pc[c]) * ac[c]);
     }
   }
 }

@@ -115,9 +115,9 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   return normalize(x, layout, as_acc(running_mean, acc), alpha, beta);
 }
 
-// Gradients of y = (x - mean) * invstd * w + b. Training (mean, invstd are the batch's, m values per
-// channel), as a per-channel affine map of (dy, x - mean):
-//   dx = a*dy + b*(x - mean) + k,  a = w*invstd,  b = -a*invstd^2*sum(dy*(x-mean))/m,  k = -a*sum(dy)/m
+// Gradients of y = (x - mean) * invstd * w + b, with a = w * invstd. Training (mean, invstd are the
+// batch's, m values per channel):
+//   dx = (dy - sum(dy)/m - (x - mean) * invstd^2 * sum(dy*(x-mean))/m) * a
 // Eval statistics: dx = a*dy. Both: dw = sum(dy*(x-mean))*invstd, db = sum(dy).
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                             const OptTensor& weight, const Tensor& mean,
@@ -175,16 +175,16 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
     const Tensor a = weight_or_ones(weight, C, acc_options) * istd;
     if (training) {
       const double inv_m = 1.0 / static_cast<double>(std::max<int64_t>(1, layout.count_per_channel()));
-      const Tensor b = (-a * istd * istd * sum_dy_xmu * inv_m).contiguous();
-      const Tensor k = (-a * sum_dy * inv_m).contiguous();
+      const Tensor mean_dy = sum_dy * inv_m;
+      const Tensor proj = istd * istd * sum_dy_xmu * inv_m;
       grad_input = empty_in_layout(x, layout, input.scalar_type());
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
           tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value>(
               dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-              grad_input.mutable_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
-              b.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(), tile);
+              grad_input.mutable_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),
+              mean_dy.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(), tile);
         });
       });
     } else {

@@ -14,13 +14,34 @@ namespace fusedbn::cpu {
 // in L1/L2 between the two reads; memory then sees one read per value.
 constexpr int64_t kBlockValues = 4096;
 
+// Sum of v[0..n) by pairwise (tree) summation, whose rounding error grows like log(n) rather than n.
+// Overwrites v.
+template <typename acc_t>
+acc_t pairwise_sum(acc_t* v, int64_t n) {
+  if (n == 0) return acc_t(0);
+  while (n > 1) {
+    const int64_t half = n / 2, upper = n - half;
+    for (int64_t i = 0; i < half; ++i) v[i] += v[upper + i];
+    n = upper;
+  }
+  return v[0];
+}
+
 // Welford statistics of one tile, without a division per value: for each block of rows, per-column
 // block mean and M2 about it (two passes over the cached block), then a Chan merge into the running
 // column state. All columns of a tile have the same count, so the merge weights are shared scalars.
+// Values are shifted by the tile's first row (one shift per channel) before summing, so a channel whose
+// mean is large next to its spread (mean 1e4, std 1) loses no precision to the sums.
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_welford(const scalar_t* x, const Tile& tile, int64_t C, WelfordPartial<acc_t>* partials) {
   const int64_t W = tile.width;
-  std::vector<acc_t> mean(W, acc_t(0)), m2(W, acc_t(0)), block_mean(W), block_m2(W);
+  WelfordPartial<acc_t>* out = partials + tile.part * C + tile.channel;
+  if (tile.rows == 0 || W == 0) {  // an empty batch: empty partials, harmless to merge
+    std::fill(out, out + (kChannelStride == 1 ? W : 1), WelfordPartial<acc_t>{});
+    return;
+  }
+  std::vector<acc_t> shift(W), mean(W, acc_t(0)), m2(W, acc_t(0)), block_mean(W), block_m2(W);
+  for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<acc_t>(x[tile.offset + j * kChannelStride]);
   const int64_t block_rows = std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, W));
   int64_t seen = 0;
   for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
@@ -29,14 +50,14 @@ void tile_welford(const scalar_t* x, const Tile& tile, int64_t C, WelfordPartial
     std::fill(block_m2.begin(), block_m2.end(), acc_t(0));
     for (int64_t r = r0; r < r0 + nb; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
-      for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]);
+      for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]) - shift[j];
     }
     const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
     for (int64_t j = 0; j < W; ++j) block_mean[j] *= inv_nb;
     for (int64_t r = r0; r < r0 + nb; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
-        const acc_t d = static_cast<acc_t>(row[j]) - block_mean[j];
+        const acc_t d = (static_cast<acc_t>(row[j]) - shift[j]) - block_mean[j];
         block_m2[j] += d * d;
       }
     }
@@ -49,38 +70,47 @@ void tile_welford(const scalar_t* x, const Tile& tile, int64_t C, WelfordPartial
     }
     seen += nb;
   }
-  WelfordPartial<acc_t>* out = partials + tile.part * C + tile.channel;
   if constexpr (kChannelStride == 1) {
-    for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{mean[j], m2[j], seen};
+    for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
   } else {
-    // All W columns belong to one channel and have `seen` values each:
+    // All W columns belong to one channel (one shift) and have `seen` values each:
     // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    acc_t channel_mean = 0;
-    for (int64_t j = 0; j < W; ++j) channel_mean += mean[j];
-    channel_mean /= static_cast<acc_t>(std::max<int64_t>(1, W));
-    acc_t channel_m2 = 0, spread = 0;
+    block_mean.assign(mean.begin(), mean.end());
+    const acc_t channel_mean = pairwise_sum(block_mean.data(), W) / static_cast<acc_t>(std::max<int64_t>(1, W));
     for (int64_t j = 0; j < W; ++j) {
       const acc_t d = mean[j] - channel_mean;
-      channel_m2 += m2[j];
-      spread += d * d;
+      block_m2[j] = d * d;
     }
-    *out = WelfordPartial<acc_t>{channel_mean, channel_m2 + static_cast<acc_t>(seen) * spread, seen * W};
+    const acc_t spread = pairwise_sum(block_m2.data(), W);
+    const acc_t channel_m2 = pairwise_sum(m2.data(), W) + static_cast<acc_t>(seen) * spread;
+    *out = WelfordPartial<acc_t>{shift[0] + channel_mean, channel_m2, seen * W};
   }
 }
 
 // Per channel: sum(dy) and sum(dy * (x - mean)), the two reductions of the batch-norm backward.
+// Summed per block of rows, then blocks into the tile's columns, then columns pairwise, so no single
+// float accumulator takes more than a few thousand terms.
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const acc_t* mean, const Tile& tile,
                     int64_t C, acc_t* sum_dy, acc_t* sum_dy_xmu) {
   const int64_t W = tile.width;
-  std::vector<acc_t> col_dy(W, acc_t(0)), col_dy_xmu(W, acc_t(0));
+  std::vector<acc_t> col_dy(W, acc_t(0)), col_dy_xmu(W, acc_t(0)), block_dy(W), block_dy_xmu(W);
+  const int64_t block_rows = std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, W));
   const acc_t* mu = mean + tile.channel;
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    const int64_t base = tile.offset + r * tile.ld;
+  for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
+    std::fill(block_dy.begin(), block_dy.end(), acc_t(0));
+    std::fill(block_dy_xmu.begin(), block_dy_xmu.end(), acc_t(0));
+    for (int64_t r = r0; r < std::min(tile.rows, r0 + block_rows); ++r) {
+      const int64_t base = tile.offset + r * tile.ld;
+      for (int64_t j = 0; j < W; ++j) {
+        const acc_t g = static_cast<acc_t>(dy[base + j]);
+        block_dy[j] += g;
+        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mu[j * kChannelStride]);
+      }
+    }
     for (int64_t j = 0; j < W; ++j) {
-      const acc_t g = static_cast<acc_t>(dy[base + j]);
-      col_dy[j] += g;
-      col_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mu[j * kChannelStride]);
+      col_dy[j] += block_dy[j];
+      col_dy_xmu[j] += block_dy_xmu[j];
     }
   }
   const int64_t slot = tile.part * C + tile.channel;
@@ -88,13 +118,8 @@ void tile_grad_sums(const scalar_t* dy, const scalar_t* x, const acc_t* mean, co
     std::copy(col_dy.begin(), col_dy.end(), sum_dy + slot);
     std::copy(col_dy_xmu.begin(), col_dy_xmu.end(), sum_dy_xmu + slot);
   } else {
-    acc_t total_dy = 0, total_dy_xmu = 0;
-    for (int64_t j = 0; j < W; ++j) {
-      total_dy += col_dy[j];
-      total_dy_xmu += col_dy_xmu[j];
-    }
-    sum_dy[slot] = total_dy;
-    sum_dy_xmu[slot] = total_dy_xmu;
+    sum_dy[slot] = pairwise_sum(col_dy.data(), W);
+    sum_dy_xmu[slot] = pairwise_sum(col_dy_xmu.data(), W);
   }
 }
 
