@@ -29,7 +29,13 @@ def empty_output(x: torch.Tensor, dtype=None) -> torch.Tensor:
         positions *= size
     dtype = dtype or x.dtype
     if positions == 1 or not x.is_contiguous():
-        return x.new_empty(x.movedim(1, -1).shape, dtype=dtype).movedim(-1, 1)
+        strides = [0] * x.dim()
+        stride, strides[1] = x.shape[1], 1  # C innermost, then the spatial dims in order, then N
+        for d in range(x.dim() - 1, 1, -1):
+            strides[d] = stride
+            stride *= x.shape[d]
+        strides[0] = stride
+        return x.new_empty_strided(x.shape, strides, dtype=dtype)
     return x.new_empty(x.shape, dtype=dtype)
 
 

@@ -1,0 +1,74 @@
+"""The ops pass torch.library.opcheck, and models using fusedbn compile with torch.compile(fullgraph=True)."""
+import pytest
+import torch
+from torch import nn
+
+import fusedbn
+from helpers import make_input
+
+# Autograd lives in fusedbn.functional's torch.autograd.Function, not on the ops, so opcheck's
+# "test_autograd_registration" does not apply; samples carry no requires_grad and every other utility
+# (schema, fake tensor, aot dispatch) runs.
+OPCHECK_UTILS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _samples(device, layout, dtype=torch.float32, param_dtype=None):
+    param_dtype = param_dtype or dtype
+    x = make_input((3, 4, 5, 6), layout, dtype, device)
+    w = torch.rand(4, device=device, dtype=param_dtype) + 0.5
+    b = torch.randn(4, device=device, dtype=param_dtype)
+    rm = torch.randn(4, device=device, dtype=param_dtype)
+    rv = torch.rand(4, device=device, dtype=param_dtype) + 0.5
+    return x, w, b, rm, rv
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,param_dtype", [(torch.float32, None), (torch.bfloat16, torch.float32)], ids=["fp32", "bf16-fp32"])
+def test_opcheck(device, layout, dtype, param_dtype):
+    x, w, b, rm, rv = _samples(device, layout, dtype, param_dtype)
+    stat_dtype = torch.float32
+    mean = torch.randn(4, device=device, dtype=stat_dtype)
+    invstd = torch.rand(4, device=device, dtype=stat_dtype) + 0.5
+    dy = make_input(x.shape, layout, dtype, device)
+    calls = [
+        (fusedbn.ops.forward_train, (x, w, b, rm, rv, 0.1, 1e-5)),
+        (fusedbn.ops.forward_train, (x, None, None, None, None, 0.1, 1e-5)),
+        (fusedbn.ops.forward_eval, (x, w, b, rm, rv, 1e-5)),
+        (fusedbn.ops.forward_eval, (x, None, None, rm, rv, 1e-5)),
+        (fusedbn.ops.backward, (dy, x, w, mean, invstd, True, [True, True, True])),
+        (fusedbn.ops.backward, (dy, x, w, mean, invstd, False, [True, True, True])),
+        (fusedbn.ops.backward, (dy, x, None, mean, invstd, True, [True, False, False])),
+    ]
+    for op, args in calls:
+        torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.bn = fusedbn.FusedBatchNorm2d(6)
+        self.bn1d = fusedbn.FusedBatchNorm1d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.bn1d(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph_matches_eager(device, training):
+    torch.manual_seed(0)
+    eager = _Net().to(device).double().train(training)
+    compiled_model = _Net().to(device).double().train(training)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        x = torch.randn(4, 3, 8, 8, device=device, dtype=torch.float64)
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
