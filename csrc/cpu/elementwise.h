@@ -9,11 +9,11 @@ namespace fusedbn::cpu {
 // y = (x - mean[c]) * alpha[c] + beta[c]. Centering before scaling keeps the output exact for inputs
 // whose mean is large next to their spread (x * alpha + (beta - mean * alpha) would cancel).
 template <typename scalar_t, typename acc_t, int kChannelStride>
-void tile_normalize(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc_t* alpha,
-                    const acc_t* beta, const Tile& tile) {
-  const acc_t* mu = mean + tile.channel;
-  const acc_t* a = alpha + tile.channel;
-  const acc_t* b = beta + tile.channel;
+void tile_normalize(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha,
+                    const acc_t* __restrict__ beta, const Tile& tile) {
+  const acc_t* __restrict__ mu = mean + tile.channel;
+  const acc_t* __restrict__ a = alpha + tile.channel;
+  const acc_t* __restrict__ b = beta + tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r) {
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
@@ -26,12 +26,12 @@ void tile_normalize(const scalar_t* x, scalar_t* y, const acc_t* mean, const acc
 // dx = (dy - mean_dy[c] - (x - mean[c]) * proj[c]) * a[c], the training backward. Subtracting before
 // scaling by a = w * invstd avoids the cancellation between a*dy and a*mean_dy when invstd is large.
 template <typename scalar_t, typename acc_t, int kChannelStride>
-void tile_backward_elemt(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const acc_t* mean,
-                         const acc_t* mean_dy, const acc_t* proj, const acc_t* a, const Tile& tile) {
-  const acc_t* mu = mean + tile.channel;
-  const acc_t* mdy = mean_dy + tile.channel;
-  const acc_t* pc = proj + tile.channel;
-  const acc_t* ac = a + tile.channel;
+void tile_backward_elemt(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
+                         const acc_t* __restrict__ mean_dy, const acc_t* __restrict__ proj, const acc_t* __restrict__ a, const Tile& tile) {
+  const acc_t* __restrict__ mu = mean + tile.channel;
+  const acc_t* __restrict__ mdy = mean_dy + tile.channel;
+  const acc_t* __restrict__ pc = proj + tile.channel;
+  const acc_t* __restrict__ ac = a + tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r) {
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {

@@ -36,7 +36,7 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
-    parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
+    parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
       tile_normalize<scalar_t, acc_t, decltype(stride)::value>(
           in, out, mean.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
           beta.const_data_ptr<acc_t>(), tile);
@@ -180,7 +180,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
       grad_input = empty_in_layout(x, layout, input.scalar_type());
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
+        parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
           tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value>(
               dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
               grad_input.mutable_data_ptr<scalar_t>(), mu.const_data_ptr<acc_t>(),

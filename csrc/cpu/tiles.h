@@ -66,4 +66,21 @@ void parallel_for_tiles(const ChannelLayout& layout, Body&& body) {
   }
 }
 
+// Tiles for the elementwise passes, which need no per-part partials: channels-last as above; channels-first
+// as single (n, c) runs visited in memory order, so each thread streams through consecutive memory.
+template <typename Body>
+void parallel_for_elementwise_tiles(const ChannelLayout& layout, Body&& body) {
+  if (layout.channels_last) {
+    parallel_for_tiles(layout, body);
+    return;
+  }
+  const int64_t C = layout.C, S = layout.S;
+  const int64_t grain = std::max<int64_t>(1, kValuesPerPart / std::max<int64_t>(1, S));
+  at::parallel_for(0, layout.N * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t run = begin; run < end; ++run) {
+      body(Tile{run * S, 1, S, S, run % C, 0}, std::integral_constant<int, 0>{});
+    }
+  });
+}
+
 }  // namespace fusedbn::cpu
