@@ -27,9 +27,25 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
   return v[0];
 }
 
-// Welford statistics of one tile, without a division per value: for each block of rows, per-column
-// block mean and M2 about it (two passes over the cached block), then a Chan merge into the running
-// column state. All columns of a tile have the same count, so the merge weights are shared scalars.
+// Independent accumulators for a reduction over one contiguous run: the compiler vectorizes across them
+// without being allowed to reassociate a single float sum.
+constexpr int kLanes = 16;
+
+// sum over a run of f(x[j]) (f gives acc_t), in kLanes accumulators combined pairwise.
+template <typename scalar_t, typename acc_t, typename F>
+acc_t run_sum(const scalar_t* __restrict__ x, int64_t n, F f) {
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += f(static_cast<acc_t>(x[j + l]), j + l);
+  }
+  for (int l = 0; j < n; ++j, ++l) lanes[l] += f(static_cast<acc_t>(x[j]), j);
+  return pairwise_sum(lanes, kLanes);
+}
+
+// Welford statistics of one tile, without a division per value. Channels-last: for each block of rows,
+// per-column block mean and M2 about it (two passes over the cached block), then a Chan merge into the
+// running column state; all columns have the same count, so the merge weights are shared scalars.
 // Values are shifted by the tile's first row (one shift per channel) before summing, so a channel whose
 // mean is large next to its spread (mean 1e4, std 1) loses no precision to the sums.
 template <typename scalar_t, typename acc_t, int kChannelStride>
@@ -38,6 +54,27 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
   WelfordPartial<acc_t>* out = partials + tile.part * C + tile.channel;
   if (tile.rows == 0 || W == 0) {  // an empty batch: empty partials, harmless to merge
     std::fill(out, out + (kChannelStride == 1 ? W : 1), WelfordPartial<acc_t>{});
+    return;
+  }
+  if constexpr (kChannelStride == 0) {
+    // One channel: each run of S values, in cache-sized chunks, gives a (count, mean, M2) by two passes
+    // over the chunk (shifted by the tile's first value), merged into the channel's partial.
+    const acc_t shift = static_cast<acc_t>(x[tile.offset]);
+    WelfordPartial<acc_t> total;
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const scalar_t* row = x + tile.offset + r * tile.ld;
+      for (int64_t s0 = 0; s0 < W; s0 += kBlockValues) {
+        const int64_t n = std::min(kBlockValues, W - s0);
+        const acc_t chunk_mean =
+            run_sum<scalar_t, acc_t>(row + s0, n, [&](acc_t v, int64_t) { return v - shift; }) / static_cast<acc_t>(n);
+        const acc_t chunk_m2 = run_sum<scalar_t, acc_t>(row + s0, n, [&](acc_t v, int64_t) {
+          const acc_t d = (v - shift) - chunk_mean;
+          return d * d;
+        });
+        total = welford_merge(total, WelfordPartial<acc_t>{chunk_mean, chunk_m2, n});
+      }
+    }
+    *out = WelfordPartial<acc_t>{shift + total.mean, total.m2, total.count};
     return;
   }
   std::vector<acc_t> shift_buf(W), mean_buf(W, acc_t(0)), m2_buf(W, acc_t(0)), block_mean_buf(W), block_m2_buf(W);
@@ -76,37 +113,38 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
     }
     seen += nb;
   }
-  if constexpr (kChannelStride == 1) {
-    for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
-  } else {
-    // All W columns belong to one channel (one shift) and have `seen` values each:
-    // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    std::copy(mean, mean + W, block_mean);
-    const acc_t channel_mean = pairwise_sum(block_mean, W) / static_cast<acc_t>(std::max<int64_t>(1, W));
-    for (int64_t j = 0; j < W; ++j) {
-      const acc_t d = mean[j] - channel_mean;
-      block_m2[j] = d * d;
-    }
-    const acc_t spread = pairwise_sum(block_m2, W);
-    const acc_t channel_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * spread;
-    *out = WelfordPartial<acc_t>{shift[0] + channel_mean, channel_m2, seen * W};
-  }
+  for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
 }
 
 // Per channel: sum(dy) and sum(dy * (x - mean)), the two reductions of the batch-norm backward.
-// Summed per block of rows, then blocks into the tile's columns, then columns pairwise, so no single
-// float accumulator takes more than a few thousand terms.
+// Channels-first: lane sums per run. Channels-last: per block of rows into columns, then blocks into
+// the tile's columns, so no single float accumulator takes more than a few thousand terms.
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const Tile& tile,
                     int64_t C, acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
   const int64_t W = tile.width;
+  const int64_t slot = tile.part * C + tile.channel;
+  if constexpr (kChannelStride == 0) {
+    // One channel: lane sums over each contiguous run (the second pass re-reads the run from cache).
+    const acc_t mu = mean[tile.channel];
+    acc_t total_dy = 0, total_dy_xmu = 0;
+    for (int64_t r = 0; r < tile.rows; ++r) {
+      const scalar_t* g = dy + tile.offset + r * tile.ld;
+      const scalar_t* xr = x + tile.offset + r * tile.ld;
+      total_dy += run_sum<scalar_t, acc_t>(g, W, [](acc_t v, int64_t) { return v; });
+      total_dy_xmu += run_sum<scalar_t, acc_t>(
+          g, W, [&](acc_t v, int64_t j) { return v * (static_cast<acc_t>(xr[j]) - mu); });
+    }
+    sum_dy[slot] = total_dy;
+    sum_dy_xmu[slot] = total_dy_xmu;
+    return;
+  }
   std::vector<acc_t> col_dy_buf(W, acc_t(0)), col_dy_xmu_buf(W, acc_t(0)), block_dy_buf(W), block_dy_xmu_buf(W);
   acc_t* __restrict__ col_dy = col_dy_buf.data();
   acc_t* __restrict__ col_dy_xmu = col_dy_xmu_buf.data();
   acc_t* __restrict__ block_dy = block_dy_buf.data();
   acc_t* __restrict__ block_dy_xmu = block_dy_xmu_buf.data();
   const int64_t block_rows = std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, W));
-  const acc_t* __restrict__ mu = mean + tile.channel;
   for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
     std::fill(block_dy, block_dy + W, acc_t(0));
     std::fill(block_dy_xmu, block_dy_xmu + W, acc_t(0));
@@ -115,7 +153,7 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
       for (int64_t j = 0; j < W; ++j) {
         const acc_t g = static_cast<acc_t>(dy[base + j]);
         block_dy[j] += g;
-        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mu[j * kChannelStride]);
+        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[j]);
       }
     }
     for (int64_t j = 0; j < W; ++j) {
@@ -123,14 +161,8 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
       col_dy_xmu[j] += block_dy_xmu[j];
     }
   }
-  const int64_t slot = tile.part * C + tile.channel;
-  if constexpr (kChannelStride == 1) {
-    std::copy(col_dy, col_dy + W, sum_dy + slot);
-    std::copy(col_dy_xmu, col_dy_xmu + W, sum_dy_xmu + slot);
-  } else {
-    sum_dy[slot] = pairwise_sum(col_dy, W);
-    sum_dy_xmu[slot] = pairwise_sum(col_dy_xmu, W);
-  }
+  std::copy(col_dy, col_dy + W, sum_dy + slot);
+  std::copy(col_dy_xmu, col_dy_xmu + W, sum_dy_xmu + slot);
 }
 
 }  // namespace fusedbn::cpu
