@@ -13,6 +13,9 @@ ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
+# This build serves this machine only, so the CPU kernels may use all of its instructions (setup.py).
+export FUSEDBN_CPU_ARCH ?= native
+
 .PHONY: test bench build clean
 
 $(DEPS_STAMP): Makefile pyproject.toml

@@ -1,6 +1,8 @@
 """Builds fusedbn._C: the CPU kernels always; the CUDA kernels when torch has CUDA and nvcc is found.
 
 FUSEDBN_CUDA=auto (default) | 1 (require CUDA, fail without it) | 0 (CPU only).
+FUSEDBN_CPU_ARCH=native (or any -march value) tunes the CPU kernels for one machine (the Makefile's local
+build does); unset, the build is portable (baseline x86-64 / aarch64 instructions).
 TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 and sm_90 are built.
 """
 import glob
@@ -29,6 +31,8 @@ def want_cuda():
 
 def extension():
     cxx_flags = ["-O3"]
+    if os.environ.get("FUSEDBN_CPU_ARCH"):
+        cxx_flags.append(f"-march={os.environ['FUSEDBN_CPU_ARCH']}")
     cpp_sources = ["csrc/fusedbn.cpp"] + sources("csrc/cpu/*.cpp")
     if not want_cuda():
         return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})

@@ -22,9 +22,17 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (
 MODES = ("train fwd", "train fwd+bwd", "eval fwd")
 
 
-def _timed(fn, min_run_time):
-    fn()  # warm-up (and CUDA lazy init)
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+def _timed(fns, min_run_time, rounds=3):
+    """Median time of each callable, measured in interleaved rounds (a, b, c, a, b, c, ...) and the best
+    round kept, so a burst of load on the machine hits every contender alike and is filtered out."""
+    for fn in fns:
+        fn()  # warm-up (and CUDA lazy init)
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return best
 
 
 def _runner(module, x, grad, mode):
@@ -45,11 +53,10 @@ def measure(shape, layout, dtype, param_dtype, device, min_run_time):
     grad = torch.randn_like(x)
     ref = nn.BatchNorm2d(shape[1], device=device, dtype=param_dtype)
     ours = fusedbn.FusedBatchNorm2d(shape[1], device=device, dtype=param_dtype)
-    clone = _timed(lambda: x.clone(), min_run_time)
     rows = []
     for mode in MODES:
-        t_ref = _timed(_runner(ref, x, grad, mode), min_run_time)
-        t_ours = _timed(_runner(ours, x, grad, mode), min_run_time)
+        clone, t_ref, t_ours = _timed(
+            [lambda: x.clone(), _runner(ref, x, grad, mode), _runner(ours, x, grad, mode)], min_run_time)
         rows.append(dict(shape=list(shape), layout=layout, dtype=str(dtype).split(".")[1],
                          param_dtype=str(param_dtype).split(".")[1], mode=mode, torch_s=t_ref, fusedbn_s=t_ours,
                          clone_s=clone, speedup=t_ref / t_ours, ours_over_clone=t_ours / clone,
@@ -88,7 +95,7 @@ def main():
     parser.add_argument("--shapes", default="64x56x56,256x56x56,512x28x28,2048x7x7",
                         help="comma-separated CxHxW, or 'resnet50' for every ResNet-50 BatchNorm shape")
     parser.add_argument("--layouts", default="NCHW,NHWC")
-    parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
+    parser.add_argument("--min-run-time", type=float, default=0.6, help="seconds per measurement")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
 
