@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
 #include <optional>
 
 namespace fusedbn {
@@ -42,5 +43,68 @@ inline void check_optional_param(const std::optional<at::Tensor>& param, const c
 }
 
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Parameters given together must agree on dtype, as nn.BatchNorm requires in mixed precision.
+inline void check_params_share_dtype(std::initializer_list<const std::optional<at::Tensor>*> params) {
+  std::optional<at::ScalarType> dtype;
+  for (const auto* p : params) {
+    if (!has(*p)) continue;
+    TORCH_CHECK(!dtype || *dtype == (*p)->scalar_type(),
+                "mixed dtype: expect weight, bias, running_mean and running_var to share one dtype, got ",
+                *dtype, " and ", (*p)->scalar_type());
+    dtype = (*p)->scalar_type();
+  }
+}
+
+// Values per channel, N * prod(spatial).
+inline int64_t values_per_channel(const at::Tensor& input) {
+  int64_t count = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) count *= input.size(d);
+  return count;
+}
+
+inline void check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& running_mean,
+                                     const std::optional<at::Tensor>& running_var) {
+  check_input(input);
+  check_optional_param(weight, "weight", input);
+  check_optional_param(bias, "bias", input);
+  check_optional_param(running_mean, "running_mean", input);
+  check_optional_param(running_var, "running_var", input);
+  check_params_share_dtype({&weight, &bias, &running_mean, &running_var});
+  TORCH_CHECK(has(running_mean) == has(running_var),
+              "running_mean and running_var must either both be None or neither be None");
+  TORCH_CHECK_VALUE(values_per_channel(input) != 1,
+                    "Expected more than 1 value per channel when training, got input size ", input.sizes());
+}
+
+inline void check_forward_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var) {
+  check_input(input);
+  check_optional_param(weight, "weight", input);
+  check_optional_param(bias, "bias", input);
+  check_channel_param(running_mean, "running_mean", input);
+  check_channel_param(running_var, "running_var", input);
+  const std::optional<at::Tensor> rm = running_mean, rv = running_var;
+  check_params_share_dtype({&weight, &bias, &rm, &rv});
+}
+
+inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                const at::Tensor& invstd) {
+  check_input(input);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output should have the input's shape ",
+              input.sizes(), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output should have dtype ",
+              input.scalar_type(), ", got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(),
+              "Expected all tensors to be on the same device, but found at least two devices, ",
+              input.device(), " and ", grad_output.device(), "! (grad_output)");
+  check_optional_param(weight, "weight", input);
+  check_channel_param(mean, "mean", input);
+  check_channel_param(invstd, "invstd", input);
+}
 
 }  // namespace fusedbn

@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <cmath>
 
-#if defined(__CUDACC__) || defined(FUSEDBN_SIMT)
+#if defined(__CUDACC__)
 #define FUSEDBN_HOST_DEVICE __host__ __device__
 #else
 #define FUSEDBN_HOST_DEVICE
@@ -17,11 +17,12 @@
 
 namespace fusedbn {
 
+// Trivial (no member initializers) so it can live in CUDA shared memory; value-initialise with {}.
 template <typename acc_t>
 struct WelfordPartial {
-  acc_t mean = 0;
-  acc_t m2 = 0;
-  int64_t count = 0;
+  acc_t mean;
+  acc_t m2;
+  int64_t count;
 };
 
 template <typename acc_t>
@@ -30,7 +31,7 @@ FUSEDBN_HOST_DEVICE inline WelfordPartial<acc_t> welford_merge(
   const int64_t n = a.count + b.count;
   const acc_t nb_over_n = static_cast<acc_t>(b.count) / static_cast<acc_t>(n > 0 ? n : 1);
   const acc_t delta = b.mean - a.mean;
-  WelfordPartial<acc_t> out;
+  WelfordPartial<acc_t> out{};
   out.mean = a.mean + delta * nb_over_n;
   out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * nb_over_n;
   out.count = n;

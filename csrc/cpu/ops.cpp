@@ -49,18 +49,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                  const OptTensor& bias, const OptTensor& running_mean,
                                                  const OptTensor& running_var, double momentum,
                                                  double eps) {
-  check_input(input);
-  check_optional_param(weight, "weight", input);
-  check_optional_param(bias, "bias", input);
-  check_optional_param(running_mean, "running_mean", input);
-  check_optional_param(running_var, "running_var", input);
-  TORCH_CHECK(has(running_mean) == has(running_var),
-              "running_mean and running_var must either both be None or neither be None");
+  check_forward_train_args(input, weight, bias, running_mean, running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C, count = layout.count_per_channel();
-  TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got input size ",
-                    input.sizes());
 
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc);
@@ -78,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
     acc_t* var_out = unbiased_var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
-      WelfordPartial<acc_t> total;
+      WelfordPartial<acc_t> total{};
       for (int64_t p = 0; p < parts; ++p) total = welford_merge(total, partials[p * C + c]);
       mean_out[c] = total.mean;
       invstd_out[c] = welford_invstd(total, eps);
@@ -100,11 +92,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
 
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps) {
-  check_input(input);
-  check_optional_param(weight, "weight", input);
-  check_optional_param(bias, "bias", input);
-  check_channel_param(running_mean, "running_mean", input);
-  check_channel_param(running_var, "running_var", input);
+  check_forward_eval_args(input, weight, bias, running_mean, running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const auto acc = at::toOpMathType(input.scalar_type());
@@ -123,14 +111,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
                                             const OptTensor& weight, const Tensor& mean,
                                             const Tensor& invstd, bool training,
                                             std::array<bool, 3> output_mask) {
-  check_input(input);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output should have the input's shape ",
-              input.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output should have dtype ",
-              input.scalar_type(), ", got ", grad_output.scalar_type());
-  check_optional_param(weight, "weight", input);
-  check_channel_param(mean, "mean", input);
-  check_channel_param(invstd, "invstd", input);
+  check_backward_args(grad_output, input, weight, mean, invstd);
 
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);

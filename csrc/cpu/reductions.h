@@ -60,7 +60,7 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
     // One channel: each run of S values, in cache-sized chunks, gives a (count, mean, M2) by two passes
     // over the chunk (shifted by the tile's first value), merged into the channel's partial.
     const acc_t shift = static_cast<acc_t>(x[tile.offset]);
-    WelfordPartial<acc_t> total;
+    WelfordPartial<acc_t> total{};
     for (int64_t r = 0; r < tile.rows; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
       for (int64_t s0 = 0; s0 < W; s0 += kBlockValues) {

@@ -1,0 +1,27 @@
+// The op schemas, shared by the `fusedbn` library and the test-only `fusedbn_simt` one (the CUDA kernels
+// run under the SIMT emulator on CPU tensors), so both expose exactly the same ops.
+#pragma once
+
+#include <torch/library.h>
+
+namespace fusedbn {
+
+inline void define_schemas(torch::Library& m) {
+  // Training: Welford statistics, running-stat update (in place, unbiased variance), normalize.
+  // Returns (output, mean, invstd), the statistics in float (double for float64 input).
+  m.def(
+      "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  // Inference with running statistics: a per-channel affine map.
+  m.def(
+      "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, float eps) -> Tensor");
+  // Fused backward: (grad_input, grad_weight, grad_bias); an entry is computed only where
+  // output_mask is true. `training` selects batch statistics (mean, invstd of forward_train) or
+  // fixed ones (running_mean and 1/sqrt(running_var + eps)).
+  m.def(
+      "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+}  // namespace fusedbn
