@@ -57,7 +57,7 @@
 
 struct dim3 {
   unsigned x, y, z;
-  constexpr dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
+  constexpr dim3(unsigned vx = 1, unsigned vy = 1, unsigned vz = 1) : x(vx), y(vy), z(vz) {}
 };
 
 // Set by the launcher for each emulated thread before it enters the kernel.
@@ -105,6 +105,7 @@ class Barrier {
     const uint64_t gen = generation_;
     if (++arrived_ == count_) {
       arrived_ = 0, ++generation_;
+      lk.unlock();  // so the woken threads do not immediately block on m_ again
       cv_.notify_all();
       return;
     }
@@ -128,19 +129,20 @@ class Barrier {
     if (arrived_ > 0 && arrived_ + exited_ == count_ && broken_.empty()) breakdown(exited_message());
   }
 
-  void breakdown(std::string why) {  // requires m_ held
-    if (broken_.empty()) broken_ = std::move(why);
-    cv_.notify_all();
-  }
   void break_now(const std::string& why) {
     std::lock_guard lk(m_);
     breakdown(why);
   }
 
  private:
+  void breakdown(std::string why) {  // requires m_ held
+    if (broken_.empty()) broken_ = std::move(why);
+    cv_.notify_all();
+  }
   std::string exited_message() const {
     return "simt: " + what_ + " deadlock: " + std::to_string(arrived_) + " of " + std::to_string(count_) +
-           " threads wait at a barrier the other " + std::to_string(exited_) + " already exited past";
+           " threads wait at a barrier that the other " + std::to_string(exited_) +
+           " can never reach (they exited the kernel)";
   }
   void throw_if_broken() const {
     if (!broken_.empty()) throw std::runtime_error(broken_);
@@ -160,16 +162,16 @@ class Barrier {
 // Everything the threads of the running block share.
 struct Warp {
   Barrier barrier;
-  uint64_t slots[32];  // shuffle exchange buffer, one value (<= 8 bytes) per lane
+  uint64_t slots[2][32];  // shuffle exchange buffers (used alternately), one value (<= 8 bytes) per lane
 };
 struct Block {
-  dim3 grid, dim, idx;
+  dim3 idx;
   Barrier barrier;
   std::vector<Warp> warps;
   std::mutex error_mutex;
   std::exception_ptr error;
 
-  Block(dim3 grid, dim3 dim, unsigned threads) : grid(grid), dim(dim), warps(threads / 32) {}
+  explicit Block(unsigned threads) : warps(threads / 32) {}
   void start(dim3 block_idx, unsigned threads) {
     idx = block_idx;
     barrier.reset(threads, "__syncthreads");
@@ -196,6 +198,7 @@ struct Block {
 struct ThreadContext {
   Block* block = nullptr;
   unsigned linear = 0;  // threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y
+  unsigned shuffles = 0;  // shuffles this thread has done in this block: picks the exchange buffer
 };
 inline thread_local ThreadContext context;
 
@@ -208,6 +211,11 @@ inline ThreadContext& current(const char* what) {
 // whole block to contend on). Worker i runs thread i of a block, so all threads of a block exist
 // concurrently, as barriers require.
 class Pool {
+  struct Worker {
+    std::binary_semaphore go{0};
+    std::thread thread;
+  };
+
  public:
   ~Pool() {
     stopping_ = true;
@@ -218,7 +226,8 @@ class Pool {
   void run(unsigned n, const std::function<void(unsigned)>& task) {
     while (workers_.size() < n) {
       workers_.push_back(std::make_unique<Worker>());
-      workers_.back()->thread = std::thread([this, i = unsigned(workers_.size() - 1)] { loop(i); });
+      Worker& w = *workers_.back();
+      w.thread = std::thread([this, &w, i = unsigned(workers_.size() - 1)] { loop(w, i); });
     }
     task_ = &task;
     remaining_ = n;
@@ -227,19 +236,15 @@ class Pool {
   }
 
  private:
-  void loop(unsigned i) {
+  void loop(Worker& self, unsigned i) {
     for (;;) {
-      workers_[i]->go.acquire();
+      self.go.acquire();
       if (stopping_) return;
       (*task_)(i);  // never throws: the task catches everything
       if (remaining_.fetch_sub(1) == 1) done_.release();
     }
   }
 
-  struct Worker {
-    std::binary_semaphore go{0};
-    std::thread thread;
-  };
   std::vector<std::unique_ptr<Worker>> workers_;  // grown only by run(), while every worker sleeps
   const std::function<void(unsigned)>* task_ = nullptr;
   std::atomic<unsigned> remaining_{0};
@@ -278,7 +283,7 @@ inline void validate(dim3 grid, dim3 block, size_t dynamic_smem_bytes) {
 inline void run_grid(dim3 grid, dim3 dim, const std::function<void()>& body) {
   std::lock_guard launch_lock(launch_mutex());
   const unsigned threads = dim.x * dim.y * dim.z;
-  Block block(grid, dim, threads);
+  Block block(threads);
   const std::function<void(unsigned)> thread_main = [&](unsigned i) {
     threadIdx = dim3(i % dim.x, i / dim.x % dim.y, i / (dim.x * dim.y));
     blockIdx = block.idx, blockDim = dim, gridDim = grid;
@@ -308,7 +313,9 @@ std::tuple<std::decay_t<P>...> as_params(std::type_identity_t<P>... args) {
 }
 
 // A value of type T travels through the warp's exchange buffer: write, wait for all lanes, read the
-// source lane, wait again so no lane overwrites a slot that another lane has yet to read.
+// source lane. Consecutive shuffles alternate between two buffers, so the barrier of the next shuffle is
+// also the "everyone has read" wait that must precede rewriting this buffer: a lane can only reach the
+// shuffle after next once every lane has arrived at the next one, i.e. has finished reading this one.
 template <typename T, typename SourceLane>
 T exchange(unsigned mask, T value, int width, SourceLane source_lane) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "shuffles move values of at most 8 bytes");
@@ -318,11 +325,11 @@ T exchange(unsigned mask, T value, int width, SourceLane source_lane) {
     throw std::runtime_error("simt: shuffle width " + std::to_string(width) + " is not a power of two <= 32");
   Warp& w = c.block->warps[c.linear / 32];
   const unsigned lane = c.linear % 32, segment = lane & ~unsigned(width - 1);
-  std::memcpy(&w.slots[lane], &value, sizeof(T));
+  uint64_t* slots = w.slots[c.shuffles++ % 2];
+  std::memcpy(&slots[lane], &value, sizeof(T));
   w.barrier.wait();
   T out;
-  std::memcpy(&out, &w.slots[source_lane(lane, segment) % 32], sizeof(T));
-  w.barrier.wait();
+  std::memcpy(&out, &slots[source_lane(lane, segment) % 32], sizeof(T));
   return out;
 }
 

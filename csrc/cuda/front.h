@@ -1,0 +1,240 @@
+// Host side of the CUDA ops: checks, layout, launch configuration and the kernel launches. Shared by
+// the CUDA build (csrc/cuda/ops.cu, Context = the current CUDA stream of the input's device) and the
+// SIMT emulator build (csrc/simt/ops.cpp, CPU tensors), so both run exactly the same launch logic.
+//
+// Context must provide: `stream` (passed to FUSEDBN_LAUNCH) and `int sm_count`.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "../checks.h"
+#include "../layout.h"
+#include "kernels.cuh"
+#include "launch.h"
+
+namespace fusedbn::cuda {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+template <typename T>
+T* ptr_or_null(const OptTensor& t) {
+  return has(t) ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+// Calls f(param_t{}) with the parameters' element type: float for half/bfloat16 input with float32
+// parameters (mixed precision), else the input's type.
+template <typename scalar_t, typename F>
+void with_param_type(std::optional<at::ScalarType> param_dtype, F&& f) {
+  if (param_dtype && *param_dtype == at::kFloat && !std::is_same_v<scalar_t, float>) {
+    f(float{});
+  } else {
+    f(scalar_t{});
+  }
+}
+
+inline std::optional<at::ScalarType> dtype_of_first(std::initializer_list<const OptTensor*> ts) {
+  for (const auto* t : ts) {
+    if (has(*t)) return (*t)->scalar_type();
+  }
+  return std::nullopt;
+}
+
+// Per-channel reduction (reducer, finisher from kernels.cuh) over the layout.
+// Channels-first: one block row per channel, split into several blocks when channels are too few to
+// fill the GPU (about 4 blocks per SM) and each split still has >= 4 vectors per thread.
+// Channels-last: 32 channels x 16 rows per block, rows split the same way.
+template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
+void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
+                   const Tensor& like, const Context& ctx) {
+  using State = typename Reducer::State;
+  const int64_t C = layout.C, count = layout.count_per_channel();
+  const int64_t target_blocks = 4 * static_cast<int64_t>(ctx.sm_count);
+  auto workspace_for = [&](int64_t states, int64_t semaphores) {
+    return std::make_tuple(at::empty({states * static_cast<int64_t>(sizeof(State))}, like.options().dtype(at::kByte)),
+                           at::zeros({semaphores}, like.options().dtype(at::kInt)));
+  };
+  if (!layout.channels_last) {
+    const bool vectorize = aligned && layout.S % kVecWidth == 0;
+    const int64_t vec = vectorize ? kVecWidth : 1;
+    const int64_t threads = std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(count / vec, 32) * 32));
+    const int64_t max_splits = std::max<int64_t>(1, count / (threads * vec * 4));
+    const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, C), max_splits, 65535});
+    auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? C : 0);
+    auto* ws = reinterpret_cast<State*>(workspace.data_ptr());
+    auto* sem = reinterpret_cast<unsigned*>(semaphores.data_ptr());
+    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
+    if (vectorize) {
+      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVecWidth>), grid, dim3(threads), 0,
+                     ctx.stream)(reducer, finisher, layout.N, C, layout.S, ws, sem);
+    } else {
+      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, 1>), grid, dim3(threads), 0, ctx.stream)(
+          reducer, finisher, layout.N, C, layout.S, ws, sem);
+    }
+  } else {
+    const int64_t M = layout.rows();
+    const dim3 block(kWarpSize, 16);
+    const int64_t groups = ceil_div(C, kWarpSize);
+    const int64_t max_splits = std::max<int64_t>(1, M / (16 * 8));
+    const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, groups), max_splits, 65535});
+    auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? groups : 0);
+    FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher>), dim3(groups, splits), block, 0, ctx.stream)(
+        reducer, finisher, M, C, reinterpret_cast<State*>(workspace.data_ptr()),
+        reinterpret_cast<unsigned*>(semaphores.data_ptr()));
+  }
+  FUSEDBN_LAUNCH_CHECK();
+}
+
+// One elementwise pass over the layout: 16-byte vectors when every tensor is aligned and a vector keeps
+// to one channel (channels-first) or to whole channels (channels-last).
+template <int kVecWidth, typename Op, typename Context>
+void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel, bool aligned, const Context& ctx) {
+  if (numel == 0) return;
+  const int64_t inner = layout.channels_last ? 1 : layout.S;
+  const bool vectorize = aligned && (layout.channels_last ? layout.C : layout.S) % kVecWidth == 0;
+  const int64_t vectors = numel / (vectorize ? kVecWidth : 1);
+  constexpr int64_t kThreads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(vectors, kThreads), 8 * static_cast<int64_t>(ctx.sm_count));
+  if (vectorize) {
+    FUSEDBN_LAUNCH((&elementwise_kernel<Op, kVecWidth>), dim3(blocks), dim3(kThreads), 0, ctx.stream)(
+        op, numel, inner, layout.C);
+  } else {
+    FUSEDBN_LAUNCH((&elementwise_kernel<Op, 1>), dim3(blocks), dim3(kThreads), 0, ctx.stream)(op, numel, inner, layout.C);
+  }
+  FUSEDBN_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+// y = (x - mean) * alpha + beta per channel.
+template <typename Context>
+Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
+                 const Tensor& beta, const Context& ctx) {
+  Tensor y = empty_in_layout(x, layout, x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                          mean.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
+                                          beta.const_data_ptr<acc_t>()};
+    launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(), aligned16(x) && aligned16(y), ctx);
+  });
+  return y;
+}
+
+template <typename Context>
+std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                                                 const OptTensor& running_mean, const OptTensor& running_var,
+                                                 double momentum, double eps) {
+  check_forward_train_args(input, weight, bias, running_mean, running_var);
+  const Context ctx(input);
+  const Tensor x = dense_input(input);
+  const ChannelLayout layout = channel_layout(x);
+  const int64_t C = layout.C;
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  Tensor mean = at::empty({C}, acc_options), invstd = at::empty({C}, acc_options);
+  if (C == 0) return {empty_in_layout(x, layout, x.scalar_type()), mean, invstd};
+  Tensor alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
+  const auto param_dtype = dtype_of_first({&weight, &bias, &running_mean, &running_var});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      const WelfordReducer<scalar_t, acc_t> reducer{x.const_data_ptr<scalar_t>()};
+      const StatsFinisher<acc_t, param_t> finisher{
+          ptr_or_null<param_t>(weight),       ptr_or_null<param_t>(bias),         ptr_or_null<param_t>(running_mean),
+          ptr_or_null<param_t>(running_var),  mean.mutable_data_ptr<acc_t>(),     invstd.mutable_data_ptr<acc_t>(),
+          alpha.mutable_data_ptr<acc_t>(),    beta.mutable_data_ptr<acc_t>(),     momentum,
+          eps};
+      launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
+    });
+  });
+  return {normalize(x, layout, mean, alpha, beta, ctx), mean, invstd};
+}
+
+template <typename Context>
+Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
+                    const Tensor& running_var, double eps) {
+  check_forward_eval_args(input, weight, bias, running_mean, running_var);
+  const Context ctx(input);
+  const Tensor x = dense_input(input);
+  const ChannelLayout layout = channel_layout(x);
+  const auto acc = at::toOpMathType(input.scalar_type());
+  // Per-channel coefficients: C values, a few tiny launches.
+  Tensor alpha = running_var.to(acc).add(eps).rsqrt();
+  if (has(weight)) alpha = alpha.mul(weight->to(acc));
+  alpha = alpha.contiguous();
+  const Tensor beta = has(bias) ? bias->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
+  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx);
+}
+
+template <typename Context>
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                            const Tensor& mean, const Tensor& invstd, bool training,
+                                            std::array<bool, 3> output_mask) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  const Context ctx(input);
+  const Tensor x = dense_input(input);
+  const ChannelLayout layout = channel_layout(x);
+  const Tensor dy = to_layout(grad_output, layout);
+  const int64_t C = layout.C;
+  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto acc_options = input.options().dtype(acc);
+  const Tensor mu = mean.to(acc).contiguous(), istd = invstd.to(acc).contiguous();
+  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
+  Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
+  Tensor mean_dy = at::empty({C}, acc_options), proj = at::empty({C}, acc_options), a = at::empty({C}, acc_options);
+  const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
+
+  Tensor grad_input;
+  if (output_mask[0] && training) grad_input = empty_in_layout(x, layout, input.scalar_type());
+  if (C == 0) return {output_mask[0] ? empty_in_layout(x, layout, input.scalar_type()) : Tensor(), grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      if (need_sums) {
+        const GradReducer<scalar_t, acc_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                                   mu.const_data_ptr<acc_t>()};
+        const GradFinisher<acc_t, param_t> finisher{
+            ptr_or_null<param_t>(weight),      istd.const_data_ptr<acc_t>(),    ptr_or_null<param_t>(grad_weight),
+            ptr_or_null<param_t>(grad_bias),   mean_dy.mutable_data_ptr<acc_t>(), proj.mutable_data_ptr<acc_t>(),
+            a.mutable_data_ptr<acc_t>(),       layout.count_per_channel()};
+        launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x) && aligned16(dy), x, ctx);
+      }
+      if (output_mask[0] && training) {
+        const BackwardElemtOp<scalar_t, acc_t> op{
+            dy.const_data_ptr<scalar_t>(),  x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            mu.const_data_ptr<acc_t>(),     mean_dy.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
+            a.const_data_ptr<acc_t>()};
+        launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
+                                                  aligned16(x) && aligned16(dy) && aligned16(grad_input), ctx);
+      }
+    });
+  });
+  if (output_mask[0] && !training) {
+    // Eval statistics: dx = dy * w * invstd, the normalize pass applied to dy.
+    const Tensor scale = has(weight) ? weight->to(acc).mul(istd).contiguous() : istd;
+    const Tensor zeros = at::zeros({C}, acc_options);
+    grad_input = normalize(dy, layout, zeros, scale, zeros, ctx);
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace fusedbn::cuda

@@ -1,0 +1,33 @@
+// CUDA registration of the fusedbn ops: the shared front (front.h) run on the input's device and its
+// current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "front.h"
+
+namespace fusedbn::cuda {
+namespace {
+
+// Everything a launch needs about the input's device, with the device made current for the op.
+struct CudaContext {
+  c10::cuda::CUDAGuard guard;
+  cudaStream_t stream;
+  int sm_count;
+
+  explicit CudaContext(const Tensor& input)
+      : guard(input.device()), stream(c10::cuda::getCurrentCUDAStream(input.device().index()).stream()) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.device().index()));
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
+  m.impl("forward_train", &forward_train<CudaContext>);
+  m.impl("forward_eval", &forward_eval<CudaContext>);
+  m.impl("backward", &backward<CudaContext>);
+}
+
+}  // namespace fusedbn::cuda
