@@ -1,6 +1,8 @@
 """Builds fusedbn._C: the CPU kernels always; the CUDA kernels when torch has CUDA and nvcc is found.
 
 FUSEDBN_CUDA=auto (default) | 1 (require CUDA, fail without it) | 0 (CPU only).
+FUSEDBN_SIMT=1 also builds fusedbn._simt, the test-only library that runs the CUDA kernel source on the
+CPU under the SIMT emulator (csrc/simt); `make test` sets it.
 FUSEDBN_CPU_ARCH=native (or any -march value) tunes the CPU kernels for one machine (the Makefile's local
 build does); unset, the build is portable (baseline x86-64 / aarch64 instructions).
 TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 and sm_90 are built.
@@ -45,7 +47,15 @@ def extension():
     )
 
 
+def simt_extension():
+    return cpp_extension.CppExtension(
+        "fusedbn._simt",
+        ["csrc/simt/ops.cpp"],
+        extra_compile_args={"cxx": ["-O2", "-DFUSEDBN_SIMT", "-Wno-unknown-pragmas"]},
+    )
+
+
 setup(
-    ext_modules=[extension()],
+    ext_modules=[extension()] + ([simt_extension()] if os.environ.get("FUSEDBN_SIMT") == "1" else []),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

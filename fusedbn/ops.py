@@ -43,26 +43,29 @@ def _channel_stats(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[1],), dtype=acc_dtype(x.dtype))
 
 
-@torch.library.register_fake("fusedbn::forward_train")
-def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps):
-    return empty_output(input), _channel_stats(input), _channel_stats(input)
+def register_fake_kernels(library: str) -> None:
+    """Registers the fake (meta) kernels of ``library``'s ops; ``fusedbn``, and the test-only
+    ``fusedbn_simt`` which shares its schemas."""
+
+    @torch.library.register_fake(f"{library}::forward_train")
+    def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps):
+        return empty_output(input), _channel_stats(input), _channel_stats(input)
+
+    @torch.library.register_fake(f"{library}::forward_eval")
+    def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+        return empty_output(input)
+
+    @torch.library.register_fake(f"{library}::backward")
+    def _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+        param_dtype = weight.dtype if weight is not None else input.dtype
+        channels = (input.shape[1],)
+        grad_input = empty_output(input) if output_mask[0] else None
+        grad_weight = input.new_empty(channels, dtype=param_dtype) if output_mask[1] else None
+        grad_bias = input.new_empty(channels, dtype=param_dtype) if output_mask[2] else None
+        return grad_input, grad_weight, grad_bias
 
 
-@torch.library.register_fake("fusedbn::forward_eval")
-def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
-    return empty_output(input)
-
-
-@torch.library.register_fake("fusedbn::backward")
-def _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    channels = (input.shape[1],)
-    grad_input = empty_output(input) if output_mask[0] else None
-    grad_weight = input.new_empty(channels, dtype=param_dtype) if output_mask[1] else None
-    grad_bias = input.new_empty(channels, dtype=param_dtype) if output_mask[2] else None
-    return grad_input, grad_weight, grad_bias
-
-
+register_fake_kernels("fusedbn")
 forward_train = torch.ops.fusedbn.forward_train
 forward_eval = torch.ops.fusedbn.forward_eval
 backward = torch.ops.fusedbn.backward

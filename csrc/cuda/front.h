@@ -2,7 +2,9 @@
 // the CUDA build (csrc/cuda/ops.cu, Context = the current CUDA stream of the input's device) and the
 // SIMT emulator build (csrc/simt/ops.cpp, CPU tensors), so both run exactly the same launch logic.
 //
-// Context must provide: `stream` (passed to FUSEDBN_LAUNCH) and `int sm_count`.
+// Context must provide: `stream` (passed to FUSEDBN_LAUNCH), `int sm_count` and `int max_threads`
+// (threads per block the launches may use: 512 on a GPU, fewer under the emulator, where each thread is
+// an OS thread).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -56,7 +58,7 @@ inline std::optional<at::ScalarType> dtype_of_first(std::initializer_list<const 
 // Per-channel reduction (reducer, finisher from kernels.cuh) over the layout.
 // Channels-first: one block row per channel, split into several blocks when channels are too few to
 // fill the GPU (about 4 blocks per SM) and each split still has >= 4 vectors per thread.
-// Channels-last: 32 channels x 16 rows per block, rows split the same way.
+// Channels-last: 32 channels x (max_threads / 32) rows per block, rows split the same way.
 template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
                    const Tensor& like, const Context& ctx) {
@@ -70,7 +72,7 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
   if (!layout.channels_last) {
     const bool vectorize = aligned && layout.S % kVecWidth == 0;
     const int64_t vec = vectorize ? kVecWidth : 1;
-    const int64_t threads = std::min<int64_t>(512, std::max<int64_t>(32, ceil_div(count / vec, 32) * 32));
+    const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(count / vec, 32) * 32));
     const int64_t max_splits = std::max<int64_t>(1, count / (threads * vec * 4));
     const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, C), max_splits, 65535});
     auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? C : 0);
@@ -86,9 +88,10 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
     }
   } else {
     const int64_t M = layout.rows();
-    const dim3 block(kWarpSize, 16);
+    const int64_t rows_per_block = ctx.max_threads / kWarpSize;
+    const dim3 block(kWarpSize, static_cast<unsigned>(rows_per_block));
     const int64_t groups = ceil_div(C, kWarpSize);
-    const int64_t max_splits = std::max<int64_t>(1, M / (16 * 8));
+    const int64_t max_splits = std::max<int64_t>(1, M / (rows_per_block * 8));
     const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, groups), max_splits, 65535});
     auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? groups : 0);
     FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher>), dim3(groups, splits), block, 0, ctx.stream)(
@@ -106,13 +109,13 @@ void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel
   const int64_t inner = layout.channels_last ? 1 : layout.S;
   const bool vectorize = aligned && (layout.channels_last ? layout.C : layout.S) % kVecWidth == 0;
   const int64_t vectors = numel / (vectorize ? kVecWidth : 1);
-  constexpr int64_t kThreads = 256;
-  const int64_t blocks = std::min<int64_t>(ceil_div(vectors, kThreads), 8 * static_cast<int64_t>(ctx.sm_count));
+  const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
+  const int64_t blocks = std::min<int64_t>(ceil_div(vectors, threads), 8 * static_cast<int64_t>(ctx.sm_count));
   if (vectorize) {
-    FUSEDBN_LAUNCH((&elementwise_kernel<Op, kVecWidth>), dim3(blocks), dim3(kThreads), 0, ctx.stream)(
+    FUSEDBN_LAUNCH((&elementwise_kernel<Op, kVecWidth>), dim3(blocks), dim3(threads), 0, ctx.stream)(
         op, numel, inner, layout.C);
   } else {
-    FUSEDBN_LAUNCH((&elementwise_kernel<Op, 1>), dim3(blocks), dim3(kThreads), 0, ctx.stream)(op, numel, inner, layout.C);
+    FUSEDBN_LAUNCH((&elementwise_kernel<Op, 1>), dim3(blocks), dim3(threads), 0, ctx.stream)(op, numel, inner, layout.C);
   }
   FUSEDBN_LAUNCH_CHECK();
 }
@@ -155,7 +158,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      const WelfordReducer<scalar_t, acc_t> reducer{x.const_data_ptr<scalar_t>()};
+      const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
+                                                    layout.channels_last ? 1 : layout.S};
       const StatsFinisher<acc_t, param_t> finisher{
           ptr_or_null<param_t>(weight),       ptr_or_null<param_t>(bias),         ptr_or_null<param_t>(running_mean),
           ptr_or_null<param_t>(running_var),  mean.mutable_data_ptr<acc_t>(),     invstd.mutable_data_ptr<acc_t>(),

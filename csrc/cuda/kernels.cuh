@@ -76,33 +76,52 @@ __device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Reducers: how a thread folds values into its partial. `add<kVec>(state, offset, channel)` takes kVec
-// contiguous values of one channel starting at element `offset`.
+// Reducers: how a thread folds values into its partial. `at_channel(c)` gives the per-thread view of one
+// channel, whose `add<kVec>(state, offset)` takes kVec contiguous values of that channel starting at
+// element `offset`; `result(c, total)` turns the channel's merged total into what the finisher needs.
 
+// Welford statistics of values shifted by the channel's first value K (every thread and block of the
+// channel uses the same K, so the partials merge exactly): means stay of the order of the spread, and a
+// channel with mean 1e4 and std 1 keeps full precision. x == nullptr marks an empty batch.
 template <typename scalar_t, typename acc_t>
 struct WelfordReducer {
   using State = WelfordPartial<acc_t>;
   const scalar_t* __restrict__ x;
+  int64_t channel_stride;  // channel c's first value is x[c * channel_stride]
 
-  // kVec values: their own mean and M2 (no division per value), then one Chan merge.
-  template <int kVec>
-  __device__ __forceinline__ void add(State& s, int64_t offset, int64_t) const {
-    acc_t v[kVec];
-    if constexpr (kVec == 1) {
-      v[0] = static_cast<acc_t>(x[offset]);
-    } else {
-      const auto loaded = load_vec<kVec>(x + offset);
+  struct Local {
+    const scalar_t* __restrict__ x;
+    acc_t shift;
+
+    // kVec values: their own mean and M2 (no division per value), then one Chan merge.
+    template <int kVec>
+    __device__ __forceinline__ void add(State& s, int64_t offset) const {
+      acc_t v[kVec];
+      if constexpr (kVec == 1) {
+        v[0] = static_cast<acc_t>(x[offset]) - shift;
+      } else {
+        const auto loaded = load_vec<kVec>(x + offset);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(loaded.val[k]);
+        for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(loaded.val[k]) - shift;
+      }
+      acc_t sum = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum += v[k];
+      const acc_t mean = sum / acc_t(kVec);
+      acc_t m2 = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+      s = welford_merge(s, State{mean, m2, kVec});
     }
-    acc_t sum = 0;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) sum += v[k];
-    const acc_t mean = sum / acc_t(kVec);
-    acc_t m2 = 0;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) m2 += (v[k] - mean) * (v[k] - mean);
-    s = welford_merge(s, State{mean, m2, kVec});
+  };
+
+  __device__ __forceinline__ acc_t shift_of(int64_t c) const {
+    return x ? static_cast<acc_t>(x[c * channel_stride]) : acc_t(0);
+  }
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
+  __device__ __forceinline__ State result(int64_t c, State total) const {
+    total.mean += shift_of(c);
+    return total;
   }
 };
 
@@ -113,24 +132,32 @@ struct GradReducer {
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ mean;
 
-  template <int kVec>
-  __device__ __forceinline__ void add(State& s, int64_t offset, int64_t channel) const {
-    const acc_t mu = mean[channel];
-    if constexpr (kVec == 1) {
-      const acc_t g = static_cast<acc_t>(dy[offset]);
-      s.dy += g;
-      s.dy_xmu += g * (static_cast<acc_t>(x[offset]) - mu);
-    } else {
-      const auto g = load_vec<kVec>(dy + offset);
-      const auto xv = load_vec<kVec>(x + offset);
+  struct Local {
+    const scalar_t* __restrict__ dy;
+    const scalar_t* __restrict__ x;
+    acc_t mu;
+
+    template <int kVec>
+    __device__ __forceinline__ void add(State& s, int64_t offset) const {
+      if constexpr (kVec == 1) {
+        const acc_t g = static_cast<acc_t>(dy[offset]);
+        s.dy += g;
+        s.dy_xmu += g * (static_cast<acc_t>(x[offset]) - mu);
+      } else {
+        const auto g = load_vec<kVec>(dy + offset);
+        const auto xv = load_vec<kVec>(x + offset);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t gk = static_cast<acc_t>(g.val[k]);
-        s.dy += gk;
-        s.dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu);
+        for (int k = 0; k < kVec; ++k) {
+          const acc_t gk = static_cast<acc_t>(g.val[k]);
+          s.dy += gk;
+          s.dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu);
+        }
       }
     }
-  }
+  };
+
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{dy, x, mean[c]}; }
+  __device__ __forceinline__ State result(int64_t, State total) const { return total; }
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -246,12 +273,13 @@ __global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher,
   const int64_t v_end = v_begin + per_split < vectors ? v_begin + per_split : vectors;
 
   State s{};
+  const auto channel = reducer.at_channel(c);
   const int64_t stride = static_cast<int64_t>(blockDim.x) * kVec;
   const int64_t first = (v_begin + threadIdx.x) * kVec;
   int64_t n = first / S, pos = first - n * S;
   const int64_t step_n = stride / S, step_s = stride - step_n * S;
   for (int64_t v = v_begin + threadIdx.x; v < v_end; v += blockDim.x) {
-    reducer.template add<kVec>(s, (n * C + c) * S + pos, c);
+    channel.template add<kVec>(s, (n * C + c) * S + pos);
     n += step_n;
     pos += step_s;
     if (pos >= S) {
@@ -261,14 +289,14 @@ __global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher,
   }
   s = block_merge(s);
   if (splits == 1) {
-    if (threadIdx.x == 0) finisher(c, s);
+    if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
     return;
   }
   if (threadIdx.x == 0) workspace[c * splits + blockIdx.y] = s;
   if (last_block_of_group(semaphores + c, static_cast<unsigned>(splits)) && threadIdx.x == 0) {
     State total{};
     for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[c * splits + i]);
-    finisher(c, total);
+    finisher(c, reducer.result(c, total));
   }
 }
 
@@ -287,7 +315,8 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
 
   State s{};
   if (c < C) {
-    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) reducer.template add<1>(s, r * C + c, c);
+    const auto channel = reducer.at_channel(c);
+    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) channel.template add<1>(s, r * C + c);
   }
   // Merge the blockDim.y partials of each channel through shared memory, in row order.
   column[threadIdx.y * blockDim.x + threadIdx.x] = s;
@@ -296,14 +325,14 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
     for (unsigned y = 1; y < blockDim.y; ++y) s = merge(s, column[y * blockDim.x + threadIdx.x]);
   }
   if (splits == 1) {
-    if (threadIdx.y == 0 && c < C) finisher(c, s);
+    if (threadIdx.y == 0 && c < C) finisher(c, reducer.result(c, s));
     return;
   }
   if (threadIdx.y == 0 && c < C) workspace[blockIdx.y * C + c] = s;
   if (last_block_of_group(semaphores + blockIdx.x, static_cast<unsigned>(splits)) && threadIdx.y == 0 && c < C) {
     State total{};
     for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[i * C + c]);
-    finisher(c, total);
+    finisher(c, reducer.result(c, total));
   }
 }
 

@@ -15,6 +15,7 @@ struct CudaContext {
   c10::cuda::CUDAGuard guard;
   cudaStream_t stream;
   int sm_count;
+  int max_threads = 512;
 
   explicit CudaContext(const Tensor& input)
       : guard(input.device()), stream(c10::cuda::getCurrentCUDAStream(input.device().index()).stream()) {

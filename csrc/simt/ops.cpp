@@ -1,0 +1,37 @@
+// Test-only library `fusedbn_simt`: the CUDA kernels (csrc/cuda/kernels.cuh) and their host front
+// (csrc/cuda/front.h), compiled as host C++ with the SIMT emulator and registered for CPU tensors under
+// the same schemas as `fusedbn`. The equivalence suite runs it as one more device.
+#include <Python.h>
+
+#include "../cuda/launch.h"  // with FUSEDBN_SIMT: the emulator's launch
+#include "../cuda/front.h"
+#include "../schemas.h"
+
+namespace fusedbn::cuda {
+namespace {
+
+// An emulated device: few SMs and small blocks, so that small test shapes already take the multi-block
+// paths (grid merge, several splits per channel) and each launch stays cheap in OS threads.
+struct SimtContext {
+  int stream = 0;
+  int sm_count = 2;
+  int max_threads = 64;
+  explicit SimtContext(const Tensor&) {}
+};
+
+}  // namespace
+
+TORCH_LIBRARY(fusedbn_simt, m) { define_schemas(m); }
+
+TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) {
+  m.impl("forward_train", &forward_train<SimtContext>);
+  m.impl("forward_eval", &forward_eval<SimtContext>);
+  m.impl("backward", &backward<SimtContext>);
+}
+
+}  // namespace fusedbn::cuda
+
+extern "C" PyObject* PyInit__simt(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simt", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
