@@ -21,9 +21,9 @@ if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
 fi
 
 step "CUDA tests"
-timeout 240 python3 -m pytest tests -q -x -k cuda -p no:cacheprovider -o addopts="" -rs > "$OUT/pytest-cuda.log" 2>&1
+timeout 240 python3 -m pytest tests -q --maxfail=15 -k cuda -p no:cacheprovider -o addopts="" -rs > "$OUT/pytest-cuda.log" 2>&1
 echo "pytest rc=$?" | tee -a "$OUT/steps.log"
-tail -4 "$OUT/pytest-cuda.log"
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest-cuda.log" | tail -20
 
 SLICE='cuda and default and float32-params-float32 and (4x6x9x11 or 2x1000x2x1 or 20x2x64x64)'
 step memcheck

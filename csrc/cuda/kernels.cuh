@@ -239,19 +239,15 @@ __device__ State block_merge(State s) {
 }
 
 // Called by every thread after the block wrote its partial for a group of channels into `workspace`:
-// returns true in all threads of the one block (per group) that finishes last. Its semaphore is reset to
-// zero for the next launch (no memset per call; safe under CUDA graph replay).
+// returns true in all threads of the one block (per group) that finishes last. The semaphores start at
+// zero (the front allocates them zeroed for each launch).
 __device__ __forceinline__ bool last_block_of_group(unsigned* semaphore, unsigned blocks_in_group) {
   __shared__ bool is_last;
-  __syncthreads();  // all of this block's partial writes are issued
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    __threadfence();  // ... and visible to the other blocks before we signal
-    const unsigned done = atomicAdd(semaphore, 1u);
-    is_last = done == blocks_in_group - 1;
-    if (is_last) *semaphore = 0u;
-  }
+  __threadfence();  // this thread's partial writes are visible device-wide ...
+  __syncthreads();  // ... for every writer of the block, before the block signals
+  if (threadIdx.x == 0 && threadIdx.y == 0) is_last = atomicAdd(semaphore, 1u) == blocks_in_group - 1;
   __syncthreads();
-  if (is_last) __threadfence();  // see the other blocks' partials
+  if (is_last) __threadfence();  // order the reads of the other blocks' partials after the signal
   return is_last;
 }
 
