@@ -116,7 +116,10 @@ def main():
     rows = []
     for chw in shapes:
         for layout in args.layouts.split(","):
-            rows += measure((args.batch, *chw), layout, dtype, param_dtype, args.device, args.min_run_time)
+            for row in measure((args.batch, *chw), layout, dtype, param_dtype, args.device, args.min_run_time):
+                rows.append(row)
+                # One line per measurement as it lands, so a run cut short still reports what it measured.
+                print(json.dumps(row), flush=True)
     title = f"fusedbn vs nn.BatchNorm2d on {machine} ({args.dtype} input, {str(param_dtype).split('.')[1]} params, torch {torch.__version__})"
     print_table(rows, title)
     if args.json:
