@@ -8,13 +8,25 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-# torch guesses /usr/local when nvcc is a wrapper in /usr/local/bin; point it at the real toolkit.
-ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
-export CUDA_HOME ?= /usr/local/cuda
-endif
+CUDA_HOME_FILE := $(VENV)/.cuda-home
+CUDA_PIN := nvidia-cuda-nvcc==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.*
 
 # This build serves this machine only, so the CPU kernels may use all of its instructions (setup.py).
 export FUSEDBN_CPU_ARCH ?= native
+
+# The CUDA kernels are always compiled (sm_80 and sm_90, see setup.py). CUDA_HOME is the machine's
+# toolkit (/usr/local/cuda, or the one holding the nvcc on PATH; torch would guess /usr/local when nvcc is
+# a wrapper script there); without any, CUDA 13's compiler comes from PyPI into the venv.
+$(CUDA_HOME_FILE): $(DEPS_STAMP)
+	@if [ -n "$${CUDA_HOME:-}" ] && [ -x "$$CUDA_HOME/bin/nvcc" ]; then echo "$$CUDA_HOME"; \
+	elif [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
+	elif command -v nvcc >/dev/null && [ -x "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")/nvcc" ] \
+	     && [ -d "$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")")/include" ]; then \
+	  dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")"; \
+	else $(PY) -m pip install --quiet $(CUDA_PIN) >&2 && \
+	  $(PY) -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))"; fi > $@.tmp
+	mv $@.tmp $@
+	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
 .PHONY: test bench build clean
 
@@ -23,10 +35,12 @@ $(DEPS_STAMP): Makefile pyproject.toml
 	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich
 	touch $@
 
-build: $(DEPS_STAMP)
-	$(PY) setup.py --quiet build_ext --inplace
+build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
+	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) $(PY) setup.py --quiet build_ext --inplace
 
-test: build
+# The tests also build the SIMT emulator library (fusedbn._simt), which runs the CUDA kernel source on the CPU.
+test: $(DEPS_STAMP) $(CUDA_HOME_FILE)
+	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
 	$(PY) -m pytest tests
 
 bench: build

@@ -29,7 +29,7 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
 
 // Independent accumulators for a reduction over one contiguous run: the compiler vectorizes across them
 // without being allowed to reassociate a single float sum.
-constexpr int kLanes = 16;
+constexpr int kLanes = 64;
 
 // sum over a run of f(x[j]) (f gives acc_t), in kLanes accumulators combined pairwise.
 template <typename scalar_t, typename acc_t, typename F>
