@@ -6,7 +6,9 @@
 //   channels-last:  one tile per row part; rows are positions, columns the C channels, ld = C
 //                   (channel stride 1).
 // Rows are split into parts of a size fixed by the shape alone (never by the thread count), so the
-// reduction order, and hence every result, is the same however many threads run it.
+// reduction order, and hence every result, is the same however many threads run it. Channels-first runs
+// of at least kLongRun values get a part each: the tiles then follow memory order (n, c), which streams
+// better than visiting a channel's rows C*S apart, for one partial per run.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -29,7 +31,10 @@ struct Tile {
 // Enough values per task to amortise scheduling, small enough to keep both cores busy at C = 1.
 constexpr int64_t kValuesPerPart = 1 << 16;
 
+constexpr int64_t kLongRun = 512;
+
 inline int64_t rows_per_part(const ChannelLayout& layout) {
+  if (!layout.channels_last && layout.S >= kLongRun) return 1;
   const int64_t width = layout.channels_last ? layout.C : layout.S;
   return std::max<int64_t>(1, kValuesPerPart / std::max<int64_t>(1, width));
 }
