@@ -11,15 +11,18 @@ namespace fusedbn::cpu {
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_normalize(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha,
                     const acc_t* __restrict__ beta, const Tile& tile) {
-  const acc_t* __restrict__ mu = mean + tile.channel;
-  const acc_t* __restrict__ a = alpha + tile.channel;
-  const acc_t* __restrict__ b = beta + tile.channel;
+  int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r) {
+    const acc_t* __restrict__ mu = mean + channel;
+    const acc_t* __restrict__ a = alpha + channel;
+    const acc_t* __restrict__ b = beta + channel;
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       y[base + j] = static_cast<scalar_t>((static_cast<acc_t>(x[base + j]) - mu[c]) * a[c] + b[c]);
     }
+    channel += tile.row_channel_step;
+    if (channel >= tile.channels) channel -= tile.channels;
   }
 }
 
@@ -28,17 +31,20 @@ void tile_normalize(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, co
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_backward_elemt(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx, const acc_t* __restrict__ mean,
                          const acc_t* __restrict__ mean_dy, const acc_t* __restrict__ proj, const acc_t* __restrict__ a, const Tile& tile) {
-  const acc_t* __restrict__ mu = mean + tile.channel;
-  const acc_t* __restrict__ mdy = mean_dy + tile.channel;
-  const acc_t* __restrict__ pc = proj + tile.channel;
-  const acc_t* __restrict__ ac = a + tile.channel;
+  int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r) {
+    const acc_t* __restrict__ mu = mean + channel;
+    const acc_t* __restrict__ mdy = mean_dy + channel;
+    const acc_t* __restrict__ pc = proj + channel;
+    const acc_t* __restrict__ ac = a + channel;
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       const acc_t xmu = static_cast<acc_t>(x[base + j]) - mu[c];
       dx[base + j] = static_cast<scalar_t>((static_cast<acc_t>(dy[base + j]) - mdy[c] - xmu * pc[c]) * ac[c]);
     }
+    channel += tile.row_channel_step;
+    if (channel >= tile.channels) channel -= tile.channels;
   }
 }
 

@@ -10,9 +10,16 @@
 
 namespace fusedbn::cpu {
 
-// Rows per block in tile_welford: a block is read twice (sum, then squared deviations), so it must stay
-// in L1/L2 between the two reads; memory then sees one read per value.
+// Values per block in the reductions: a block is read twice (sum, then squared deviations), so it must
+// stay in L1/L2 between the two reads; memory then sees one read per value. Channels-last blocks take at
+// least kMinBlockRows rows, so the per-column merge after each block stays a small fraction of the work
+// when C is large.
 constexpr int64_t kBlockValues = 4096;
+constexpr int64_t kMinBlockRows = 16;
+
+inline int64_t block_rows_for(int64_t width) {
+  return std::max<int64_t>(kMinBlockRows, kBlockValues / std::max<int64_t>(1, width));
+}
 
 // Sum of v[0..n) by pairwise (tree) summation, whose rounding error grows like log(n) rather than n.
 // Overwrites v.
@@ -43,9 +50,10 @@ acc_t run_sum(const scalar_t* __restrict__ x, int64_t n, F f) {
   return pairwise_sum(lanes, kLanes);
 }
 
-// Welford statistics of one tile, without a division per value. Channels-last: for each block of rows,
-// per-column block mean and M2 about it (two passes over the cached block), then a Chan merge into the
-// running column state; all columns have the same count, so the merge weights are shared scalars.
+// Welford statistics of one tile, without a division per value. Channels-last, and channels-first runs
+// shorter than kLongRun: for each block of rows, per-column block mean and M2 about it (two passes over the
+// cached block), then a Chan merge into the running column state; all columns have the same count, so the
+// merge weights are shared scalars. Long channels-first runs reduce run by run.
 // Values are shifted by the tile's first row (one shift per channel) before summing, so a channel whose
 // mean is large next to its spread (mean 1e4, std 1) loses no precision to the sums.
 template <typename scalar_t, typename acc_t, int kChannelStride>
@@ -56,9 +64,9 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
     std::fill(out, out + (kChannelStride == 1 ? W : 1), WelfordPartial<acc_t>{});
     return;
   }
-  if constexpr (kChannelStride == 0) {
-    // One channel: each run of S values, in cache-sized chunks, gives a (count, mean, M2) by two passes
-    // over the chunk (shifted by the tile's first value), merged into the channel's partial.
+  if (kChannelStride == 0 && W >= kLongRun) {
+    // One channel, long runs: each run of S values, in cache-sized chunks, gives a (count, mean, M2) by
+    // two passes over the chunk (shifted by the tile's first value), merged into the channel's partial.
     const acc_t shift = static_cast<acc_t>(x[tile.offset]);
     WelfordPartial<acc_t> total{};
     for (int64_t r = 0; r < tile.rows; ++r) {
@@ -85,7 +93,7 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
   acc_t* __restrict__ block_mean = block_mean_buf.data();
   acc_t* __restrict__ block_m2 = block_m2_buf.data();
   for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<acc_t>(x[tile.offset + j * kChannelStride]);
-  const int64_t block_rows = std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, W));
+  const int64_t block_rows = block_rows_for(W);
   int64_t seen = 0;
   for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
     const int64_t nb = std::min(block_rows, tile.rows - r0);
@@ -113,7 +121,17 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
     }
     seen += nb;
   }
-  for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
+  if constexpr (kChannelStride == 1) {
+    for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
+  } else {
+    // Short runs of one channel (one shift): its W columns have `seen` values each, so
+    // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
+    std::copy(mean, mean + W, block_mean);
+    const acc_t channel_mean = pairwise_sum(block_mean, W) / static_cast<acc_t>(W);
+    for (int64_t j = 0; j < W; ++j) block_m2[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
+    const acc_t channel_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(block_m2, W);
+    *out = WelfordPartial<acc_t>{shift[0] + channel_mean, channel_m2, seen * W};
+  }
 }
 
 // Per channel: sum(dy) and sum(dy * (x - mean)), the two reductions of the batch-norm backward.
@@ -124,8 +142,8 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
                     int64_t C, acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
-  if constexpr (kChannelStride == 0) {
-    // One channel: lane sums over each contiguous run (the second pass re-reads the run from cache).
+  if (kChannelStride == 0 && W >= kLongRun) {
+    // One channel, long runs: lane sums over each run (the second pass re-reads the run from cache).
     const acc_t mu = mean[tile.channel];
     acc_t total_dy = 0, total_dy_xmu = 0;
     for (int64_t r = 0; r < tile.rows; ++r) {
@@ -144,7 +162,7 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
   acc_t* __restrict__ col_dy_xmu = col_dy_xmu_buf.data();
   acc_t* __restrict__ block_dy = block_dy_buf.data();
   acc_t* __restrict__ block_dy_xmu = block_dy_xmu_buf.data();
-  const int64_t block_rows = std::max<int64_t>(1, kBlockValues / std::max<int64_t>(1, W));
+  const int64_t block_rows = block_rows_for(W);
   for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
     std::fill(block_dy, block_dy + W, acc_t(0));
     std::fill(block_dy_xmu, block_dy_xmu + W, acc_t(0));
@@ -153,7 +171,7 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
       for (int64_t j = 0; j < W; ++j) {
         const acc_t g = static_cast<acc_t>(dy[base + j]);
         block_dy[j] += g;
-        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[j]);
+        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[tile.channel + j * kChannelStride]);
       }
     }
     for (int64_t j = 0; j < W; ++j) {
@@ -161,8 +179,13 @@ void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
       col_dy_xmu[j] += block_dy_xmu[j];
     }
   }
-  std::copy(col_dy, col_dy + W, sum_dy + slot);
-  std::copy(col_dy_xmu, col_dy_xmu + W, sum_dy_xmu + slot);
+  if constexpr (kChannelStride == 1) {
+    std::copy(col_dy, col_dy + W, sum_dy + slot);
+    std::copy(col_dy_xmu, col_dy_xmu + W, sum_dy_xmu + slot);
+  } else {  // short runs of one channel
+    sum_dy[slot] = pairwise_sum(col_dy, W);
+    sum_dy_xmu[slot] = pairwise_sum(col_dy_xmu, W);
+  }
 }
 
 }  // namespace fusedbn::cpu

@@ -24,8 +24,12 @@ struct Tile {
   int64_t rows;     // rows in this tile
   int64_t width;    // values per row
   int64_t ld;       // elements between consecutive rows
-  int64_t channel;  // channel of column 0
+  int64_t channel;  // channel of column 0 of row 0
   int64_t part;     // row part, the index into per-part partial buffers
+  // Channels-first elementwise tiles hold consecutive (n, c) runs: row r's channel is
+  // (channel + r * row_channel_step) % channels. Reduction tiles keep one channel (step 0).
+  int64_t row_channel_step = 0;
+  int64_t channels = 1;
 };
 
 // Enough values per task to amortise scheduling, small enough to keep both cores busy at C = 1.
@@ -72,7 +76,8 @@ void parallel_for_tiles(const ChannelLayout& layout, Body&& body) {
 }
 
 // Tiles for the elementwise passes, which need no per-part partials: channels-last as above; channels-first
-// as single (n, c) runs visited in memory order, so each thread streams through consecutive memory.
+// as groups of consecutive (n, c) runs in memory order (about kValuesPerPart / 16 values a tile), so each
+// thread streams through consecutive memory and short runs (7x7) do not pay a task each.
 template <typename Body>
 void parallel_for_elementwise_tiles(const ChannelLayout& layout, Body&& body) {
   if (layout.channels_last) {
@@ -80,10 +85,14 @@ void parallel_for_elementwise_tiles(const ChannelLayout& layout, Body&& body) {
     return;
   }
   const int64_t C = layout.C, S = layout.S;
-  const int64_t grain = std::max<int64_t>(1, kValuesPerPart / std::max<int64_t>(1, S));
-  at::parallel_for(0, layout.N * C, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t run = begin; run < end; ++run) {
-      body(Tile{run * S, 1, S, S, run % C, 0}, std::integral_constant<int, 0>{});
+  const int64_t runs_per_tile = std::max<int64_t>(1, kValuesPerPart / 16 / std::max<int64_t>(1, S));
+  const int64_t runs = layout.N * C;
+  const int64_t tiles = (runs + runs_per_tile - 1) / runs_per_tile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t run = t * runs_per_tile;
+      body(Tile{run * S, std::min(runs_per_tile, runs - run), S, S, run % C, 0, 1, C},
+           std::integral_constant<int, 0>{});
     }
   });
 }
