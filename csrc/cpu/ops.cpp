@@ -8,6 +8,7 @@
 #include <array>
 #include <vector>
 
+#include "../backward_inputs.h"
 #include "../checks.h"
 #include "../layout.h"
 #include "../welford.h"
@@ -111,15 +112,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
                                             const OptTensor& weight, const Tensor& mean,
                                             const Tensor& invstd, bool training,
                                             std::array<bool, 3> output_mask) {
-  check_backward_args(grad_output, input, weight, mean, invstd);
-
-  const Tensor x = dense_input(input);
-  const ChannelLayout layout = channel_layout(x);
-  const Tensor dy = to_layout(grad_output, layout);
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd);
+  const Tensor &x = in.x, &dy = in.dy, &mu = in.mean, &istd = in.invstd;
+  const ChannelLayout& layout = in.layout;
   const int64_t C = layout.C;
-  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto acc = in.acc;
   const auto acc_options = input.options().dtype(acc);
-  const Tensor mu = as_acc(mean, acc), istd = as_acc(invstd, acc);
 
   Tensor sum_dy, sum_dy_xmu;
   if ((training && output_mask[0]) || output_mask[1] || output_mask[2]) {

@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../backward_inputs.h"
 #include "../checks.h"
 #include "../layout.h"
 #include "kernels.cuh"
@@ -191,15 +192,13 @@ template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                             const Tensor& mean, const Tensor& invstd, bool training,
                                             std::array<bool, 3> output_mask) {
-  check_backward_args(grad_output, input, weight, mean, invstd);
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd);
   const Context ctx(input);
-  const Tensor x = dense_input(input);
-  const ChannelLayout layout = channel_layout(x);
-  const Tensor dy = to_layout(grad_output, layout);
+  const Tensor &x = in.x, &dy = in.dy, &mu = in.mean, &istd = in.invstd;
+  const ChannelLayout& layout = in.layout;
   const int64_t C = layout.C;
-  const auto acc = at::toOpMathType(input.scalar_type());
+  const auto acc = in.acc;
   const auto acc_options = input.options().dtype(acc);
-  const Tensor mu = mean.to(acc).contiguous(), istd = invstd.to(acc).contiguous();
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();

@@ -1,0 +1,37 @@
+// The checked, layout-resolved inputs of the backward op, shared by every backend's front.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "checks.h"
+#include "layout.h"
+
+namespace fusedbn {
+
+struct BackwardInputs {
+  at::Tensor x;     // input, in one of the two layout views
+  at::Tensor dy;    // grad_output, in the same view as x (whatever its own memory format)
+  at::Tensor mean;  // per-channel statistics in the accumulation dtype, contiguous
+  at::Tensor invstd;
+  ChannelLayout layout;
+  at::ScalarType acc;
+};
+
+inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                       const at::Tensor& invstd) {
+  check_backward_args(grad_output, input, weight, mean, invstd);
+  BackwardInputs in;
+  in.x = dense_input(input);
+  in.layout = channel_layout(in.x);
+  in.dy = to_layout(grad_output, in.layout);
+  in.acc = at::toOpMathType(input.scalar_type());
+  in.mean = mean.to(in.acc).contiguous();
+  in.invstd = invstd.to(in.acc).contiguous();
+  return in;
+}
+
+}  // namespace fusedbn
