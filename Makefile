@@ -9,14 +9,15 @@ DEPS_STAMP := $(VENV)/.deps-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 CUDA_HOME_FILE := $(VENV)/.cuda-home
-CUDA_PIN := nvidia-cuda-nvcc==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.*
+CUDA_PIN := nvidia-cuda-nvcc==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.* nvidia-cuda-cccl==13.0.*
 
 # This build serves this machine only, so the CPU kernels may use all of its instructions (setup.py).
 export FUSEDBN_CPU_ARCH ?= native
 
 # The CUDA kernels are always compiled (sm_80 and sm_90, see setup.py). CUDA_HOME is the machine's
 # toolkit (/usr/local/cuda, or the one holding the nvcc on PATH; torch would guess /usr/local when nvcc is
-# a wrapper script there); without any, CUDA 13's compiler comes from PyPI into the venv.
+# a wrapper script there); without any, CUDA 13's compiler comes from PyPI into the venv, laid out as
+# torch's build expects a toolkit (lib64/, an unversioned libcudart.so).
 $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	@if [ -n "$${CUDA_HOME:-}" ] && [ -x "$$CUDA_HOME/bin/nvcc" ]; then echo "$$CUDA_HOME"; \
 	elif [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
@@ -24,7 +25,9 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	     && [ -d "$$(dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")")/include" ]; then \
 	  dirname "$$(dirname "$$(readlink -f "$$(command -v nvcc)")")"; \
 	else $(PY) -m pip install --quiet $(CUDA_PIN) >&2 && \
-	  $(PY) -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))"; fi > $@.tmp
+	  home=$$($(PY) -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))") && \
+	  ln -sf libcudart.so.13 "$$home/lib/libcudart.so" && { [ -e "$$home/lib64" ] || ln -s lib "$$home/lib64"; } && \
+	  echo "$$home"; fi > $@.tmp
 	mv $@.tmp $@
 	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
