@@ -22,13 +22,23 @@ def sources(pattern):
 
 def want_cuda():
     mode = os.environ.get("FUSEDBN_CUDA", "auto")
-    available = cpp_extension.CUDA_HOME is not None and bool(sources("csrc/cuda/*.cu"))
+    if mode == "0":
+        return False
     import torch
 
-    available = available and torch.version.cuda is not None
-    if mode == "1" and not available:
-        raise RuntimeError("FUSEDBN_CUDA=1 but torch has no CUDA, nvcc was not found or no CUDA sources exist")
-    return mode != "0" and available
+    home = cpp_extension.CUDA_HOME
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append("torch has no CUDA")
+    if home is None or not os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+        reasons.append(f"no CUDA toolkit at CUDA_HOME={home} (set CUDA_HOME to the directory holding bin/nvcc)")
+    if not sources("csrc/cuda/*.cu"):
+        reasons.append("no CUDA sources")
+    if reasons and mode == "1":
+        raise RuntimeError("FUSEDBN_CUDA=1 but " + "; ".join(reasons))
+    if reasons:
+        print("fusedbn: building the CPU kernels only: " + "; ".join(reasons))
+    return not reasons
 
 
 def extension():

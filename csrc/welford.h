@@ -1,4 +1,4 @@
-// Welford statistics shared by every backend (CPU, CUDA, the SIMT emulator and SyncBatchNorm).
+// Welford statistics shared by every backend (CPU, CUDA and the CUDA kernels under the SIMT emulator).
 //
 // A partial is (count n, mean, M2 = sum of squared deviations from mean). Two partials merge exactly
 // (Chan, Golub & LeVeque 1979):
