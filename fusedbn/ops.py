@@ -19,7 +19,7 @@ def _is_channels_last_dense(x: torch.Tensor) -> bool:
     return x.movedim(1, -1).is_contiguous()
 
 
-def empty_output(x: torch.Tensor, dtype=None) -> torch.Tensor:
+def empty_output(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor laid out as the kernels lay out their output for input ``x``
     (mirrors csrc/layout.h: dense_input, channel_layout, empty_in_layout)."""
     if not (x.is_contiguous() or _is_channels_last_dense(x)):
@@ -27,7 +27,6 @@ def empty_output(x: torch.Tensor, dtype=None) -> torch.Tensor:
     positions = 1
     for size in x.shape[2:]:
         positions *= size
-    dtype = dtype or x.dtype
     if positions == 1 or not x.is_contiguous():
         strides = [0] * x.dim()
         stride, strides[1] = x.shape[1], 1  # C innermost, then the spatial dims in order, then N
@@ -35,8 +34,8 @@ def empty_output(x: torch.Tensor, dtype=None) -> torch.Tensor:
             strides[d] = stride
             stride *= x.shape[d]
         strides[0] = stride
-        return x.new_empty_strided(x.shape, strides, dtype=dtype)
-    return x.new_empty(x.shape, dtype=dtype)
+        return x.new_empty_strided(x.shape, strides)
+    return x.new_empty(x.shape)
 
 
 def _channel_stats(x: torch.Tensor) -> torch.Tensor:
