@@ -27,3 +27,11 @@ def memory_layout_matches(a, b):
 def is_dense(x):
     """Channels-first contiguous or channels-last (C innermost, the rest contiguous)."""
     return x.is_contiguous() or x.movedim(1, -1).is_contiguous()
+
+
+def misaligned_copy(x):
+    """A copy of dense `x` with the same strides whose data starts one element into its storage, so the
+    pointer is not 16-byte aligned (as a slice of a larger tensor can be)."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    y = storage[1:].as_strided(x.shape, x.stride())
+    return y.copy_(x)

@@ -8,7 +8,7 @@ from torch import nn
 
 import fusedbn
 from conftest import DTYPES, assert_as_accurate, assert_close
-from helpers import LAYOUTS, is_dense, make_input, memory_layout_matches
+from helpers import LAYOUTS, is_dense, make_input, memory_layout_matches, misaligned_copy
 
 MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
            3: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
@@ -101,6 +101,35 @@ def test_module_matches_torch(device, dims, shape, layout, dtype, param_dtype, o
         m.eval()
     x = make_input(shape, layout, dtype, device, mean=0.5, std=2.0, generator=gen)
     _compare_step(modules, x, dtype, "eval", grad_gen)
+
+
+# Cases aimed at the CUDA kernels' code paths (they run on every device alike): channels-last vectors
+# with the rows split over several blocks, several channel groups per row, runs that are not a multiple
+# of the vector width or shorter than it, and data pointers that are not 16-byte aligned.
+KERNEL_PATH_CASES = [
+    ("channels_last", (4, 16, 16, 16), False),
+    ("channels_last", (2, 264, 3, 3), False),
+    ("contiguous", (16, 3, 7, 7), False),
+    ("contiguous", (8, 5, 1, 3), False),
+    ("contiguous", (5, 3, 5, 7), True),
+    ("channels_last", (5, 16, 3, 3), True),
+]
+
+
+@pytest.mark.parametrize("layout,shape,misaligned", KERNEL_PATH_CASES,
+                         ids=[f"{l}-{'x'.join(map(str, s))}{'-misaligned' if m else ''}" for l, s, m in KERNEL_PATH_CASES])
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+def test_kernel_paths_match_torch(device, layout, shape, misaligned, dtype, param_dtype):
+    modules = _modules(2, shape[1], dtype, param_dtype, device)
+    gen, grad_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    prepare = misaligned_copy if misaligned else (lambda t: t)
+    x = prepare(make_input(shape, layout, dtype, device, mean=1.0, std=2.0, generator=gen))
+    if misaligned:
+        assert x.data_ptr() % 16 != 0
+    _compare_step(modules, x, dtype, "train", grad_gen)
+    for m in modules:
+        m.eval()
+    _compare_step(modules, prepare(make_input(shape, layout, dtype, device, generator=gen)), dtype, "eval", grad_gen)
 
 
 @pytest.mark.parametrize("input_layout", ["contiguous", "channels_last"])

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../backward_inputs.h"
 #include "../checks.h"
@@ -56,67 +57,104 @@ inline std::optional<at::ScalarType> dtype_of_first(std::initializer_list<const 
   return std::nullopt;
 }
 
-// Per-channel reduction (reducer, finisher from kernels.cuh) over the layout.
+// Calls f(std::integral_constant<int, kVec>{}) with kVec = kVecWidth when `vectorize`, else 1: each
+// kernel is instantiated for both and the shape and alignment pick one at run time.
+template <int kVecWidth, typename F>
+void with_vec_width(bool vectorize, F&& f) {
+  if (vectorize) {
+    f(std::integral_constant<int, kVecWidth>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+inline int64_t pow2_at_least(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Channels-last block: blockDim.x = channel vectors of a row (a power of two up to a warp),
+// blockDim.y = rows, `threads` in all (a power of two), so a warp reads whole rows when C is small.
+inline dim3 channels_last_block(int64_t vectors_per_row, int64_t threads) {
+  const int64_t x = std::min<int64_t>(kWarpSize, pow2_at_least(vectors_per_row));
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(threads / x));
+}
+
+// Per-channel reduction (reducer, finisher from kernels.cuh) over the layout, with 16-byte vectors when
+// the tensors are aligned (channels-last also needs C % kVec == 0).
 // Channels-first: one block row per channel, split into several blocks when channels are too few to
-// fill the GPU (about 4 blocks per SM) and each split still has >= 4 vectors per thread.
-// Channels-last: 32 channels x (max_threads / 32) rows per block, rows split the same way.
+// fill the GPU (about 4 blocks per SM) and each split still has >= 4 windows per thread.
+// Channels-last: blocks of channel vectors x rows, rows split the same way.
 template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
                    const Tensor& like, const Context& ctx) {
   using State = typename Reducer::State;
-  const int64_t C = layout.C, count = layout.count_per_channel();
+  const int64_t C = layout.C;
   const int64_t target_blocks = 4 * static_cast<int64_t>(ctx.sm_count);
   auto workspace_for = [&](int64_t states, int64_t semaphores) {
     return std::make_tuple(at::empty({states * static_cast<int64_t>(sizeof(State))}, like.options().dtype(at::kByte)),
                            at::zeros({semaphores}, like.options().dtype(at::kInt)));
   };
   if (!layout.channels_last) {
-    const bool vectorize = aligned && layout.S % kVecWidth == 0;
-    const int64_t vec = vectorize ? kVecWidth : 1;
-    const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(count / vec, 32) * 32));
-    const int64_t max_splits = std::max<int64_t>(1, count / (threads * vec * 4));
-    const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, C), max_splits, 65535});
-    auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? C : 0);
-    auto* ws = reinterpret_cast<State*>(workspace.data_ptr());
-    auto* sem = reinterpret_cast<unsigned*>(semaphores.data_ptr());
-    const dim3 grid(static_cast<unsigned>(C), static_cast<unsigned>(splits));
-    if (vectorize) {
-      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVecWidth>), grid, dim3(threads), 0,
-                     ctx.stream)(reducer, finisher, layout.N, C, layout.S, ws, sem);
-    } else {
-      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, 1>), grid, dim3(threads), 0, ctx.stream)(
-          reducer, finisher, layout.N, C, layout.S, ws, sem);
-    }
+    with_vec_width<kVecWidth>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const int64_t S = layout.S;
+      const int64_t W = S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1;  // windows a run can overlap
+      const int64_t windows = layout.N * W;
+      const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
+      const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
+      const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, C), max_splits, 65535});
+      auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? C : 0);
+      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>),
+                     dim3(static_cast<unsigned>(C), static_cast<unsigned>(splits)), dim3(threads), 0, ctx.stream)(
+          reducer, finisher, layout.N, C, S, W, reinterpret_cast<State*>(workspace.data_ptr()),
+          reinterpret_cast<unsigned*>(semaphores.data_ptr()));
+    });
   } else {
-    const int64_t M = layout.rows();
-    const int64_t rows_per_block = ctx.max_threads / kWarpSize;
-    const dim3 block(kWarpSize, static_cast<unsigned>(rows_per_block));
-    const int64_t groups = ceil_div(C, kWarpSize);
-    const int64_t max_splits = std::max<int64_t>(1, M / (rows_per_block * 8));
-    const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, groups), max_splits, 65535});
-    auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? groups : 0);
-    FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher>), dim3(groups, splits), block, 0, ctx.stream)(
-        reducer, finisher, M, C, reinterpret_cast<State*>(workspace.data_ptr()),
-        reinterpret_cast<unsigned*>(semaphores.data_ptr()));
+    with_vec_width<kVecWidth>(aligned && C % kVecWidth == 0, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const int64_t M = layout.rows();
+      const dim3 block = channels_last_block(ceil_div(C, kVec), ctx.max_threads);
+      const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
+      const int64_t max_splits = std::max<int64_t>(1, M / (static_cast<int64_t>(block.y) * 8));
+      const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, groups), max_splits, 65535});
+      auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? groups : 0);
+      FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>),
+                     dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), block, 0, ctx.stream)(
+          reducer, finisher, M, C, reinterpret_cast<State*>(workspace.data_ptr()),
+          reinterpret_cast<unsigned*>(semaphores.data_ptr()));
+    });
   }
   FUSEDBN_LAUNCH_CHECK();
 }
 
-// One elementwise pass over the layout: 16-byte vectors when every tensor is aligned and a vector keeps
-// to one channel (channels-first) or to whole channels (channels-last).
+// One elementwise pass over the layout, with 16-byte vectors when every tensor is aligned and a vector
+// spans at most two channel runs (channels-first, S >= kVec) or whole channels (channels-last).
 template <int kVecWidth, typename Op, typename Context>
 void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel, bool aligned, const Context& ctx) {
   if (numel == 0) return;
-  const int64_t inner = layout.channels_last ? 1 : layout.S;
-  const bool vectorize = aligned && (layout.channels_last ? layout.C : layout.S) % kVecWidth == 0;
-  const int64_t vectors = numel / (vectorize ? kVecWidth : 1);
+  const int64_t C = layout.C;
+  const int64_t max_blocks = 8 * static_cast<int64_t>(ctx.sm_count);
   const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
-  const int64_t blocks = std::min<int64_t>(ceil_div(vectors, threads), 8 * static_cast<int64_t>(ctx.sm_count));
-  if (vectorize) {
-    FUSEDBN_LAUNCH((&elementwise_kernel<Op, kVecWidth>), dim3(blocks), dim3(threads), 0, ctx.stream)(
-        op, numel, inner, layout.C);
+  if (!layout.channels_last) {
+    with_vec_width<kVecWidth>(aligned && layout.S >= kVecWidth, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const int64_t blocks = std::min<int64_t>(ceil_div(numel / kVec, threads), max_blocks);
+      FUSEDBN_LAUNCH((&channels_first_elementwise_kernel<Op, kVec>), dim3(std::max<int64_t>(1, blocks)),
+                     dim3(threads), 0, ctx.stream)(op, numel, layout.S, C);
+    });
   } else {
-    FUSEDBN_LAUNCH((&elementwise_kernel<Op, 1>), dim3(blocks), dim3(threads), 0, ctx.stream)(op, numel, inner, layout.C);
+    with_vec_width<kVecWidth>(aligned && C % kVecWidth == 0, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      const int64_t M = layout.rows();
+      const dim3 block = channels_last_block(ceil_div(C, kVec), threads);
+      const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
+      const int64_t row_blocks = std::min<int64_t>({ceil_div(M, block.y), std::max<int64_t>(1, max_blocks / groups), 65535});
+      FUSEDBN_LAUNCH((&channels_last_elementwise_kernel<Op, kVec>),
+                     dim3(static_cast<unsigned>(groups), static_cast<unsigned>(row_blocks)), block, 0, ctx.stream)(
+          op, M, C);
+    });
   }
   FUSEDBN_LAUNCH_CHECK();
 }

@@ -7,8 +7,10 @@
 //                 memory, grid merge across the blocks of a channel by the last block to finish (a
 //                 per-channel semaphore), which then calls the finisher for the channel: Welford
 //                 statistics (forward) or the gradient sums (backward).
-//   elementwise - one read and one write per value, 16-byte vectors where alignment allows, grid-stride,
-//                 the channel of each vector tracked incrementally (no division in the loop).
+//   elementwise - one read and one write per value, 16-byte vectors where alignment allows, grid-stride;
+//                 channels-first tracks the channel of each vector incrementally (no division in the
+//                 loop), channels-last keeps each thread on fixed channels with their coefficients in
+//                 registers.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -76,9 +78,11 @@ __device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Reducers: how a thread folds values into its partial. `at_channel(c)` gives the per-thread view of one
-// channel, whose `add<kVec>(state, offset)` takes kVec contiguous values of that channel starting at
-// element `offset`; `result(c, total)` turns the channel's merged total into what the finisher needs.
+// Reducers: how a thread folds values into its partials. Two views of the data:
+//   at_channel(c)        channels-first: add<kVec>(state, offset) takes kVec contiguous values of channel c;
+//   at_channels<kVec>(c) channels-last:  add(states, offset) takes one value of each of the kVec
+//                        consecutive channels c, c+1, ... stored contiguously at `offset`.
+// `result(c, total)` turns a channel's merged total into what the finisher needs.
 
 // Welford statistics of values shifted by the channel's first value K (every thread and block of the
 // channel uses the same K, so the partials merge exactly): means stay of the order of the spread, and a
@@ -96,14 +100,10 @@ struct WelfordReducer {
     // kVec values: their own mean and M2 (no division per value), then one Chan merge.
     template <int kVec>
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
+      const auto loaded = load_vec<kVec>(x + offset);
       acc_t v[kVec];
-      if constexpr (kVec == 1) {
-        v[0] = static_cast<acc_t>(x[offset]) - shift;
-      } else {
-        const auto loaded = load_vec<kVec>(x + offset);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(loaded.val[k]) - shift;
-      }
+      for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(loaded.val[k]) - shift;
       acc_t sum = 0;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) sum += v[k];
@@ -115,10 +115,38 @@ struct WelfordReducer {
     }
   };
 
+  // One Welford step per channel: mean += d / n, M2 += d * (v - new mean). The lanes of a thread see the
+  // same rows, so they share n and one reciprocal.
+  template <int kVec>
+  struct Lanes {
+    const scalar_t* __restrict__ x;
+    acc_t shift[kVec];
+
+    __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
+      const auto loaded = load_vec<kVec>(x + offset);
+      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(s[0].count + 1);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t v = static_cast<acc_t>(loaded.val[k]) - shift[k];
+        const acc_t d = v - s[k].mean;
+        s[k].mean += d * inv_n;
+        s[k].m2 += d * (v - s[k].mean);
+        s[k].count += 1;
+      }
+    }
+  };
+
   __device__ __forceinline__ acc_t shift_of(int64_t c) const {
     return x ? static_cast<acc_t>(x[c * channel_stride]) : acc_t(0);
   }
   __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
+  template <int kVec>
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
+    Lanes<kVec> lanes{x, {}};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) lanes.shift[k] = shift_of(c + k);
+    return lanes;
+  }
   __device__ __forceinline__ State result(int64_t c, State total) const {
     total.mean += shift_of(c);
     return total;
@@ -139,24 +167,43 @@ struct GradReducer {
 
     template <int kVec>
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
-      if constexpr (kVec == 1) {
-        const acc_t g = static_cast<acc_t>(dy[offset]);
-        s.dy += g;
-        s.dy_xmu += g * (static_cast<acc_t>(x[offset]) - mu);
-      } else {
-        const auto g = load_vec<kVec>(dy + offset);
-        const auto xv = load_vec<kVec>(x + offset);
+      const auto g = load_vec<kVec>(dy + offset);
+      const auto xv = load_vec<kVec>(x + offset);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const acc_t gk = static_cast<acc_t>(g.val[k]);
-          s.dy += gk;
-          s.dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu);
-        }
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t gk = static_cast<acc_t>(g.val[k]);
+        s.dy += gk;
+        s.dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu);
+      }
+    }
+  };
+
+  template <int kVec>
+  struct Lanes {
+    const scalar_t* __restrict__ dy;
+    const scalar_t* __restrict__ x;
+    acc_t mu[kVec];
+
+    __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
+      const auto g = load_vec<kVec>(dy + offset);
+      const auto xv = load_vec<kVec>(x + offset);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t gk = static_cast<acc_t>(g.val[k]);
+        s[k].dy += gk;
+        s[k].dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu[k]);
       }
     }
   };
 
   __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{dy, x, mean[c]}; }
+  template <int kVec>
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
+    Lanes<kVec> lanes{dy, x, {}};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) lanes.mu[k] = mean[c + k];
+    return lanes;
+  }
   __device__ __forceinline__ State result(int64_t, State total) const { return total; }
 };
 
@@ -251,35 +298,57 @@ __device__ __forceinline__ bool last_block_of_group(unsigned* semaphore, unsigne
   return is_last;
 }
 
-// Channels-first (N, C, S): blockIdx.x = channel, blockIdx.y = split of the channel's N*S values.
-// Each split covers a contiguous range of the channel's values (rounded to kVec; S % kVec == 0 when
-// kVec > 1, so a vector never straddles two samples). Value e of channel c lives at (e/S)*C*S + c*S + e%S;
-// the thread tracks (n, s) incrementally.
+// Merges the partials of the threads that share threadIdx.x (blockDim.y of them, a power of two) by a
+// tree in shared memory; the total lands in threadIdx.y == 0. Every thread must call it.
+template <typename State>
+__device__ State column_merge(State s) {
+  __shared__ State column[kMaxWarps * kWarpSize];
+  const unsigned i = threadIdx.y * blockDim.x + threadIdx.x;
+  for (unsigned half = blockDim.y / 2; half > 0; half /= 2) {
+    column[i] = s;
+    __syncthreads();
+    if (threadIdx.y < half) s = merge(s, column[i + half * blockDim.x]);
+    __syncthreads();
+  }
+  return s;
+}
+
+// Channels-first (N, C, S): blockIdx.x = channel, blockIdx.y = split of the channel's N * W windows.
+// Window j of sample n is the j-th kVec-aligned group of elements (aligned in memory too: the front
+// passes 16-byte aligned tensors) overlapping the run [base, base + S), base = (n*C + c) * S. The front
+// gives W = S / kVec when S % kVec == 0 (every window full), else the most windows a run can overlap.
+// A full window is one vector load; the partial ones at a run's ends are read value by value.
 template <typename Reducer, typename Finisher, int kVec>
 __global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher, int64_t N, int64_t C,
-                                             int64_t S, typename Reducer::State* workspace,
+                                             int64_t S, int64_t W, typename Reducer::State* workspace,
                                              unsigned* semaphores) {
   using State = typename Reducer::State;
   const int64_t c = blockIdx.x;
   const int64_t splits = gridDim.y;
-  const int64_t count = N * S;
-  const int64_t vectors = count / kVec;
-  const int64_t per_split = (vectors + splits - 1) / splits;
-  const int64_t v_begin = per_split * blockIdx.y;
-  const int64_t v_end = v_begin + per_split < vectors ? v_begin + per_split : vectors;
+  const int64_t windows = N * W;
+  const int64_t per_split = (windows + splits - 1) / splits;
+  const int64_t w_begin = per_split * blockIdx.y;
+  const int64_t w_end = w_begin + per_split < windows ? w_begin + per_split : windows;
 
   State s{};
   const auto channel = reducer.at_channel(c);
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * kVec;
-  const int64_t first = (v_begin + threadIdx.x) * kVec;
-  int64_t n = first / S, pos = first - n * S;
-  const int64_t step_n = stride / S, step_s = stride - step_n * S;
-  for (int64_t v = v_begin + threadIdx.x; v < v_end; v += blockDim.x) {
-    channel.template add<kVec>(s, (n * C + c) * S + pos);
+  const int64_t first = w_begin + threadIdx.x;
+  int64_t n = first / W, j = first - n * W;  // (sample, window), advanced without division
+  const int64_t step_n = blockDim.x / W, step_j = blockDim.x - step_n * W;
+  for (int64_t w = first; w < w_end; w += blockDim.x) {
+    const int64_t base = (n * C + c) * S;
+    const int64_t start = base / kVec * kVec + j * kVec;
+    const int64_t lo = start > base ? start : base;
+    const int64_t hi = start + kVec < base + S ? start + kVec : base + S;
+    if (lo == start && hi == start + kVec) {
+      channel.template add<kVec>(s, start);
+    } else {
+      for (int64_t e = lo; e < hi; ++e) channel.template add<1>(s, e);
+    }
     n += step_n;
-    pos += step_s;
-    if (pos >= S) {
-      pos -= S;
+    j += step_j;
+    if (j >= W) {
+      j -= W;
       ++n;
     }
   }
@@ -296,66 +365,51 @@ __global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher,
   }
 }
 
-// Channels-last (M = N*S rows, C): threadIdx.x walks channels (coalesced), threadIdx.y rows;
-// blockIdx.x = group of blockDim.x channels, blockIdx.y = split of the rows.
-template <typename Reducer, typename Finisher>
+// Channels-last (M = N*S rows, C): threadIdx.x walks groups of kVec consecutive channels (one vector load
+// per row, coalesced across the warp), threadIdx.y walks rows; blockIdx.x = blockDim.x * kVec channels,
+// blockIdx.y = split of the rows. C % kVec == 0.
+template <typename Reducer, typename Finisher, int kVec>
 __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, int64_t M, int64_t C,
                                             typename Reducer::State* workspace, unsigned* semaphores) {
   using State = typename Reducer::State;
-  __shared__ State column[kMaxWarps * kWarpSize];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   const int64_t splits = gridDim.y;
   const int64_t per_split = (M + splits - 1) / splits;
   const int64_t r_begin = per_split * blockIdx.y;
   const int64_t r_end = r_begin + per_split < M ? r_begin + per_split : M;
 
-  State s{};
+  State s[kVec] = {};
   if (c < C) {
-    const auto channel = reducer.at_channel(c);
-    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) channel.template add<1>(s, r * C + c);
+    const auto lanes = reducer.template at_channels<kVec>(c);
+    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) lanes.add(s, r * C + c);
   }
-  // Merge the blockDim.y partials of each channel through shared memory, in row order.
-  column[threadIdx.y * blockDim.x + threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    for (unsigned y = 1; y < blockDim.y; ++y) s = merge(s, column[y * blockDim.x + threadIdx.x]);
-  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) s[k] = column_merge(s[k]);
   if (splits == 1) {
-    if (threadIdx.y == 0 && c < C) finisher(c, reducer.result(c, s));
+    if (threadIdx.y == 0 && c < C) {
+      for (int k = 0; k < kVec; ++k) finisher(c + k, reducer.result(c + k, s[k]));
+    }
     return;
   }
-  if (threadIdx.y == 0 && c < C) workspace[blockIdx.y * C + c] = s;
-  if (last_block_of_group(semaphores + blockIdx.x, static_cast<unsigned>(splits)) && threadIdx.y == 0 && c < C) {
-    State total{};
-    for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[i * C + c]);
-    finisher(c, reducer.result(c, total));
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 0; k < kVec; ++k) workspace[blockIdx.y * C + c + k] = s[k];
+  }
+  if (last_block_of_group(semaphores + blockIdx.x, static_cast<unsigned>(splits))) {
+    // The group's channels, one per thread of the block, each merged over the splits in order.
+    const int64_t group_first = static_cast<int64_t>(blockIdx.x) * blockDim.x * kVec;
+    const int64_t group_end = group_first + blockDim.x * kVec < C ? group_first + blockDim.x * kVec : C;
+    for (int64_t g = group_first + threadIdx.y * blockDim.x + threadIdx.x; g < group_end;
+         g += blockDim.x * blockDim.y) {
+      State total{};
+      for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[i * C + g]);
+      finisher(g, reducer.result(g, total));
+    }
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Elementwise passes. Element i belongs to channel (i / inner) % C, with inner = S (channels-first) or
-// 1 (channels-last). A vector of kVec values has one channel (channels-first, S % kVec == 0) or kVec
-// consecutive channels (channels-last, C % kVec == 0).
-
-struct ChannelTracker {
-  int64_t pos, c;              // position within the run, channel
-  int64_t step_pos, step_c;    // per grid-stride step
-  int64_t inner, C;
-
-  __device__ ChannelTracker(int64_t first, int64_t stride, int64_t inner_, int64_t C_)
-      : pos(first % inner_), c((first / inner_) % C_), step_pos(stride % inner_),
-        step_c((stride / inner_) % C_), inner(inner_), C(C_) {}
-
-  __device__ __forceinline__ void advance() {
-    pos += step_pos;
-    c += step_c;
-    if (pos >= inner) {
-      pos -= inner;
-      ++c;
-    }
-    if (c >= C) c -= C;
-  }
-};
+// Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
+// reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
 
 // y = (x - mean[c]) * alpha[c] + beta[c]
 template <typename scalar_t, typename acc_t>
@@ -366,14 +420,18 @@ struct NormalizeOp {
   const acc_t* __restrict__ alpha;
   const acc_t* __restrict__ beta;
 
+  struct Coeffs {
+    acc_t mean, alpha, beta;
+  };
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return Coeffs{mean[c], alpha[c], beta[c]}; }
+
   template <int kVec>
-  __device__ __forceinline__ void apply(int64_t offset, int64_t c, bool per_lane_channel) const {
+  __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto xv = load_vec<kVec>(x + offset);
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const int64_t ck = per_lane_channel ? c + k : c;
-      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(xv.val[k]) - mean[ck]) * alpha[ck] + beta[ck]);
+      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(xv.val[k]) - co[k].mean) * co[k].alpha + co[k].beta);
     }
     store_vec<kVec>(y + offset, out);
   }
@@ -390,32 +448,79 @@ struct BackwardElemtOp {
   const acc_t* __restrict__ proj;
   const acc_t* __restrict__ a;
 
+  struct Coeffs {
+    acc_t mean, mean_dy, proj, a;
+  };
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return Coeffs{mean[c], mean_dy[c], proj[c], a[c]}; }
+
   template <int kVec>
-  __device__ __forceinline__ void apply(int64_t offset, int64_t c, bool per_lane_channel) const {
+  __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto gv = load_vec<kVec>(dy + offset);
     const auto xv = load_vec<kVec>(x + offset);
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const int64_t ck = per_lane_channel ? c + k : c;
-      const acc_t xmu = static_cast<acc_t>(xv.val[k]) - mean[ck];
-      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(gv.val[k]) - mean_dy[ck] - xmu * proj[ck]) * a[ck]);
+      const acc_t xmu = static_cast<acc_t>(xv.val[k]) - co[k].mean;
+      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(gv.val[k]) - co[k].mean_dy - xmu * co[k].proj) * co[k].a);
     }
     store_vec<kVec>(dx + offset, out);
   }
 };
 
+// Channels-first (N, C, S), flat over numel: vector v covers elements [v*kVec, v*kVec + kVec). With
+// S >= kVec a vector spans at most two channel runs, so lane k belongs to channel c or the next one.
+// The last numel % kVec values are done one per thread.
 template <typename Op, int kVec>
-__global__ void elementwise_kernel(Op op, int64_t numel, int64_t inner, int64_t C) {
+__global__ void channels_first_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t C) {
+  using Coeffs = typename Op::Coeffs;
   const int64_t vectors = numel / kVec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (first >= vectors) return;
-  ChannelTracker channel(first * kVec, stride * kVec, inner, C);
-  const bool per_lane_channel = inner == 1;
-  for (int64_t v = first; v < vectors; v += stride) {
-    op.template apply<kVec>(v * kVec, channel.c, per_lane_channel);
-    channel.advance();
+  if (first < vectors) {
+    // (position within the run, channel) of the vector's first element, advanced by the grid stride.
+    int64_t pos = first * kVec % S, c = first * kVec / S % C;
+    const int64_t step_pos = stride * kVec % S, step_c = stride * kVec / S % C;
+    for (int64_t v = first; v < vectors; v += stride) {
+      Coeffs co[kVec];
+      const Coeffs here = op.coeffs(c);
+      if (pos + kVec <= S) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) co[k] = here;
+      } else {
+        const Coeffs next = op.coeffs(c + 1 < C ? c + 1 : 0);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) co[k] = pos + k < S ? here : next;
+      }
+      op.template apply<kVec>(v * kVec, co);
+      pos += step_pos;
+      c += step_c;
+      if (pos >= S) {
+        pos -= S;
+        ++c;
+      }
+      if (c >= C) c -= C;
+    }
+  }
+  const int64_t e = vectors * kVec + first;
+  if (e < numel) {
+    const Coeffs co[1] = {op.coeffs(e / S % C)};
+    op.template apply<1>(e, co);
+  }
+}
+
+// Channels-last (M rows, C): each thread keeps kVec consecutive channels (C % kVec == 0) and their
+// coefficients in registers and walks rows; threadIdx.x/blockIdx.x = channel vectors, threadIdx.y/
+// blockIdx.y = rows (grid-stride).
+template <typename Op, int kVec>
+__global__ void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (c >= C) return;
+  typename Op::Coeffs co[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) co[k] = op.coeffs(c + k);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += stride) {
+    op.template apply<kVec>(r * C + c, co);
   }
 }
 
