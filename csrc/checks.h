@@ -63,11 +63,28 @@ inline int64_t values_per_channel(const at::Tensor& input) {
   return count;
 }
 
+// A tensor of the input's shape (grad_output, the residual, the op's output): same shape, dtype and device.
+inline void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.sizes() == input.sizes(), name, " should have the input's shape ", input.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " should have dtype ", input.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == input.device(),
+              "Expected all tensors to be on the same device, but found at least two devices, ", input.device(),
+              " and ", t.device(), "! (", name, ")");
+}
+
+inline void check_optional_like_input(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& input) {
+  if (has(t)) check_like_input(*t, name, input);
+}
+
 inline void check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& running_mean,
-                                     const std::optional<at::Tensor>& running_var) {
+                                     const std::optional<at::Tensor>& running_var,
+                                     const std::optional<at::Tensor>& residual) {
   check_input(input);
+  check_optional_like_input(residual, "residual", input);
   check_optional_param(weight, "weight", input);
   check_optional_param(bias, "bias", input);
   check_optional_param(running_mean, "running_mean", input);
@@ -81,8 +98,9 @@ inline void check_forward_train_args(const at::Tensor& input, const std::optiona
 
 inline void check_forward_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                                    const at::Tensor& running_var) {
+                                    const at::Tensor& running_var, const std::optional<at::Tensor>& residual) {
   check_input(input);
+  check_optional_like_input(residual, "residual", input);
   check_optional_param(weight, "weight", input);
   check_optional_param(bias, "bias", input);
   check_channel_param(running_mean, "running_mean", input);
@@ -93,16 +111,13 @@ inline void check_forward_eval_args(const at::Tensor& input, const std::optional
 
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                const at::Tensor& invstd) {
+                                const at::Tensor& invstd, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& output) {
   check_input(input);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output should have the input's shape ",
-              input.sizes(), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output should have dtype ",
-              input.scalar_type(), ", got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(),
-              "Expected all tensors to be on the same device, but found at least two devices, ",
-              input.device(), " and ", grad_output.device(), "! (grad_output)");
+  check_like_input(grad_output, "grad_output", input);
+  check_optional_like_input(output, "output", input);
   check_optional_param(weight, "weight", input);
+  check_optional_param(bias, "bias", input);
   check_channel_param(mean, "mean", input);
   check_channel_param(invstd, "invstd", input);
 }

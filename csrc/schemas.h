@@ -7,21 +7,27 @@
 namespace fusedbn {
 
 inline void define_schemas(torch::Library& m) {
+  // Every forward computes out = relu?(bn(input) [+ residual]): the residual (input's shape) is added
+  // when given, relu applied when `relu`.
   // Training: Welford statistics, running-stat update (in place, unbiased variance), normalize.
   // Returns (output, mean, invstd), the statistics in float (double for float64 input).
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+      "Tensor(b!)? running_var, float momentum, float eps, Tensor? residual=None, bool relu=False) "
+      "-> (Tensor, Tensor, Tensor)");
   // Inference with running statistics: a per-channel affine map.
   m.def(
       "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps) -> Tensor");
-  // Fused backward: (grad_input, grad_weight, grad_bias); an entry is computed only where
-  // output_mask is true. `training` selects batch statistics (mean, invstd of forward_train) or
-  // fixed ones (running_mean and 1/sqrt(running_var + eps)).
+      "Tensor running_var, float eps, Tensor? residual=None, bool relu=False) -> Tensor");
+  // Fused backward: (grad_input, grad_weight, grad_bias, grad_residual); an entry is computed only where
+  // output_mask (the first three) or grad_residual asks for it. `training` selects batch statistics
+  // (mean, invstd of forward_train) or fixed ones (running_mean and 1/sqrt(running_var + eps)).
+  // With `relu`, grad_output is the gradient of relu's output; relu's mask comes from `output` (the
+  // forward's) when given, else is recomputed from input, the statistics, weight and bias.
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool training, bool[3] output_mask, Tensor? bias=None, Tensor? output=None, bool relu=False, "
+      "bool grad_residual=False) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace fusedbn

@@ -9,11 +9,7 @@
 #include <cstdint>
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define FUSEDBN_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDBN_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace fusedbn {
 

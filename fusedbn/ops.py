@@ -47,21 +47,23 @@ def register_fake_kernels(library: str) -> None:
     ``fusedbn_simt`` which shares its schemas."""
 
     @torch.library.register_fake(f"{library}::forward_train")
-    def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps):
+    def _forward_train_fake(input, weight, bias, running_mean, running_var, momentum, eps, residual=None,
+                            relu=False):
         return empty_output(input), _channel_stats(input), _channel_stats(input)
 
     @torch.library.register_fake(f"{library}::forward_eval")
-    def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps):
+    def _forward_eval_fake(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
         return empty_output(input)
 
     @torch.library.register_fake(f"{library}::backward")
-    def _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask):
+    def _backward_fake(grad_output, input, weight, mean, invstd, training, output_mask, bias=None, output=None,
+                       relu=False, grad_residual=False):
         param_dtype = weight.dtype if weight is not None else input.dtype
         channels = (input.shape[1],)
         grad_input = empty_output(input) if output_mask[0] else None
         grad_weight = input.new_empty(channels, dtype=param_dtype) if output_mask[1] else None
         grad_bias = input.new_empty(channels, dtype=param_dtype) if output_mask[2] else None
-        return grad_input, grad_weight, grad_bias
+        return grad_input, grad_weight, grad_bias, empty_output(input) if grad_residual else None
 
 
 register_fake_kernels("fusedbn")

@@ -38,15 +38,15 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
 // without being allowed to reassociate a single float sum.
 constexpr int kLanes = 64;
 
-// sum over a run of f(x[j]) (f gives acc_t), in kLanes accumulators combined pairwise.
-template <typename scalar_t, typename acc_t, typename F>
-acc_t run_sum(const scalar_t* __restrict__ x, int64_t n, F f) {
+// sum of f(j) over j in [0, n) (f gives acc_t), in kLanes accumulators combined pairwise.
+template <typename acc_t, typename F>
+acc_t run_sum(int64_t n, F f) {
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(static_cast<acc_t>(x[j + l]), j + l);
+    for (int l = 0; l < kLanes; ++l) lanes[l] += f(j + l);
   }
-  for (int l = 0; j < n; ++j, ++l) lanes[l] += f(static_cast<acc_t>(x[j]), j);
+  for (int l = 0; j < n; ++j, ++l) lanes[l] += f(j);
   return pairwise_sum(lanes, kLanes);
 }
 
@@ -73,10 +73,11 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
       const scalar_t* row = x + tile.offset + r * tile.ld;
       for (int64_t s0 = 0; s0 < W; s0 += kBlockValues) {
         const int64_t n = std::min(kBlockValues, W - s0);
+        const scalar_t* chunk = row + s0;
         const acc_t chunk_mean =
-            run_sum<scalar_t, acc_t>(row + s0, n, [&](acc_t v, int64_t) { return v - shift; }) / static_cast<acc_t>(n);
-        const acc_t chunk_m2 = run_sum<scalar_t, acc_t>(row + s0, n, [&](acc_t v, int64_t) {
-          const acc_t d = (v - shift) - chunk_mean;
+            run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift; }) / static_cast<acc_t>(n);
+        const acc_t chunk_m2 = run_sum<acc_t>(n, [&](int64_t j) {
+          const acc_t d = (static_cast<acc_t>(chunk[j]) - shift) - chunk_mean;
           return d * d;
         });
         total = welford_merge(total, WelfordPartial<acc_t>{chunk_mean, chunk_m2, n});
@@ -134,57 +135,59 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
   }
 }
 
-// Per channel: sum(dy) and sum(dy * (x - mean)), the two reductions of the batch-norm backward.
-// Channels-first: lane sums per run. Channels-last: per block of rows into columns, then blocks into
-// the tile's columns, so no single float accumulator takes more than a few thousand terms.
-template <typename scalar_t, typename acc_t, int kChannelStride>
-void tile_grad_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const Tile& tile,
-                    int64_t C, acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
+// Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with
+// dz = grad(i, c) (elementwise.h: OutputGrad). Channels-first: lane sums per run. Channels-last: per block
+// of rows into columns, then blocks into the tile's columns, so no single float accumulator takes more
+// than a few thousand terms.
+template <typename scalar_t, typename acc_t, int kChannelStride, typename Grad>
+void tile_grad_sums(const Grad& grad, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const Tile& tile,
+                    int64_t C, acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
   if (kChannelStride == 0 && W >= kLongRun) {
     // One channel, long runs: lane sums over each run (the second pass re-reads the run from cache).
-    const acc_t mu = mean[tile.channel];
-    acc_t total_dy = 0, total_dy_xmu = 0;
+    const int64_t c = tile.channel;
+    const acc_t mu = mean[c];
+    acc_t total_dz = 0, total_dz_xmu = 0;
     for (int64_t r = 0; r < tile.rows; ++r) {
-      const scalar_t* g = dy + tile.offset + r * tile.ld;
-      const scalar_t* xr = x + tile.offset + r * tile.ld;
-      total_dy += run_sum<scalar_t, acc_t>(g, W, [](acc_t v, int64_t) { return v; });
-      total_dy_xmu += run_sum<scalar_t, acc_t>(
-          g, W, [&](acc_t v, int64_t j) { return v * (static_cast<acc_t>(xr[j]) - mu); });
+      const int64_t base = tile.offset + r * tile.ld;
+      total_dz += run_sum<acc_t>(W, [&](int64_t j) { return grad(base + j, c); });
+      total_dz_xmu += run_sum<acc_t>(
+          W, [&](int64_t j) { return grad(base + j, c) * (static_cast<acc_t>(x[base + j]) - mu); });
     }
-    sum_dy[slot] = total_dy;
-    sum_dy_xmu[slot] = total_dy_xmu;
+    sum_dz[slot] = total_dz;
+    sum_dz_xmu[slot] = total_dz_xmu;
     return;
   }
-  std::vector<acc_t> col_dy_buf(W, acc_t(0)), col_dy_xmu_buf(W, acc_t(0)), block_dy_buf(W), block_dy_xmu_buf(W);
-  acc_t* __restrict__ col_dy = col_dy_buf.data();
-  acc_t* __restrict__ col_dy_xmu = col_dy_xmu_buf.data();
-  acc_t* __restrict__ block_dy = block_dy_buf.data();
-  acc_t* __restrict__ block_dy_xmu = block_dy_xmu_buf.data();
+  std::vector<acc_t> col_dz_buf(W, acc_t(0)), col_dz_xmu_buf(W, acc_t(0)), block_dz_buf(W), block_dz_xmu_buf(W);
+  acc_t* __restrict__ col_dz = col_dz_buf.data();
+  acc_t* __restrict__ col_dz_xmu = col_dz_xmu_buf.data();
+  acc_t* __restrict__ block_dz = block_dz_buf.data();
+  acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data();
   const int64_t block_rows = block_rows_for(W);
   for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
-    std::fill(block_dy, block_dy + W, acc_t(0));
-    std::fill(block_dy_xmu, block_dy_xmu + W, acc_t(0));
+    std::fill(block_dz, block_dz + W, acc_t(0));
+    std::fill(block_dz_xmu, block_dz_xmu + W, acc_t(0));
     for (int64_t r = r0; r < std::min(tile.rows, r0 + block_rows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
-        const acc_t g = static_cast<acc_t>(dy[base + j]);
-        block_dy[j] += g;
-        block_dy_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[tile.channel + j * kChannelStride]);
+        const int64_t c = tile.channel + j * kChannelStride;
+        const acc_t g = grad(base + j, c);
+        block_dz[j] += g;
+        block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[c]);
       }
     }
     for (int64_t j = 0; j < W; ++j) {
-      col_dy[j] += block_dy[j];
-      col_dy_xmu[j] += block_dy_xmu[j];
+      col_dz[j] += block_dz[j];
+      col_dz_xmu[j] += block_dz_xmu[j];
     }
   }
   if constexpr (kChannelStride == 1) {
-    std::copy(col_dy, col_dy + W, sum_dy + slot);
-    std::copy(col_dy_xmu, col_dy_xmu + W, sum_dy_xmu + slot);
+    std::copy(col_dz, col_dz + W, sum_dz + slot);
+    std::copy(col_dz_xmu, col_dz_xmu + W, sum_dz_xmu + slot);
   } else {  // short runs of one channel
-    sum_dy[slot] = pairwise_sum(col_dy, W);
-    sum_dy_xmu[slot] = pairwise_sum(col_dy_xmu, W);
+    sum_dz[slot] = pairwise_sum(col_dz, W);
+    sum_dz_xmu[slot] = pairwise_sum(col_dz_xmu, W);
   }
 }
 

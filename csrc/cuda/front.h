@@ -164,17 +164,20 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// y = (x - mean) * alpha + beta per channel.
+// y = relu?((x - mean) * alpha + beta [+ residual]) per channel.
 template <typename Context>
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const Context& ctx) {
+                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt, bool relu = false) {
   Tensor y = empty_in_layout(x, layout, x.scalar_type());
+  const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                                          mean.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-                                          beta.const_data_ptr<acc_t>()};
-    launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(), aligned16(x) && aligned16(y), ctx);
+    const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(),      y.mutable_data_ptr<scalar_t>(),
+                                          mean.const_data_ptr<acc_t>(),       alpha.const_data_ptr<acc_t>(),
+                                          beta.const_data_ptr<acc_t>(),
+                                          r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, relu};
+    launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
+                                              aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)), ctx);
   });
   return y;
 }
@@ -182,8 +185,8 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                 double momentum, double eps) {
-  check_forward_train_args(input, weight, bias, running_mean, running_var);
+                                                 double momentum, double eps, const OptTensor& residual, bool relu) {
+  check_forward_train_args(input, weight, bias, running_mean, running_var, residual);
   const Context ctx(input);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -207,13 +210,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
     });
   });
-  return {normalize(x, layout, mean, alpha, beta, ctx), mean, invstd};
+  return {normalize(x, layout, mean, alpha, beta, ctx, residual, relu), mean, invstd};
 }
 
 template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
-                    const Tensor& running_var, double eps) {
-  check_forward_eval_args(input, weight, bias, running_mean, running_var);
+                    const Tensor& running_var, double eps, const OptTensor& residual, bool relu) {
+  check_forward_eval_args(input, weight, bias, running_mean, running_var, residual);
   const Context ctx(input);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -223,14 +226,19 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   if (has(weight)) alpha = alpha.mul(weight->to(acc));
   alpha = alpha.contiguous();
   const Tensor beta = has(bias) ? bias->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
-  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx);
+  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, relu);
 }
 
+// Gradients of y = (x - mean) * invstd * w + b, with dz the gradient reaching y (dy, or dy through the
+// relu): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
+// pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas.
 template <typename Context>
-std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-                                            const Tensor& mean, const Tensor& invstd, bool training,
-                                            std::array<bool, 3> output_mask) {
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd);
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
+                                                    const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
+                                                    bool training, std::array<bool, 3> output_mask,
+                                                    const OptTensor& bias, const OptTensor& output, bool relu,
+                                                    bool want_grad_residual) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
   const Context ctx(input);
   const Tensor &x = in.x, &dy = in.dy, &mu = in.mean, &istd = in.invstd;
   const ChannelLayout& layout = in.layout;
@@ -240,42 +248,59 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Ten
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
-  Tensor mean_dy = at::empty({C}, acc_options), proj = at::empty({C}, acc_options), a = at::empty({C}, acc_options);
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
-
-  Tensor grad_input;
-  if (output_mask[0] && training) grad_input = empty_in_layout(x, layout, input.scalar_type());
-  if (C == 0) return {output_mask[0] ? empty_in_layout(x, layout, input.scalar_type()) : Tensor(), grad_weight, grad_bias};
+  // Eval statistics without relu or residual: dx = a * dy is the normalize pass applied to dy.
+  const bool dx_by_normalize = !training && in.mask == ReluMask::kNone && !want_grad_residual;
+  const bool need_elementwise = (output_mask[0] || want_grad_residual) && !dx_by_normalize;
+  // a = w * invstd, the forward's alpha (relu's recomputed mask needs it before the reduction finishes).
+  const Tensor a = has(weight) ? weight->to(acc).mul(istd).contiguous() : istd;
+  const Tensor beta = has(bias) ? bias->to(acc).contiguous() : Tensor();
+  // Training: the reduction's finisher fills these; eval statistics: zero, so dx = a * dz.
+  const Tensor mean_dz = at::zeros({C}, acc_options), proj = at::zeros({C}, acc_options);
+  Tensor grad_input = need_elementwise || (output_mask[0] && C == 0) ? empty_in_layout(x, layout, input.scalar_type())
+                                                                     : Tensor();
+  Tensor grad_residual = want_grad_residual ? empty_in_layout(x, layout, input.scalar_type()) : Tensor();
+  if (C == 0) return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const ReluGate<scalar_t, acc_t> gate{in.mask, in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
+                                         in.mask == ReluMask::kFromInput ? a.const_data_ptr<acc_t>() : nullptr,
+                                         beta.defined() ? beta.const_data_ptr<acc_t>() : nullptr};
+    const bool out_aligned = !in.out.defined() || aligned16(in.out);
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       using param_t = decltype(param_tag);
       if (need_sums) {
         const GradReducer<scalar_t, acc_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                   mu.const_data_ptr<acc_t>()};
+                                                   mu.const_data_ptr<acc_t>(), gate};
         const GradFinisher<acc_t, param_t> finisher{
-            ptr_or_null<param_t>(weight),      istd.const_data_ptr<acc_t>(),    ptr_or_null<param_t>(grad_weight),
-            ptr_or_null<param_t>(grad_bias),   mean_dy.mutable_data_ptr<acc_t>(), proj.mutable_data_ptr<acc_t>(),
-            a.mutable_data_ptr<acc_t>(),       layout.count_per_channel()};
-        launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x) && aligned16(dy), x, ctx);
-      }
-      if (output_mask[0] && training) {
-        const BackwardElemtOp<scalar_t, acc_t> op{
-            dy.const_data_ptr<scalar_t>(),  x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-            mu.const_data_ptr<acc_t>(),     mean_dy.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
-            a.const_data_ptr<acc_t>()};
-        launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
-                                                  aligned16(x) && aligned16(dy) && aligned16(grad_input), ctx);
+            istd.const_data_ptr<acc_t>(),
+            ptr_or_null<param_t>(grad_weight),
+            ptr_or_null<param_t>(grad_bias),
+            training ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
+            training ? proj.mutable_data_ptr<acc_t>() : nullptr,
+            layout.count_per_channel()};
+        launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher,
+                                             aligned16(x) && aligned16(dy) && out_aligned, x, ctx);
       }
     });
+    if (need_elementwise) {
+      const BackwardElemtOp<scalar_t, acc_t> op{
+          dy.const_data_ptr<scalar_t>(),   x.const_data_ptr<scalar_t>(),   grad_input.mutable_data_ptr<scalar_t>(),
+          grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+          mu.const_data_ptr<acc_t>(),      mean_dz.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
+          a.const_data_ptr<acc_t>(),       gate};
+      launch_elementwise<vec_width<scalar_t>()>(
+          layout, op, x.numel(),
+          aligned16(x) && aligned16(dy) && aligned16(grad_input) && out_aligned &&
+              (!grad_residual.defined() || aligned16(grad_residual)),
+          ctx);
+    }
   });
-  if (output_mask[0] && !training) {
-    // Eval statistics: dx = dy * w * invstd, the normalize pass applied to dy.
-    const Tensor scale = has(weight) ? weight->to(acc).mul(istd).contiguous() : istd;
+  if (output_mask[0] && dx_by_normalize) {
     const Tensor zeros = at::zeros({C}, acc_options);
-    grad_input = normalize(dy, layout, zeros, scale, zeros, ctx);
+    grad_input = normalize(dy, layout, zeros, a, zeros, ctx);
   }
-  return {grad_input, grad_weight, grad_bias};
+  return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace fusedbn::cuda

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "../epilogue.h"
 #include "../welford.h"
 
 namespace fusedbn::cuda {
@@ -60,21 +61,21 @@ __device__ __forceinline__ WelfordPartial<acc_t> merge(const WelfordPartial<acc_
   return welford_merge(a, b);
 }
 
-// sum(dy) and sum(dy * (x - mean)) of one channel.
+// sum(dz) and sum(dz * (x - mean)) of one channel, dz the gradient reaching BatchNorm's output.
 template <typename acc_t>
 struct GradSums {
-  acc_t dy;
-  acc_t dy_xmu;
+  acc_t dz;
+  acc_t dz_xmu;
 };
 
 template <typename acc_t>
 __device__ __forceinline__ GradSums<acc_t> shfl_down(const GradSums<acc_t>& s, int delta) {
-  return GradSums<acc_t>{__shfl_down_sync(kFullMask, s.dy, delta), __shfl_down_sync(kFullMask, s.dy_xmu, delta)};
+  return GradSums<acc_t>{__shfl_down_sync(kFullMask, s.dz, delta), __shfl_down_sync(kFullMask, s.dz_xmu, delta)};
 }
 
 template <typename acc_t>
 __device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
-  return GradSums<acc_t>{a.dy + b.dy, a.dy_xmu + b.dy_xmu};
+  return GradSums<acc_t>{a.dz + b.dz, a.dz_xmu + b.dz_xmu};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -153,55 +154,87 @@ struct WelfordReducer {
   }
 };
 
+// dz, the gradient reaching BatchNorm's output: dy, or dy through the relu that followed it (epilogue.h),
+// its mask read from the forward's output or recomputed from x with the forward's coefficients.
+template <typename scalar_t, typename acc_t>
+struct ReluGate {
+  ReluMask mask;
+  const scalar_t* __restrict__ out;  // kFromOutput
+  const acc_t* __restrict__ alpha;   // kFromInput, with the channel's mean and beta
+  const acc_t* __restrict__ beta;
+
+  template <int kVec>
+  __device__ __forceinline__ Vec<scalar_t, kVec> load_out(int64_t offset) const {
+    return mask == ReluMask::kFromOutput ? load_vec<kVec>(out + offset) : Vec<scalar_t, kVec>{};
+  }
+  // g = dy of one value, x its input, o its output (from load_out), (mu, a, b) its channel's coefficients.
+  __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t a, acc_t b) const {
+    if (mask == ReluMask::kFromOutput) return relu_grad(g, o);
+    if (mask == ReluMask::kFromInput) return relu_grad(g, static_cast<scalar_t>(normalized(x, mu, a, b)));
+    return g;
+  }
+  __device__ __forceinline__ acc_t alpha_of(int64_t c) const { return alpha ? alpha[c] : acc_t(0); }
+  __device__ __forceinline__ acc_t beta_of(int64_t c) const { return beta ? beta[c] : acc_t(0); }
+};
+
 template <typename scalar_t, typename acc_t>
 struct GradReducer {
   using State = GradSums<acc_t>;
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ mean;
+  ReluGate<scalar_t, acc_t> gate;
 
   struct Local {
-    const scalar_t* __restrict__ dy;
-    const scalar_t* __restrict__ x;
-    acc_t mu;
+    const GradReducer* r;
+    acc_t mu, alpha, beta;
 
     template <int kVec>
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
-      const auto g = load_vec<kVec>(dy + offset);
-      const auto xv = load_vec<kVec>(x + offset);
+      const auto g = load_vec<kVec>(r->dy + offset);
+      const auto xv = load_vec<kVec>(r->x + offset);
+      const auto ov = r->gate.template load_out<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const acc_t gk = static_cast<acc_t>(g.val[k]);
-        s.dy += gk;
-        s.dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu);
+        const acc_t xk = static_cast<acc_t>(xv.val[k]);
+        const acc_t dz = r->gate(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu, alpha, beta);
+        s.dz += dz;
+        s.dz_xmu += dz * (xk - mu);
       }
     }
   };
 
   template <int kVec>
   struct Lanes {
-    const scalar_t* __restrict__ dy;
-    const scalar_t* __restrict__ x;
-    acc_t mu[kVec];
+    const GradReducer* r;
+    acc_t mu[kVec], alpha[kVec], beta[kVec];
 
     __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
-      const auto g = load_vec<kVec>(dy + offset);
-      const auto xv = load_vec<kVec>(x + offset);
+      const auto g = load_vec<kVec>(r->dy + offset);
+      const auto xv = load_vec<kVec>(r->x + offset);
+      const auto ov = r->gate.template load_out<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const acc_t gk = static_cast<acc_t>(g.val[k]);
-        s[k].dy += gk;
-        s[k].dy_xmu += gk * (static_cast<acc_t>(xv.val[k]) - mu[k]);
+        const acc_t xk = static_cast<acc_t>(xv.val[k]);
+        const acc_t dz = r->gate(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu[k], alpha[k], beta[k]);
+        s[k].dz += dz;
+        s[k].dz_xmu += dz * (xk - mu[k]);
       }
     }
   };
 
-  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{dy, x, mean[c]}; }
+  __device__ __forceinline__ Local at_channel(int64_t c) const {
+    return Local{this, mean[c], gate.alpha_of(c), gate.beta_of(c)};
+  }
   template <int kVec>
   __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
-    Lanes<kVec> lanes{dy, x, {}};
+    Lanes<kVec> lanes{this, {}, {}, {}};
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) lanes.mu[k] = mean[c + k];
+    for (int k = 0; k < kVec; ++k) {
+      lanes.mu[k] = mean[c + k];
+      lanes.alpha[k] = gate.alpha_of(c + k);
+      lanes.beta[k] = gate.beta_of(c + k);
+    }
     return lanes;
   }
   __device__ __forceinline__ State result(int64_t, State total) const { return total; }
@@ -240,28 +273,27 @@ struct StatsFinisher {
   }
 };
 
-// Gradient sums -> grad_weight, grad_bias and the coefficients of the training dx:
-//   dx = (dy - mean_dy - (x - mean) * proj) * a,  mean_dy = sum(dy)/m,
-//   proj = invstd^2 * sum(dy*(x-mean))/m,  a = w * invstd.
+// Gradient sums -> grad_weight, grad_bias and, for the training dx, the coefficients
+//   dx = (dz - mean_dz - (x - mean) * proj) * a,  mean_dz = sum(dz)/m,
+//   proj = invstd^2 * sum(dz*(x-mean))/m,  a = w * invstd (the front computes a).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
-  const param_t* weight;  // may be null
   const acc_t* invstd;
-  param_t* grad_weight;   // may be null
-  param_t* grad_bias;     // may be null
-  acc_t* mean_dy;
+  param_t* grad_weight;  // may be null
+  param_t* grad_bias;    // may be null
+  acc_t* mean_dz;        // may be null (then proj is too)
   acc_t* proj;
-  acc_t* a;
   int64_t count;
 
   __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
     const acc_t istd = invstd[c];
-    if (grad_weight) grad_weight[c] = static_cast<param_t>(total.dy_xmu * istd);
-    if (grad_bias) grad_bias[c] = static_cast<param_t>(total.dy);
-    const acc_t inv_m = acc_t(1) / static_cast<acc_t>(count > 0 ? count : 1);
-    mean_dy[c] = total.dy * inv_m;
-    proj[c] = istd * istd * total.dy_xmu * inv_m;
-    a[c] = (weight ? static_cast<acc_t>(weight[c]) : acc_t(1)) * istd;
+    if (grad_weight) grad_weight[c] = static_cast<param_t>(total.dz_xmu * istd);
+    if (grad_bias) grad_bias[c] = static_cast<param_t>(total.dz);
+    if (mean_dz) {
+      const acc_t inv_m = acc_t(1) / static_cast<acc_t>(count > 0 ? count : 1);
+      mean_dz[c] = total.dz * inv_m;
+      proj[c] = istd * istd * total.dz_xmu * inv_m;
+    }
   }
 };
 
@@ -411,7 +443,7 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
 // Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
 // reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
 
-// y = (x - mean[c]) * alpha[c] + beta[c]
+// y = relu?((x - mean[c]) * alpha[c] + beta[c] [+ residual])
 template <typename scalar_t, typename acc_t>
 struct NormalizeOp {
   const scalar_t* __restrict__ x;
@@ -419,6 +451,8 @@ struct NormalizeOp {
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ alpha;
   const acc_t* __restrict__ beta;
+  const scalar_t* __restrict__ residual;  // may be null
+  bool relu;
 
   struct Coeffs {
     acc_t mean, alpha, beta;
@@ -428,42 +462,55 @@ struct NormalizeOp {
   template <int kVec>
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto xv = load_vec<kVec>(x + offset);
+    const auto rv = residual ? load_vec<kVec>(residual + offset) : Vec<scalar_t, kVec>{};
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(xv.val[k]) - co[k].mean) * co[k].alpha + co[k].beta);
+      acc_t z = normalized(static_cast<acc_t>(xv.val[k]), co[k].mean, co[k].alpha, co[k].beta);
+      if (residual) z += static_cast<acc_t>(rv.val[k]);
+      out.val[k] = static_cast<scalar_t>(relu ? fusedbn::relu(z) : z);
     }
     store_vec<kVec>(y + offset, out);
   }
 };
 
-// dx = (dy - mean_dy[c] - (x - mean[c]) * proj[c]) * a[c]
+// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] with dz from the gate (eval statistics pass
+// mean_dz = proj = 0), and dz itself into grad_residual when that is not null. a = w * invstd is also the
+// forward's alpha, which the gate's kFromInput mask needs with beta.
 template <typename scalar_t, typename acc_t>
 struct BackwardElemtOp {
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   scalar_t* __restrict__ dx;
+  scalar_t* __restrict__ grad_residual;  // may be null
   const acc_t* __restrict__ mean;
-  const acc_t* __restrict__ mean_dy;
+  const acc_t* __restrict__ mean_dz;
   const acc_t* __restrict__ proj;
   const acc_t* __restrict__ a;
+  ReluGate<scalar_t, acc_t> gate;
 
   struct Coeffs {
-    acc_t mean, mean_dy, proj, a;
+    acc_t mean, mean_dz, proj, a, beta;
   };
-  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return Coeffs{mean[c], mean_dy[c], proj[c], a[c]}; }
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
+    return Coeffs{mean[c], mean_dz[c], proj[c], a[c], gate.beta_of(c)};
+  }
 
   template <int kVec>
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto gv = load_vec<kVec>(dy + offset);
     const auto xv = load_vec<kVec>(x + offset);
-    Vec<scalar_t, kVec> out;
+    const auto ov = gate.template load_out<kVec>(offset);
+    Vec<scalar_t, kVec> out, dz_out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const acc_t xmu = static_cast<acc_t>(xv.val[k]) - co[k].mean;
-      out.val[k] = static_cast<scalar_t>((static_cast<acc_t>(gv.val[k]) - co[k].mean_dy - xmu * co[k].proj) * co[k].a);
+      const acc_t xk = static_cast<acc_t>(xv.val[k]);
+      const acc_t dz = gate(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].a, co[k].beta);
+      out.val[k] = static_cast<scalar_t>((dz - co[k].mean_dz - (xk - co[k].mean) * co[k].proj) * co[k].a);
+      dz_out.val[k] = static_cast<scalar_t>(dz);
     }
     store_vec<kVec>(dx + offset, out);
+    if (grad_residual) store_vec<kVec>(grad_residual + offset, dz_out);
   }
 };
 
