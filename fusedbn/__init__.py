@@ -1,7 +1,11 @@
 """fusedbn: fused, exact BatchNorm kernels for PyTorch, drop-in for nn.BatchNorm1d/2d/3d."""
 from . import ops
 from .convert import convert_model
-from .functional import batch_norm
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
+from .functional import batch_norm, batch_norm_relu
+from .fuse import FuseReport, fuse_model
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d,
+                      FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 
-__all__ = ["batch_norm", "convert_model", "FusedBatchNorm1d", "FusedBatchNorm2d", "FusedBatchNorm3d", "ops"]
+__all__ = ["batch_norm", "batch_norm_relu", "convert_model", "fuse_model", "FuseReport", "FusedBatchNorm1d",
+           "FusedBatchNorm2d", "FusedBatchNorm3d", "FusedBatchNormReLU1d", "FusedBatchNormReLU2d",
+           "FusedBatchNormReLU3d", "ops"]

@@ -1,15 +1,20 @@
-"""``FusedBatchNorm1d/2d/3d``: subclasses of ``nn.BatchNorm1d/2d/3d`` whose forward runs fusedbn.
+"""``FusedBatchNorm1d/2d/3d``: subclasses of ``nn.BatchNorm1d/2d/3d`` whose forward runs fusedbn, and
+``FusedBatchNormReLU1d/2d/3d``: the same BatchNorm followed by ReLU (with an optional residual added
+before it) in one op.
 
 Constructor, parameters, buffers, ``state_dict``, ``.train()/.eval()`` and ``isinstance`` are torch's;
 only ``forward`` differs.
 """
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
 
-from .functional import batch_norm
+from .functional import _apply
 
 
 class _FusedForward:
-    def forward(self, input: Tensor) -> Tensor:
+    def _fused_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
         self._check_input_dim(input)
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
@@ -17,7 +22,7 @@ class _FusedForward:
             factor = 1.0 / float(self.num_batches_tracked + 1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
-        output = batch_norm(
+        output = _apply(
             input,
             self.running_mean if use_running else None,
             self.running_var if use_running else None,
@@ -26,6 +31,8 @@ class _FusedForward:
             use_batch_stats,
             factor,
             self.eps,
+            residual,
+            relu,
         )
         # Counted only once the batch was accepted, so a rejected input leaves the module untouched.
         if tracks:
@@ -33,13 +40,43 @@ class _FusedForward:
         return output
 
 
-class FusedBatchNorm1d(_FusedForward, nn.BatchNorm1d):
+class _BatchNorm(_FusedForward):
+    def forward(self, input: Tensor) -> Tensor:
+        return self._fused_forward(input, None, False)
+
+
+class _BatchNormReLU(_FusedForward):
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """``relu(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
+        or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
+        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
+                                     or residual.device != input.device):
+            return torch.relu(self._fused_forward(input, None, False) + residual)
+        return self._fused_forward(input, residual, True)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", relu=True"
+
+
+class FusedBatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Drop-in for :class:`torch.nn.BatchNorm1d`."""
 
 
-class FusedBatchNorm2d(_FusedForward, nn.BatchNorm2d):
+class FusedBatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Drop-in for :class:`torch.nn.BatchNorm2d`."""
 
 
-class FusedBatchNorm3d(_FusedForward, nn.BatchNorm3d):
+class FusedBatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d`."""
+
+
+class FusedBatchNormReLU1d(_BatchNormReLU, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` then ReLU (after adding an optional residual), fused."""
+
+
+class FusedBatchNormReLU2d(_BatchNormReLU, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` then ReLU (after adding an optional residual), fused."""
+
+
+class FusedBatchNormReLU3d(_BatchNormReLU, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` then ReLU (after adding an optional residual), fused."""

@@ -30,7 +30,15 @@ def test_opcheck(device, layout, dtype, param_dtype):
     mean = torch.randn(4, device=device, dtype=stat_dtype)
     invstd = torch.rand(4, device=device, dtype=stat_dtype) + 0.5
     dy = make_input(x.shape, layout, dtype, device)
+    r = make_input(x.shape, "contiguous", dtype, device)
+    out = torch.relu(make_input(x.shape, layout, dtype, device))
     calls = [
+        (fusedbn.ops.forward_train, (x, w, b, rm, rv, 0.1, 1e-5, r, True)),
+        (fusedbn.ops.forward_train, (x, w, b, None, None, 0.1, 1e-5, None, True)),
+        (fusedbn.ops.forward_eval, (x, w, b, rm, rv, 1e-5, r, True)),
+        (fusedbn.ops.backward, (dy, x, w, mean, invstd, True, [True, True, True], b, None, True, False)),
+        (fusedbn.ops.backward, (dy, x, w, mean, invstd, True, [True, True, True], None, out, True, True)),
+        (fusedbn.ops.backward, (dy, x, w, mean, invstd, False, [False, True, False], b, out, True, True)),
         (fusedbn.ops.forward_train, (x, w, b, rm, rv, 0.1, 1e-5)),
         (fusedbn.ops.forward_train, (x, None, None, None, None, 0.1, 1e-5)),
         (fusedbn.ops.forward_eval, (x, w, b, rm, rv, 1e-5)),
@@ -48,10 +56,12 @@ class _Net(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3)
         self.bn = fusedbn.FusedBatchNorm2d(6)
+        self.bn_relu = fusedbn.FusedBatchNormReLU2d(6)
         self.bn1d = fusedbn.FusedBatchNorm1d(6)
 
     def forward(self, x):
-        y = torch.relu(self.bn(self.conv(x)))
+        y = self.conv(x)
+        y = self.bn_relu(self.bn(y), y)
         return self.bn1d(y.mean(dim=(2, 3)))
 
 

@@ -1,0 +1,252 @@
+"""Fused BatchNorm+ReLU and BatchNorm+Add+ReLU against torch's unfused composition: outputs, every
+gradient (the residual's too) and running statistics, relu's ties at zero, what stays alive for backward,
+and fuse_model on torchvision's ResNets."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedbn
+from conftest import DTYPES, assert_as_accurate, assert_close
+from helpers import make_input
+
+DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
+FUSED = {1: fusedbn.FusedBatchNormReLU1d, 2: fusedbn.FusedBatchNormReLU2d, 3: fusedbn.FusedBatchNormReLU3d}
+TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+SHAPES = [(1, (5, 3)), (2, (4, 6, 9, 11)), (2, (3, 16, 5, 5)), (3, (2, 3, 3, 4, 5))]
+
+
+class TorchBNReLU(nn.Module):
+    """The unfused composition fusedbn replaces: relu(bn(x) + residual)."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x, residual=None):
+        y = self.bn(x)
+        z = y if residual is None else y + residual
+        self.bn_output, self.pre_activation = y.detach(), z.detach()
+        self.terms = (y.abs() + (0 if residual is None else residual.abs())).detach()
+        return torch.relu(z)
+
+
+def _modules(dims, channels, dtype, param_dtype, device):
+    ref = TORCH[dims](channels, device=device, dtype=param_dtype)
+    gen = torch.Generator().manual_seed(channels)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+        ref.bias.copy_(torch.rand(channels, generator=gen) - 0.5)
+    ours = FUSED[dims](channels, device=device, dtype=param_dtype)
+    ours.load_state_dict(ref.state_dict())
+    exact = copy.deepcopy(ref).double()
+    return TorchBNReLU(ref), ours, TorchBNReLU(exact)
+
+
+def _run(module, x, residual, grad):
+    x = x.detach().clone().requires_grad_(True)
+    r = None if residual is None else residual.detach().clone().requires_grad_(True)
+    y = module(x, r)
+    y.backward(grad)
+    return y, x.grad, None if r is None else r.grad
+
+
+@pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["bn-relu", "bn-add-relu"])
+def test_fused_matches_unfused_torch(device, dims, shape, layout, dtype, param_dtype, with_residual):
+    ref, ours, exact = _modules(dims, shape[1], dtype, param_dtype, device)
+    gen = torch.Generator().manual_seed(0)
+    for step, training in enumerate([True, True, False]):
+        for m in (ref, ours, exact):
+            m.train(training)
+        x = make_input(shape, layout, dtype, device, mean=step - 1.0, std=1.0 + step, generator=gen)
+        # The residual in the other layout: the kernels must bring it to the input's.
+        r = make_input(shape, "contiguous" if layout == "channels_last" else "channels_last", dtype, device,
+                       generator=gen) if with_residual else None
+        grad = make_input(shape, "contiguous", dtype, device, generator=gen)
+        results = [_run(m, x, r, grad) for m in (ref, ours)]
+        expected = _run(exact, x.double(), None if r is None else r.double(), grad.double())
+        # relu's gradient jumps at 0: where the exact pre-activation is within the dtype's rounding of
+        # zero (eval also rounds the running statistics to the parameters' dtype), either side of the
+        # jump is right, for torch and for us alike.
+        ambiguous = exact.pre_activation.abs() <= 8 * torch.finfo(dtype).eps * (exact.terms + 1)
+        label = f"step {step} ({'train' if training else 'eval'})"
+        for name, theirs, mine, best in zip(["output", "grad_input", "grad_residual"], *results, expected):
+            if best is not None:
+                if name != "output":
+                    theirs, mine = (torch.where(ambiguous, best.to(t.dtype), t) for t in (theirs, mine))
+                assert_as_accurate(mine, theirs, best, dtype, f"{label}: {name}")
+        scale = (x.numel() // x.shape[1]) ** 0.5
+        bns = (ref.bn, ours, exact.bn)
+        # What the ambiguous values may add to a channel's sum: |dy| (bias), |dy * x_hat| (weight).
+        channel_dims = [d for d in range(x.dim()) if d != 1]
+        shape_c = [-1 if d == 1 else 1 for d in range(x.dim())]
+        x_hat = (exact.bn_output - exact.bn.bias.view(shape_c)) / exact.bn.weight.view(shape_c)
+        ambiguous_dy = torch.where(ambiguous, grad.double().abs(), 0)
+        slack = {"bias": ambiguous_dy.sum(channel_dims).max().item(),
+                 "weight": (ambiguous_dy * x_hat.abs()).sum(channel_dims).max().item()}
+        for name in ("weight", "bias"):
+            theirs, mine, best = (getattr(m, name).grad for m in bns)
+            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: grad_{name}", scale, slack[name])
+            for m in bns:
+                getattr(m, name).grad = None
+        for name in ("running_mean", "running_var"):
+            theirs, mine, best = (getattr(m, name) for m in bns)
+            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: {name}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_ties_at_zero_get_no_gradient(device, layout, training):
+    """Where relu's input is exactly zero, torch's relu passes no gradient; neither may ours. Each channel
+    holds -1, 0 and 1 (mean exactly 0) and the bias is 0, so bn(x) is exactly 0 at every 0; with the
+    residual, weight 0 and residual = -bias make every value a tie."""
+    shape = (2, 3, 3, 4)
+    x = torch.tensor([-1.0, 0.0, 1.0]).repeat(shape[0] * shape[2] * shape[3] // 3 * shape[1]).reshape(
+        shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+    x = make_input(shape, layout, torch.float32, device) * 0 + x.to(device)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for with_residual in (False, True):
+        ref = nn.BatchNorm2d(3, device=device).train(training)
+        with torch.no_grad():
+            ref.running_mean.zero_()
+            ref.running_var.fill_(1.0)
+            ref.bias.copy_(torch.tensor([0.5, -0.25, 2.0]) if with_residual else torch.zeros(3))
+            if with_residual:
+                ref.weight.zero_()
+        ours = fusedbn.FusedBatchNormReLU2d(3, device=device).train(training)
+        ours.load_state_dict(ref.state_dict())
+        r = (-ref.bias.detach()).view(1, 3, 1, 1).expand(shape).contiguous() if with_residual else None
+        y_ref, gx_ref, gr_ref = _run(TorchBNReLU(ref), x, r, grad)
+        y_ours, gx_ours, gr_ours = _run(ours, x, r, grad)
+        assert torch.equal(y_ours, y_ref)
+        assert (y_ours == 0).any()
+        assert_close(gx_ours, gx_ref, torch.float32)
+        assert_close(ours.bias.grad, ref.bias.grad, torch.float32)
+        assert_close(ours.weight.grad, ref.weight.grad, torch.float32)
+        if with_residual:
+            assert torch.equal(gr_ours, gr_ref)
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd keeps for backward while fn's graph is alive."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["bn-relu", "bn-add-relu"])
+def test_saved_activations(with_residual):
+    """BN+ReLU keeps only its input for backward (torch's composition keeps the input and relu's output);
+    BN+Add+ReLU keeps the input and its output, which the next layer (a convolution) keeps anyway."""
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    r = torch.randn(8, 16, 32, 32, requires_grad=True) if with_residual else None
+    activation = x.numel() * x.element_size()
+    ref, ours = TorchBNReLU(nn.BatchNorm2d(16)), fusedbn.FusedBatchNormReLU2d(16)
+    theirs, _ = _saved_bytes(lambda: ref(x, r))
+    mine, out = _saved_bytes(lambda: ours(x, r))
+    assert theirs >= activation * 2  # the input, relu's output (and whatever torch's BatchNorm adds)
+    assert activation * (2 if with_residual else 1) <= mine < activation * (2 if with_residual else 1) + 4096
+    # Followed by a convolution, which saves its input (our output): the two stay at two activations.
+    conv = nn.Conv2d(16, 16, 1)
+    theirs_net, _ = _saved_bytes(lambda: conv(ref(x, r)))
+    mine_net, _ = _saved_bytes(lambda: conv(ours(x, r)))
+    assert mine_net < activation * 2.1 and mine_net <= theirs_net
+
+
+def test_residual_that_broadcasts_is_added_unfused(device):
+    """A residual of another shape or dtype (as `+` allows) still gives torch's result."""
+    x = torch.randn(2, 3, 4, 5, device=device)
+    for r in (torch.randn(3, 1, 1, device=device), torch.randn(2, 3, 4, 5, device=device, dtype=torch.float64)):
+        ref, ours = nn.BatchNorm2d(3, device=device), fusedbn.FusedBatchNormReLU2d(3, device=device)
+        expected = torch.relu(ref(x) + r)
+        assert_close(ours(x, r), expected, torch.float32)
+
+
+def test_functional_residual_checked(device):
+    x = torch.randn(2, 3, 4, 5, device=device)
+    with pytest.raises(RuntimeError, match=r"residual should have the input's shape"):
+        fusedbn.batch_norm_relu(x, None, None, training=True, residual=torch.randn(2, 3, 4, 4, device=device))
+    with pytest.raises(RuntimeError, match=r"residual should have dtype Float, got Double"):
+        fusedbn.batch_norm_relu(x, None, None, training=True, residual=x.double())
+
+
+def test_module_surface():
+    bn = nn.BatchNorm2d(4)
+    fused = fusedbn.FusedBatchNormReLU2d(4)
+    fused.load_state_dict(bn.state_dict())
+    assert isinstance(fused, nn.BatchNorm2d)
+    assert "relu=True" in repr(fused)
+    assert fused.state_dict().keys() == bn.state_dict().keys()
+
+
+@pytest.mark.parametrize("name,counts", [("resnet18", (9, 8, 3)), ("resnet50", (33, 16, 4))])
+def test_fuse_model_on_resnets(name, counts):
+    """Every basic block / bottleneck fused; outputs, gradients and running stats equal the original's
+    (in float64, so any difference is the rewrite's, not rounding's)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).double()
+    fused, report = fusedbn.fuse_model(model)
+    assert (report.bn_relu, report.bn_add_relu, report.converted) == counts, str(report)
+    kinds = [type(m) for m in fused.modules()]
+    assert kinds.count(fusedbn.FusedBatchNormReLU2d) == counts[0] + counts[1]
+    assert kinds.count(fusedbn.FusedBatchNorm2d) == counts[2] and nn.BatchNorm2d not in kinds
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    y, y_fused = model(x), fused(x)
+    torch.testing.assert_close(y_fused, y, rtol=1e-9, atol=1e-9)
+    y.square().sum().backward()
+    y_fused.square().sum().backward()
+    for (pname, p), q in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-7 * p.grad.abs().max().item(), msg=pname)
+    for (bname, b), c in zip(model.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
+    model.eval()
+    fused.eval()
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_fuse_model_keeps_semantics_where_it_cannot_fuse():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn_twice = nn.BatchNorm2d(3)  # its output also feeds the sum below: not fusable
+            self.bn_relu = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn_twice(x)
+            return torch.relu(y) + y + nn.functional.relu(self.bn_relu(x))
+
+    net = Net()
+    fused, report = fusedbn.fuse_model(net)
+    assert (report.bn_relu, report.bn_add_relu, report.converted) == (1, 0, 1)
+    assert type(net.bn_relu) is nn.BatchNorm2d  # the original is untouched
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fused(x), net(x))
+
+
+def test_fuse_model_falls_back_when_fx_cannot_trace():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.relu(self.bn(x)) if x.sum() > 0 else self.bn(x)  # data-dependent: not traceable
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused, report = fusedbn.fuse_model(Dynamic())
+    assert any("cannot trace" in str(w.message) for w in caught)
+    assert not report.traced and report.converted == 1
+    assert type(fused.bn) is fusedbn.FusedBatchNorm2d
