@@ -33,4 +33,19 @@ FUSEDBN_HOST_DEVICE inline acc_t relu_grad(acc_t grad, scalar_t out) {
   return static_cast<acc_t>(out) <= acc_t(0) ? acc_t(0) : grad;
 }
 
+// dz, the gradient reaching BatchNorm's output, of one value: dy `g` gated by relu's mask when there was
+// a relu, the mask read from the output `out` (kFromOutput) or recomputed from the input `x` with the
+// channel's forward coefficients (kFromInput).
+template <ReluMask kMask, typename scalar_t, typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t grad_through_relu(acc_t g, acc_t x, scalar_t out, acc_t mean, acc_t alpha,
+                                                   acc_t beta) {
+  if constexpr (kMask == ReluMask::kFromOutput) {
+    return relu_grad(g, out);
+  } else if constexpr (kMask == ReluMask::kFromInput) {
+    return relu_grad(g, static_cast<scalar_t>(normalized(x, mean, alpha, beta)));
+  } else {
+    return g;
+  }
+}
+
 }  // namespace fusedbn

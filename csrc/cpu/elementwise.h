@@ -8,15 +8,10 @@
 
 namespace fusedbn::cpu {
 
-// Walks a tile's rows: body(row_base, channel) with the channel of the row's first value.
-template <typename Body>
-void for_each_row(const Tile& tile, Body&& body) {
-  int64_t channel = tile.channel;
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    body(tile.offset + r * tile.ld, channel);
-    channel += tile.row_channel_step;
-    if (channel >= tile.channels) channel -= tile.channels;
-  }
+// The channel of the first value of the tile's next row.
+inline int64_t next_row_channel(const Tile& tile, int64_t channel) {
+  channel += tile.row_channel_step;
+  return channel >= tile.channels ? channel - tile.channels : channel;
 }
 
 // y = relu?(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c].
@@ -24,10 +19,12 @@ template <typename scalar_t, typename acc_t, int kChannelStride, bool kAdd, bool
 void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, scalar_t* __restrict__ y,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
                     const Tile& tile) {
-  for_each_row(tile, [&](int64_t base, int64_t channel) {
+  int64_t channel = tile.channel;
+  for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
     const acc_t* __restrict__ mu = mean + channel;
     const acc_t* __restrict__ a = alpha + channel;
     const acc_t* __restrict__ b = beta + channel;
+    const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       acc_t z = normalized(static_cast<acc_t>(x[base + j]), mu[c], a[c], b[c]);
@@ -35,53 +32,56 @@ void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       if constexpr (kRelu) z = relu(z);
       y[base + j] = static_cast<scalar_t>(z);
     }
-  });
+  }
 }
 
-// dz, the gradient reaching BatchNorm's output: dy, or dy through the relu that followed it, its mask
-// read from the op's output or recomputed from x with the forward's coefficients (alpha, beta).
-template <typename scalar_t, typename acc_t, ReluMask kMask>
-struct OutputGrad {
-  const scalar_t* __restrict__ dy;
-  const scalar_t* __restrict__ x;
-  const scalar_t* __restrict__ out;  // kFromOutput
-  const acc_t* __restrict__ mean;    // kFromInput: the forward's coefficients
-  const acc_t* __restrict__ alpha;
-  const acc_t* __restrict__ beta;
-
-  acc_t operator()(int64_t i, int64_t c) const {
-    const acc_t g = static_cast<acc_t>(dy[i]);
-    if constexpr (kMask == ReluMask::kFromOutput) {
-      return relu_grad(g, out[i]);
-    } else if constexpr (kMask == ReluMask::kFromInput) {
-      return relu_grad(g, static_cast<scalar_t>(normalized(static_cast<acc_t>(x[i]), mean[c], alpha[c], beta[c])));
-    } else {
-      return g;
-    }
-  }
+// Where the backward passes read dz (grad_through_relu, epilogue.h): dy, and for relu's mask the op's
+// output (kFromOutput) or the forward's alpha and beta (kFromInput, with the statistics' mean). Plain
+// pointers the tile kernels copy into __restrict__ locals, so their loops vectorize.
+template <typename scalar_t, typename acc_t>
+struct GradSource {
+  const scalar_t* dy;
+  const scalar_t* out;   // kFromOutput, else null
+  const acc_t* alpha;    // kFromInput, else null
+  const acc_t* beta;
 };
+
+// The output value at i for relu's mask; 0 when the mask is not read from the output.
+template <ReluMask kMask, typename scalar_t>
+inline scalar_t output_at(const scalar_t* __restrict__ out, int64_t i) {
+  if constexpr (kMask == ReluMask::kFromOutput) {
+    return out[i];
+  } else {
+    return scalar_t(0);
+  }
+}
 
 // dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] (training; eval statistics pass mean_dz = proj
 // = 0), and dz itself into grad_residual when asked. Subtracting before scaling by a = w * invstd avoids
 // the cancellation between a*dz and a*mean_dz when invstd is large.
-template <typename scalar_t, typename acc_t, int kChannelStride, bool kWriteDz, typename Grad>
-void tile_backward_elemt(const Grad& grad, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
-                         scalar_t* __restrict__ grad_residual, const acc_t* __restrict__ mean,
-                         const acc_t* __restrict__ mean_dz, const acc_t* __restrict__ proj,
-                         const acc_t* __restrict__ a, const Tile& tile) {
-  for_each_row(tile, [&](int64_t base, int64_t channel) {
-    const acc_t* __restrict__ mu = mean + channel;
-    const acc_t* __restrict__ mdz = mean_dz + channel;
-    const acc_t* __restrict__ pc = proj + channel;
-    const acc_t* __restrict__ ac = a + channel;
+template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask, bool kWriteDz>
+void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
+                         scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual,
+                         const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_dz,
+                         const acc_t* __restrict__ proj, const acc_t* __restrict__ a, const Tile& tile) {
+  const scalar_t* __restrict__ dy = source.dy;
+  const scalar_t* __restrict__ out = source.out;
+  const acc_t* __restrict__ alpha = source.alpha;
+  const acc_t* __restrict__ beta = source.beta;
+  int64_t channel = tile.channel;
+  for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
+    const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
-      const int64_t c = j * kChannelStride;
-      const acc_t dz = grad(base + j, channel + c);
-      const acc_t xmu = static_cast<acc_t>(x[base + j]) - mu[c];
-      dx[base + j] = static_cast<scalar_t>((dz - mdz[c] - xmu * pc[c]) * ac[c]);
-      if constexpr (kWriteDz) grad_residual[base + j] = static_cast<scalar_t>(dz);
+      const int64_t c = channel + j * kChannelStride;
+      const int64_t i = base + j;
+      const acc_t xv = static_cast<acc_t>(x[i]);
+      const acc_t dz = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), mean[c],
+                                                kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
+                                                kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
+      dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (xv - mean[c]) * proj[c]) * a[c]);
+      if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
     }
-  });
+  }
 }
 
 }  // namespace fusedbn::cpu

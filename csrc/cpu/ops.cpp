@@ -160,18 +160,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   if (want_grad_residual) grad_residual = empty_in_layout(x, layout, input.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_relu_mask(in.mask, [&](auto mask) {
-      const OutputGrad<scalar_t, acc_t, decltype(mask)::value> grad{
-          in.dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-          in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr, mu.const_data_ptr<acc_t>(),
+    with_relu_mask(in.mask, [&](auto mask_tag) {
+      constexpr ReluMask kMask = decltype(mask_tag)::value;
+      const GradSource<scalar_t, acc_t> source{
+          in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
           a.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>()};
       if (need_sums) {
         const int64_t parts = num_parts(layout);
         std::vector<acc_t> part_dz(parts * C), part_dz_xmu(parts * C);
         parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
-          tile_grad_sums<scalar_t, acc_t, decltype(stride)::value>(grad, x.const_data_ptr<scalar_t>(),
-                                                                   mu.const_data_ptr<acc_t>(), tile, C,
-                                                                   part_dz.data(), part_dz_xmu.data());
+          tile_grad_sums<scalar_t, acc_t, decltype(stride)::value, kMask>(source, x.const_data_ptr<scalar_t>(),
+                                                                          mu.const_data_ptr<acc_t>(), tile, C,
+                                                                          part_dz.data(), part_dz_xmu.data());
         });
         acc_t* out_dz = sum_dz.mutable_data_ptr<acc_t>();
         acc_t* out_dz_xmu = sum_dz_xmu.mutable_data_ptr<acc_t>();
@@ -189,8 +189,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
         const Tensor proj = training ? istd * istd * sum_dz_xmu * inv_m : at::zeros({C}, acc_options);
         with_flag(want_grad_residual, [&](auto write_dz) {
           parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
-            tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(write_dz)::value>(
-                grad, x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+            tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, kMask, decltype(write_dz)::value>(
+                source, x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
                 grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
                 mu.const_data_ptr<acc_t>(), mean_dz.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
                 a.const_data_ptr<acc_t>(), tile);

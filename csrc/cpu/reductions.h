@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../welford.h"
+#include "elementwise.h"
 #include "tiles.h"
 
 namespace fusedbn::cpu {
@@ -135,13 +136,23 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
   }
 }
 
-// Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with
-// dz = grad(i, c) (elementwise.h: OutputGrad). Channels-first: lane sums per run. Channels-last: per block
-// of rows into columns, then blocks into the tile's columns, so no single float accumulator takes more
-// than a few thousand terms.
-template <typename scalar_t, typename acc_t, int kChannelStride, typename Grad>
-void tile_grad_sums(const Grad& grad, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean, const Tile& tile,
-                    int64_t C, acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dz_xmu) {
+// Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
+// read through relu's mask (grad_through_relu, epilogue.h). Channels-first: lane sums per run.
+// Channels-last: per block of rows into columns, then blocks into the tile's columns, so no single float
+// accumulator takes more than a few thousand terms.
+template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask>
+void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
+                    const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
+                    acc_t* __restrict__ sum_dz_xmu) {
+  const scalar_t* __restrict__ dy = source.dy;
+  const scalar_t* __restrict__ out = source.out;
+  const acc_t* __restrict__ alpha = source.alpha;
+  const acc_t* __restrict__ beta = source.beta;
+  auto dz_at = [&](int64_t i, int64_t c) {
+    return grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), output_at<kMask>(out, i),
+                                    mean[c], kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
+                                    kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
+  };
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
   if (kChannelStride == 0 && W >= kLongRun) {
@@ -151,9 +162,9 @@ void tile_grad_sums(const Grad& grad, const scalar_t* __restrict__ x, const acc_
     acc_t total_dz = 0, total_dz_xmu = 0;
     for (int64_t r = 0; r < tile.rows; ++r) {
       const int64_t base = tile.offset + r * tile.ld;
-      total_dz += run_sum<acc_t>(W, [&](int64_t j) { return grad(base + j, c); });
+      total_dz += run_sum<acc_t>(W, [&](int64_t j) { return dz_at(base + j, c); });
       total_dz_xmu += run_sum<acc_t>(
-          W, [&](int64_t j) { return grad(base + j, c) * (static_cast<acc_t>(x[base + j]) - mu); });
+          W, [&](int64_t j) { return dz_at(base + j, c) * (static_cast<acc_t>(x[base + j]) - mu); });
     }
     sum_dz[slot] = total_dz;
     sum_dz_xmu[slot] = total_dz_xmu;
@@ -172,7 +183,7 @@ void tile_grad_sums(const Grad& grad, const scalar_t* __restrict__ x, const acc_
       const int64_t base = tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
         const int64_t c = tile.channel + j * kChannelStride;
-        const acc_t g = grad(base + j, c);
+        const acc_t g = dz_at(base + j, c);
         block_dz[j] += g;
         block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[c]);
       }

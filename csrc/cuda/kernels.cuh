@@ -169,9 +169,14 @@ struct ReluGate {
   }
   // g = dy of one value, x its input, o its output (from load_out), (mu, a, b) its channel's coefficients.
   __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t a, acc_t b) const {
-    if (mask == ReluMask::kFromOutput) return relu_grad(g, o);
-    if (mask == ReluMask::kFromInput) return relu_grad(g, static_cast<scalar_t>(normalized(x, mu, a, b)));
-    return g;
+    switch (mask) {
+      case ReluMask::kFromOutput:
+        return grad_through_relu<ReluMask::kFromOutput>(g, x, o, mu, a, b);
+      case ReluMask::kFromInput:
+        return grad_through_relu<ReluMask::kFromInput>(g, x, o, mu, a, b);
+      default:
+        return g;
+    }
   }
   __device__ __forceinline__ acc_t alpha_of(int64_t c) const { return alpha ? alpha[c] : acc_t(0); }
   __device__ __forceinline__ acc_t beta_of(int64_t c) const { return beta ? beta[c] : acc_t(0); }
