@@ -28,6 +28,19 @@ inline void define_schemas(torch::Library& m) {
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
       "bool training, bool[3] output_mask, Tensor? bias=None, Tensor? output=None, bool relu=False, "
       "bool grad_residual=False) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The pieces of a training step whose statistics span several processes (SyncBatchNorm), all in the
+  // statistics' dtype. Per channel: the mean and M2 (sum of squared deviations) of the input's values;
+  // sum(dz) and sum(dz * (x - mean)) of the gradient reaching BatchNorm's output (relu's mask as in
+  // backward); and the elementwise half of the training backward given the global coefficients,
+  // dx = (dz - mean_dz - (x - mean) * proj) * weight * invstd, returning (grad_input, grad_residual).
+  m.def("batch_stats(Tensor input) -> (Tensor, Tensor)");
+  m.def(
+      "grad_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "Tensor? bias=None, Tensor? output=None, bool relu=False) -> (Tensor, Tensor)");
+  m.def(
+      "backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+      "Tensor mean_dz, Tensor proj, Tensor? bias=None, Tensor? output=None, bool relu=False, "
+      "bool grad_residual=False) -> (Tensor, Tensor)");
 }
 
 }  // namespace fusedbn

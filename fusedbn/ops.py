@@ -65,8 +65,24 @@ def register_fake_kernels(library: str) -> None:
         grad_bias = input.new_empty(channels, dtype=param_dtype) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias, empty_output(input) if grad_residual else None
 
+    @torch.library.register_fake(f"{library}::batch_stats")
+    def _batch_stats_fake(input):
+        return _channel_stats(input), _channel_stats(input)
+
+    @torch.library.register_fake(f"{library}::grad_sums")
+    def _grad_sums_fake(grad_output, input, weight, mean, invstd, bias=None, output=None, relu=False):
+        return _channel_stats(input), _channel_stats(input)
+
+    @torch.library.register_fake(f"{library}::backward_elemt")
+    def _backward_elemt_fake(grad_output, input, weight, mean, invstd, mean_dz, proj, bias=None, output=None,
+                             relu=False, grad_residual=False):
+        return empty_output(input), empty_output(input) if grad_residual else None
+
 
 register_fake_kernels("fusedbn")
 forward_train = torch.ops.fusedbn.forward_train
 forward_eval = torch.ops.fusedbn.forward_eval
 backward = torch.ops.fusedbn.backward
+batch_stats = torch.ops.fusedbn.batch_stats
+grad_sums = torch.ops.fusedbn.grad_sums
+backward_elemt = torch.ops.fusedbn.backward_elemt

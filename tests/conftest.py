@@ -53,7 +53,7 @@ ERROR_RATIO = 2.0
 def device(request, monkeypatch):
     if request.param != "simt":
         return request.param
-    for name in ("forward_train", "forward_eval", "backward"):
+    for name in ("forward_train", "forward_eval", "backward", "batch_stats", "grad_sums", "backward_elemt"):
         monkeypatch.setattr(fusedbn.ops, name, getattr(torch.ops.fusedbn_simt, name))
     return "cpu"
 

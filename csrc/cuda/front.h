@@ -229,6 +229,63 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, relu);
 }
 
+// What every backward op needs besides the checked inputs: a = w * invstd (also the forward's alpha,
+// which relu's recomputed mask needs), beta = bias (may be undefined), and relu's gate.
+struct BackwardCoefficients {
+  Tensor a, beta;
+};
+
+inline BackwardCoefficients backward_coefficients(const BackwardInputs& in, const OptTensor& weight,
+                                                  const OptTensor& bias) {
+  return {has(weight) ? weight->to(in.acc).mul(in.invstd).contiguous() : in.invstd,
+          has(bias) ? bias->to(in.acc).contiguous() : Tensor()};
+}
+
+template <typename scalar_t, typename acc_t>
+ReluGate<scalar_t, acc_t> relu_gate(const BackwardInputs& in, const BackwardCoefficients& k) {
+  return {in.mask, in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
+          in.mask == ReluMask::kFromInput ? k.a.const_data_ptr<acc_t>() : nullptr,
+          k.beta.defined() ? k.beta.const_data_ptr<acc_t>() : nullptr};
+}
+
+inline bool backward_aligned(const BackwardInputs& in) {
+  return aligned16(in.x) && aligned16(in.dy) && (!in.out.defined() || aligned16(in.out));
+}
+
+// The per-channel gradient reduction, its total handed to `make_finisher(scalar_t{}, param_t{})`'s finisher.
+template <typename Context, typename MakeFinisher>
+void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std::optional<at::ScalarType> param_dtype,
+                    const Context& ctx, MakeFinisher&& make_finisher) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+      const GradReducer<scalar_t, acc_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
+                                                 in.mean.const_data_ptr<acc_t>(), relu_gate<scalar_t, acc_t>(in, k)};
+      launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, make_finisher(scalar_t{}, param_tag),
+                                           backward_aligned(in), in.x, ctx);
+    });
+  });
+}
+
+// dx = (dz - mean_dz - (x - mean) * proj) * a per value, and grad_residual = dz when it is defined.
+template <typename Context>
+Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
+               const Tensor& grad_residual, const Context& ctx) {
+  Tensor grad_input = empty_in_layout(in.x, in.layout, in.x.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BackwardElemtOp<scalar_t, acc_t> op{
+        in.dy.const_data_ptr<scalar_t>(),  in.x.const_data_ptr<scalar_t>(),  grad_input.mutable_data_ptr<scalar_t>(),
+        grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+        in.mean.const_data_ptr<acc_t>(),   mean_dz.const_data_ptr<acc_t>(),  proj.const_data_ptr<acc_t>(),
+        k.a.const_data_ptr<acc_t>(),       relu_gate<scalar_t, acc_t>(in, k)};
+    launch_elementwise<vec_width<scalar_t>()>(
+        in.layout, op, in.x.numel(),
+        backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
+  });
+  return grad_input;
+}
+
 // Gradients of y = (x - mean) * invstd * w + b, with dz the gradient reaching y (dy, or dy through the
 // relu): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
 // pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas.
@@ -240,67 +297,93 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
                                                     bool want_grad_residual) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
   const Context ctx(input);
-  const Tensor &x = in.x, &dy = in.dy, &mu = in.mean, &istd = in.invstd;
-  const ChannelLayout& layout = in.layout;
-  const int64_t C = layout.C;
-  const auto acc = in.acc;
-  const auto acc_options = input.options().dtype(acc);
+  const int64_t C = in.layout.C;
+  const auto acc_options = input.options().dtype(in.acc);
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
-  const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
-  // Eval statistics without relu or residual: dx = a * dy is the normalize pass applied to dy.
-  const bool dx_by_normalize = !training && in.mask == ReluMask::kNone && !want_grad_residual;
-  const bool need_elementwise = (output_mask[0] || want_grad_residual) && !dx_by_normalize;
-  // a = w * invstd, the forward's alpha (relu's recomputed mask needs it before the reduction finishes).
-  const Tensor a = has(weight) ? weight->to(acc).mul(istd).contiguous() : istd;
-  const Tensor beta = has(bias) ? bias->to(acc).contiguous() : Tensor();
+  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
+  if (C == 0) {
+    return {output_mask[0] ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
+            grad_residual};
+  }
+  const BackwardCoefficients k = backward_coefficients(in, weight, bias);
   // Training: the reduction's finisher fills these; eval statistics: zero, so dx = a * dz.
   const Tensor mean_dz = at::zeros({C}, acc_options), proj = at::zeros({C}, acc_options);
-  Tensor grad_input = need_elementwise || (output_mask[0] && C == 0) ? empty_in_layout(x, layout, input.scalar_type())
-                                                                     : Tensor();
-  Tensor grad_residual = want_grad_residual ? empty_in_layout(x, layout, input.scalar_type()) : Tensor();
-  if (C == 0) return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const ReluGate<scalar_t, acc_t> gate{in.mask, in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
-                                         in.mask == ReluMask::kFromInput ? a.const_data_ptr<acc_t>() : nullptr,
-                                         beta.defined() ? beta.const_data_ptr<acc_t>() : nullptr};
-    const bool out_aligned = !in.out.defined() || aligned16(in.out);
-    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+  if ((training && output_mask[0]) || output_mask[1] || output_mask[2]) {
+    grad_reduction(in, k, param_dtype, ctx, [&](auto scalar_tag, auto param_tag) {
+      using acc_t = at::opmath_type<decltype(scalar_tag)>;
       using param_t = decltype(param_tag);
-      if (need_sums) {
-        const GradReducer<scalar_t, acc_t> reducer{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                                   mu.const_data_ptr<acc_t>(), gate};
-        const GradFinisher<acc_t, param_t> finisher{
-            istd.const_data_ptr<acc_t>(),
-            ptr_or_null<param_t>(grad_weight),
-            ptr_or_null<param_t>(grad_bias),
-            training ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
-            training ? proj.mutable_data_ptr<acc_t>() : nullptr,
-            layout.count_per_channel()};
-        launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher,
-                                             aligned16(x) && aligned16(dy) && out_aligned, x, ctx);
-      }
+      return GradFinisher<acc_t, param_t>{in.invstd.const_data_ptr<acc_t>(),
+                                          ptr_or_null<param_t>(grad_weight),
+                                          ptr_or_null<param_t>(grad_bias),
+                                          training ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
+                                          training ? proj.mutable_data_ptr<acc_t>() : nullptr,
+                                          in.layout.count_per_channel()};
     });
-    if (need_elementwise) {
-      const BackwardElemtOp<scalar_t, acc_t> op{
-          dy.const_data_ptr<scalar_t>(),   x.const_data_ptr<scalar_t>(),   grad_input.mutable_data_ptr<scalar_t>(),
-          grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-          mu.const_data_ptr<acc_t>(),      mean_dz.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
-          a.const_data_ptr<acc_t>(),       gate};
-      launch_elementwise<vec_width<scalar_t>()>(
-          layout, op, x.numel(),
-          aligned16(x) && aligned16(dy) && aligned16(grad_input) && out_aligned &&
-              (!grad_residual.defined() || aligned16(grad_residual)),
-          ctx);
+  }
+  Tensor grad_input;
+  if (!training && in.mask == ReluMask::kNone && !want_grad_residual) {
+    // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
+    if (output_mask[0]) {
+      const Tensor zeros = at::zeros({C}, acc_options);
+      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx);
     }
-  });
-  if (output_mask[0] && dx_by_normalize) {
-    const Tensor zeros = at::zeros({C}, acc_options);
-    grad_input = normalize(dy, layout, zeros, a, zeros, ctx);
+  } else if (output_mask[0] || want_grad_residual) {
+    grad_input = dx_pass(in, k, mean_dz, proj, grad_residual, ctx);
   }
   return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
+}
+
+template <typename Context>
+std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
+  check_input(input);
+  const Context ctx(input);
+  const Tensor x = dense_input(input);
+  const ChannelLayout layout = channel_layout(x);
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  Tensor mean = at::empty({layout.C}, acc_options), m2 = at::empty({layout.C}, acc_options);
+  if (layout.C == 0) return {mean, m2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
+                                                  layout.channels_last ? 1 : layout.S};
+    const MomentsFinisher<acc_t> finisher{mean.mutable_data_ptr<acc_t>(), m2.mutable_data_ptr<acc_t>()};
+    launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
+  });
+  return {mean, m2};
+}
+
+template <typename Context>
+std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                     const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
+                                     const OptTensor& output, bool relu) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+  const Context ctx(input);
+  const auto acc_options = input.options().dtype(in.acc);
+  Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
+  if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
+  grad_reduction(in, backward_coefficients(in, weight, bias), std::nullopt, ctx, [&](auto scalar_tag, auto) {
+    using acc_t = at::opmath_type<decltype(scalar_tag)>;
+    return SumsFinisher<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
+  });
+  return {sum_dz, sum_dz_xmu};
+}
+
+template <typename Context>
+std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                          const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
+                                          const Tensor& proj, const OptTensor& bias, const OptTensor& output,
+                                          bool relu, bool want_grad_residual) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+  check_channel_param(mean_dz, "mean_dz", input);
+  check_channel_param(proj, "proj", input);
+  const Context ctx(input);
+  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
+  if (in.layout.C == 0) return {empty_in_layout(in.x, in.layout, input.scalar_type()), grad_residual};
+  const Tensor grad_input = dx_pass(in, backward_coefficients(in, weight, bias), mean_dz.to(in.acc).contiguous(),
+                                    proj.to(in.acc).contiguous(), grad_residual, ctx);
+  return {grad_input, grad_residual};
 }
 
 }  // namespace fusedbn::cuda

@@ -278,6 +278,28 @@ struct StatsFinisher {
   }
 };
 
+// A channel's total as it is: Welford moments (mean, M2) or gradient sums, for statistics that are merged
+// across processes before use (SyncBatchNorm).
+template <typename acc_t>
+struct MomentsFinisher {
+  acc_t* mean;
+  acc_t* m2;
+  __device__ void operator()(int64_t c, const WelfordPartial<acc_t>& total) const {
+    mean[c] = total.mean;
+    m2[c] = total.m2;
+  }
+};
+
+template <typename acc_t>
+struct SumsFinisher {
+  acc_t* sum_dz;
+  acc_t* sum_dz_xmu;
+  __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
+    sum_dz[c] = total.dz;
+    sum_dz_xmu[c] = total.dz_xmu;
+  }
+};
+
 // Gradient sums -> grad_weight, grad_bias and, for the training dx, the coefficients
 //   dx = (dz - mean_dz - (x - mean) * proj) * a,  mean_dz = sum(dz)/m,
 //   proj = invstd^2 * sum(dz*(x-mean))/m,  a = w * invstd (the front computes a).

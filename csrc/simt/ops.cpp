@@ -27,6 +27,9 @@ TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) {
   m.impl("forward_train", &forward_train<SimtContext>);
   m.impl("forward_eval", &forward_eval<SimtContext>);
   m.impl("backward", &backward<SimtContext>);
+  m.impl("batch_stats", &batch_stats<SimtContext>);
+  m.impl("grad_sums", &grad_sums<SimtContext>);
+  m.impl("backward_elemt", &backward_elemt<SimtContext>);
 }
 
 }  // namespace fusedbn::cuda

@@ -1,0 +1,176 @@
+"""FusedSyncBatchNorm over torch.distributed: gloo processes on this machine (and NCCL, one process per GPU,
+where there are several) against a single-process nn.BatchNorm2d over the concatenated batch."""
+import copy
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fusedbn
+from conftest import HAS_SIMT, assert_as_accurate
+from helpers import make_input
+
+TIMEOUT_S = 240
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, backend, ops_library, check, args):
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        if ops_library == "fusedbn_simt":
+            import fusedbn._simt  # noqa: F401
+            for name in ("forward_train", "forward_eval", "backward", "batch_stats", "grad_sums", "backward_elemt"):
+                setattr(fusedbn.ops, name, getattr(torch.ops.fusedbn_simt, name))
+        device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        check(rank, world, device, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(world, check, *args, backend="gloo", ops_library="fusedbn"):
+    """Runs check(rank, world, device, *args) in `world` processes; fails on any process's error or after
+    TIMEOUT_S seconds, never hangs."""
+    context = mp.spawn(_entry, args=(world, _free_port(), backend, ops_library, check, args), nprocs=world,
+                       join=False)
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=TIMEOUT_S)
+    while not context.join(timeout=5):
+        if datetime.datetime.now() > deadline:
+            for process in context.processes:
+                process.terminate()
+            pytest.fail(f"distributed check did not finish within {TIMEOUT_S} s")
+
+
+def _shard(t, sizes, rank):
+    start = sum(sizes[:rank])
+    return t[start:start + sizes[rank]]
+
+
+def _check_matches_single_process(rank, world, device, sizes_list):
+    """For every split, layout and dtype: outputs, input and parameter gradients and running stats over two
+    training steps and an eval step equal one nn.BatchNorm2d over the whole batch."""
+    for sizes in sizes_list:
+        for layout in ("contiguous", "channels_last"):
+            for dtype, param_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+                ref = nn.BatchNorm2d(5, device=device, dtype=param_dtype)
+                with torch.no_grad():
+                    ref.weight.copy_(torch.linspace(0.5, 1.5, 5))
+                    ref.bias.copy_(torch.linspace(-0.5, 0.5, 5))
+                exact = copy.deepcopy(ref).double()
+                ours = fusedbn.convert_sync_batchnorm(copy.deepcopy(ref))
+                assert type(ours) is fusedbn.FusedSyncBatchNorm
+                gen = torch.Generator().manual_seed(0)
+                label = f"sizes {sizes}, {layout}, {dtype}"
+                for step, training in enumerate((True, True, False)):
+                    for m in (ref, exact, ours):
+                        m.train(training)
+                    shape = (sum(sizes), 5, 3, 4)
+                    x = make_input(shape, layout, dtype, device, mean=step, std=1 + step, generator=gen)
+                    grad = make_input(shape, "contiguous", dtype, device, generator=gen)
+                    results = []
+                    for m, inp, g in ((ref, x, grad), (exact, x.double(), grad.double()),
+                                      (ours, _shard(x, sizes, rank), _shard(grad, sizes, rank))):
+                        inp = inp.detach().clone().requires_grad_(True)
+                        y = m(inp)
+                        y.backward(g)
+                        results.append((y, inp.grad))
+                    (y_ref, gx_ref), (y_exact, gx_exact), (y_ours, gx_ours) = results
+                    for name, mine, theirs, best in (("output", y_ours, y_ref, y_exact),
+                                                     ("grad_input", gx_ours, gx_ref, gx_exact)):
+                        assert_as_accurate(mine, _shard(theirs, sizes, rank), _shard(best, sizes, rank), dtype,
+                                           f"rank {rank}, {label}, step {step}: {name}")
+                    for name in ("weight", "bias"):
+                        # Each process holds its own part of the parameter gradient; their sum is torch's.
+                        mine = getattr(ours, name).grad.clone()
+                        dist.all_reduce(mine)
+                        scale = (x.numel() // 5) ** 0.5
+                        assert_as_accurate(mine, getattr(ref, name).grad, getattr(exact, name).grad, param_dtype,
+                                           f"rank {rank}, {label}, step {step}: grad_{name}", scale)
+                        for m in (ref, exact, ours):
+                            getattr(m, name).grad = None
+                    for name in ("running_mean", "running_var"):
+                        assert_as_accurate(getattr(ours, name), getattr(ref, name), getattr(exact, name),
+                                           param_dtype, f"rank {rank}, {label}, step {step}: {name}")
+                    assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+
+
+def _check_ddp_training(rank, world, device):
+    """A few SGD steps of a small CNN with DistributedDataParallel: identical parameters on every rank,
+    equal to one process training nn.BatchNorm2d on the whole batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).to(device)
+    reference = copy.deepcopy(model)
+    ddp = nn.parallel.DistributedDataParallel(fusedbn.convert_sync_batchnorm(copy.deepcopy(model)))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, ddp)]
+    gen = torch.Generator().manual_seed(1)
+    per_rank = 4
+    for _ in range(3):
+        x = torch.randn(per_rank * world, 3, 6, 6, generator=gen).to(device)
+        target = torch.randn(per_rank * world, 2, generator=gen).to(device)
+        for model_, opt, inp, tgt in ((reference, optimizers[0], x, target),
+                                      (ddp, optimizers[1], _shard(x, [per_rank] * world, rank),
+                                       _shard(target, [per_rank] * world, rank))):
+            opt.zero_grad()
+            nn.functional.mse_loss(model_(inp), tgt).backward()
+            opt.step()
+    for (name, p), q in zip(reference.state_dict().items(), ddp.module.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
+        gathered = [torch.empty_like(q) for _ in range(world)]
+        dist.all_gather(gathered, q.contiguous())
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"{name} differs between ranks"
+
+
+OPS_LIBRARIES = [pytest.param("fusedbn", id="cpu"),
+                 pytest.param("fusedbn_simt", id="simt", marks=[pytest.mark.simt, pytest.mark.skipif(
+                     not HAS_SIMT, reason="fusedbn._simt not built (make test builds it)")])]
+
+
+@pytest.mark.parametrize("ops_library", OPS_LIBRARIES)
+def test_two_processes_even_and_uneven(ops_library):
+    run_distributed(2, _check_matches_single_process, [[3, 3], [5, 1]], ops_library=ops_library)
+
+
+@pytest.mark.parametrize("ops_library", OPS_LIBRARIES)
+def test_three_processes_one_empty(ops_library):
+    run_distributed(3, _check_matches_single_process, [[2, 3, 1], [3, 0, 2]], ops_library=ops_library)
+
+
+def test_ddp_training():
+    run_distributed(2, _check_ddp_training)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL tests need at least two GPUs")
+def test_nccl_one_process_per_gpu():
+    world = torch.cuda.device_count()
+    run_distributed(world, _check_matches_single_process, [[3] * world, [2] * (world - 1) + [5]], backend="nccl")
+    run_distributed(world, _check_ddp_training, backend="nccl")
+
+
+def test_outside_a_process_group_is_single_device_batch_norm():
+    ref, ours = nn.BatchNorm2d(3), fusedbn.FusedSyncBatchNorm(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    with pytest.raises(RuntimeError, match="Default process group has not been initialized"):
+        fusedbn.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5)
+
+
+def test_convert_sync_batchnorm_keeps_state():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(4)))
+    model[1].running_mean.fill_(0.5)
+    converted = fusedbn.convert_sync_batchnorm(model)
+    assert type(converted[1]) is fusedbn.FusedSyncBatchNorm and type(converted[2][0]) is fusedbn.FusedSyncBatchNorm
+    assert converted[1].weight is model[1].weight and torch.equal(converted[1].running_mean, model[1].running_mean)
