@@ -35,7 +35,7 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich
+	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
@@ -47,7 +47,7 @@ test: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	$(PY) -m pytest tests
 
 bench: build
-	PYTHONPATH=. $(PY) benchmarks/bench.py
+	PYTHONPATH=. $(PY) benchmarks/bench.py --quick
 
 clean:
 	rm -rf build fusedbn/*.so

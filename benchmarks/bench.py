@@ -1,131 +1,151 @@
-"""fusedbn against nn.BatchNorm2d, side by side in one run, with a plain x.clone() as the memory yardstick.
+"""fusedbn against nn.BatchNorm2d (and, with --compare eager,compile, torch.compile'd nn.BatchNorm2d): is it
+faster, by how much, and how close to the hardware limit.
 
-    python benchmarks/bench.py                      # CPU, float32, ResNet-50 shapes at batch 32
-    python benchmarks/bench.py --device cuda --batch 256 --dtype bfloat16 --json out.json
+    python benchmarks/bench.py --quick                       # a few shapes, short runs (make bench)
+    python benchmarks/bench.py --device cpu --batch 8 --json out.json --plot out.png
+    python benchmarks/bench.py --device cuda --dtype bfloat16,float32 --compare eager,compile
 
-Times are medians from torch.utils.benchmark; ratios are torch's time over ours (>1: we are faster) and
-each over clone (the cost of a read + a write of the tensor). "% roofline" counts the passes over the
-tensor that a non-persistent implementation cannot avoid (training forward 3, eval 2, training
-forward+backward 8) at the bandwidth the clone reaches (2 passes): 100 % means memory-bound at copy speed.
+Every contender runs on the same tensors, interleaved in rounds with the best round kept; times are medians
+from torch.utils.benchmark. Outputs and gradients are first checked against nn.BatchNorm2d (--no-check
+skips that). The roofline counts the passes over the tensor each mode cannot avoid (training forward 3,
+eval 2, training forward+backward 8) at the bandwidth of a plain copy measured in the same run.
 """
 import argparse
-import json
-import platform
+import sys
 
 import torch
-from torch import nn
-from torch.utils import benchmark
 
-import fusedbn
+import bench_lib
+import report
+from bench_lib import ANCHORS, COPY_PASSES, LAYOUTS, MODES, OURS, PASSES, PRESETS, Setup
 
-# (C, H, W) of BatchNorm layers in ResNet-50, from the stem to the last stage.
-RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 28, 28), (512, 28, 28), (256, 14, 14),
-                   (1024, 14, 14), (2048, 7, 7)]
-MODES = ("train fwd", "train fwd+bwd", "eval fwd")
-PASSES = {"train fwd": 3, "train fwd+bwd": 8, "eval fwd": 2}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
-def _timed(fns, min_run_time, rounds=3):
-    """Median time of each callable, measured in interleaved rounds (a, b, c, a, b, c, ...) and the best
-    round kept, so a burst of load on the machine hits every contender alike and is filtered out."""
-    for fn in fns:
-        fn()  # warm-up (and CUDA lazy init)
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
-            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
-    return best
+def _choices(allowed, all_name):
+    """A comma-separated list from `allowed`, or `all_name` for all of them."""
+    def parse(text):
+        items = list(allowed) if text == all_name else [t.strip() for t in text.split(",")]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)} or {all_name}")
+        return items
+    return parse
 
 
-def _runner(module, x, grad, mode):
-    module.train(mode != "eval fwd")
-    if mode == "train fwd+bwd":
-        x = x.detach().requires_grad_(True)
-
-        def run():
-            module(x).backward(grad)
-            x.grad = None
-        return run
-    return lambda: module(x)
-
-
-def measure(shape, layout, dtype, param_dtype, device, min_run_time):
-    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    x = torch.randn(shape, device=device, dtype=dtype).to(memory_format=fmt)
-    grad = torch.randn_like(x)
-    ref = nn.BatchNorm2d(shape[1], device=device, dtype=param_dtype)
-    ours = fusedbn.FusedBatchNorm2d(shape[1], device=device, dtype=param_dtype)
-    rows = []
-    for mode in MODES:
-        clone, t_ref, t_ours = _timed(
-            [lambda: x.clone(), _runner(ref, x, grad, mode), _runner(ours, x, grad, mode)], min_run_time)
-        rows.append(dict(shape=list(shape), layout=layout, dtype=str(dtype).split(".")[1],
-                         param_dtype=str(param_dtype).split(".")[1], mode=mode, torch_s=t_ref, fusedbn_s=t_ours,
-                         clone_s=clone, speedup=t_ref / t_ours, ours_over_clone=t_ours / clone,
-                         torch_over_clone=t_ref / clone, torch_roofline=PASSES[mode] / 2 * clone / t_ref,
-                         fusedbn_roofline=PASSES[mode] / 2 * clone / t_ours))
-    return rows
-
-
-def print_table(rows, title):
-    header = ["shape", "layout", "mode", "torch ms", "fusedbn ms", "speedup", "torch/clone", "fusedbn/clone",
-              "torch % roofline", "fusedbn % roofline"]
-    lines = [[" x ".join(map(str, r["shape"])), r["layout"], r["mode"], f"{r['torch_s'] * 1e3:.3f}",
-              f"{r['fusedbn_s'] * 1e3:.3f}", f"{r['speedup']:.2f}x", f"{r['torch_over_clone']:.2f}",
-              f"{r['ours_over_clone']:.2f}", f"{100 * r['torch_roofline']:.0f}",
-              f"{100 * r['fusedbn_roofline']:.0f}"] for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(title)
-        widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-        for line in [header] + lines:
-            print("  ".join(cell.rjust(w) for cell, w in zip(line, widths)))
-        return
-    table = Table(title=title)
-    for h in header:
-        table.add_column(h, justify="right")
-    for line in lines:
-        table.add_row(*line)
-    Console(width=200).print(table)
-
-
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
-    parser.add_argument("--param-dtype", default=None, help="parameter dtype (default: float32)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--shapes", default="64x56x56,256x56x56,512x28x28,2048x7x7",
-                        help="comma-separated CxHxW, or 'resnet50' for every ResNet-50 BatchNorm shape")
-    parser.add_argument("--layouts", default="NCHW,NHWC")
-    parser.add_argument("--min-run-time", type=float, default=0.6, help="seconds per measurement")
-    parser.add_argument("--json", help="also write the rows here")
-    args = parser.parse_args()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shapes", help=f"a preset ({', '.join(PRESETS)}: BatchNorm2d shapes at --batch) or "
+                        "'N,C,H,W;N,C,H,W' (default: resnet50, small with --quick)")
+    parser.add_argument("--batch", type=int, help="N of the presets (default: 256 on cuda, 8 on cpu)")
+    parser.add_argument("--dtype", type=_choices(DTYPES, "all"), default=["float32"],
+                        help="input dtype(s), comma-separated (default: float32)")
+    parser.add_argument("--param-dtype", choices=DTYPES, default="float32",
+                        help="weight, bias and running statistics (default float32; float64 input uses float64)")
+    parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
+    parser.add_argument("--mode", type=_choices(MODES, "all"), default=list(MODES),
+                        help=f"{', '.join(MODES)}, comma-separated, or all (default)")
+    parser.add_argument("--compare", type=_choices(list(ANCHORS), "all"), default=["eager"],
+                        help="anchors: eager (always) and compile (torch.compile, slow to compile on CPU)")
+    parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                        help="verify outputs, gradients and running statistics against nn.BatchNorm2d first")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--quick", action="store_true", help="the small preset and short runs")
+    parser.add_argument("--min-run-time", type=float, help="seconds per measurement, all rounds together "
+                        "(default 0.5, 0.05 with --quick)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, best kept (default 3, 2 with --quick)")
+    parser.add_argument("--json", help="write the header and rows as JSON (rewritten as each shape lands)")
+    parser.add_argument("--csv", help="write the rows as CSV")
+    parser.add_argument("--plot", help="write the speedup figure (PNG)")
+    args = parser.parse_args(argv)
 
-    dtype = getattr(torch, args.dtype)
-    param_dtype = getattr(torch, args.param_dtype) if args.param_dtype else torch.float32
-    if dtype == torch.float64:
-        param_dtype = torch.float64
-    shapes = RESNET50_SHAPES if args.shapes == "resnet50" else [
-        tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    if args.batch is None:
+        args.batch = 256 if args.device == "cuda" else 8
+    args.shapes = args.shapes or ("small" if args.quick else "resnet50")
+    try:
+        args.shapes = bench_lib.parse_shapes(args.shapes, args.batch)
+    except ValueError as error:
+        parser.error(f"--shapes: {error}")
+    args.layouts = list(LAYOUTS) if args.layout == "both" else [args.layout.upper()]
+    args.anchors = [ANCHORS[name] for name in ANCHORS if name == "eager" or name in args.compare]
+    args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    return args
+
+
+def setups(args):
+    """Every (shape, layout, dtype) of the sweep, each one set of rows."""
+    for dtype_name in args.dtype:
+        dtype = getattr(torch, dtype_name)
+        param_dtype = dtype if dtype == torch.float64 else getattr(torch, args.param_dtype)
+        for shape in args.shapes:
+            for layout in args.layouts:
+                yield Setup(tuple(shape), layout, dtype, param_dtype, args.device)
+
+
+class Progress:
+    """A rich progress bar on a terminal; nothing when stdout is piped."""
+
+    def __init__(self, total):
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(transient=True)
+            self.task = self.bar.add_task("", total=total)
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.stop()
+
+    def step(self, description, advance=1):
+        if self.bar:
+            self.bar.update(self.task, description=description, advance=advance)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = dict(bench_lib.environment(args.device), passes=PASSES, copy_passes=COPY_PASSES,
+                anchors=[a.name for a in args.anchors], ours=[o.name for o in OURS],
+                contenders={c.name: c.description for c in args.anchors + OURS},
+                argv=sys.argv[1:] if argv is None else list(argv))
+    print("\n".join(report.header_lines(meta)), flush=True)
+    todo = list(setups(args))
     rows = []
-    for chw in shapes:
-        for layout in args.layouts.split(","):
-            for row in measure((args.batch, *chw), layout, dtype, param_dtype, args.device, args.min_run_time):
-                rows.append(row)
-                # One line per measurement as it lands, so a run cut short still reports what it measured.
-                print(json.dumps(row), flush=True)
-    title = f"fusedbn vs nn.BatchNorm2d on {machine} ({args.dtype} input, {str(param_dtype).split('.')[1]} params, torch {torch.__version__})"
-    print_table(rows, title)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine, torch=torch.__version__, rows=rows), f, indent=1)
+    with Progress(len(todo) * len(args.mode)) as progress:
+        for setup in todo:
+            progress.step(f"{setup.describe()}: setting up", advance=0)
+            x, grad = setup.make_tensors()
+            modules = bench_lib.build_modules(setup, args.anchors + OURS)
+            mismatches = bench_lib.check(setup, modules, x, grad, ANCHORS["eager"].name) if args.check else []
+            if mismatches:
+                print("\n".join(["--check failed:"] + mismatches), file=sys.stderr)
+                return 1
+            for mode in args.mode:
+                progress.step(f"{setup.describe()} {mode}", advance=0)
+                peak = ({name: bench_lib.training_step_peak_bytes(module, x, grad) for name, module in modules.items()}
+                        if mode == "train-fwd-bwd" else None)
+                rows.append(bench_lib.measure(setup, modules, args.anchors, OURS, x, grad, mode, args.min_run_time,
+                                              args.rounds, peak))
+                progress.step(f"{setup.describe()} {mode}")
+            if args.json:  # after every shape, so that a run cut short keeps what it measured
+                report.write_json(args.json, meta, rows)
+    print()
+    report.print_table(rows, meta)
+    if args.csv:
+        report.write_csv(args.csv, rows)
+    if args.plot:
+        report.plot(args.plot, rows, meta)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -42,11 +42,21 @@ timeout 100 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pyt
 echo "racecheck rc=$?" | tee -a "$OUT/steps.log"
 tail -n 3 "$OUT/memcheck.log" "$OUT/racecheck.log"
 
+# Every ResNet-50 shape against eager nn.BatchNorm2d, then a few against torch.compile's too (each shape
+# compiles afresh). The JSON is rewritten after each shape: a run cut short keeps what it measured.
 for dtype in bfloat16 float32; do
   step "benchmark $dtype"
   PYTHONPATH=. timeout 120 python3 benchmarks/bench.py --device cuda --batch 256 --dtype "$dtype" \
-    --shapes 64x112x112,256x56x56,512x28x28,1024x14x14,2048x7x7 --min-run-time 0.06 \
-    --json "$OUT/bench-$dtype.json" > "$OUT/bench-$dtype.txt" 2>&1
+    --shapes resnet50 --min-run-time 0.06 \
+    --json "$OUT/bench-$dtype.json" --csv "$OUT/bench-$dtype.csv" > "$OUT/bench-$dtype.txt" 2>&1
   echo "bench $dtype rc=$?" | tee -a "$OUT/steps.log"
 done
+step "benchmark with torch.compile"
+PYTHONPATH=. timeout 150 python3 benchmarks/bench.py --device cuda --batch 256 --dtype bfloat16 --shapes small \
+  --compare eager,compile --min-run-time 0.06 --json "$OUT/bench-compile-bfloat16.json" \
+  > "$OUT/bench-compile-bfloat16.txt" 2>&1
+echo "bench compile rc=$?" | tee -a "$OUT/steps.log"
+step "resnet50"
+PYTHONPATH=. timeout 90 python3 benchmarks/resnet.py --device cuda > "$OUT/resnet50.txt" 2>&1
+echo "resnet50 rc=$?" | tee -a "$OUT/steps.log"
 step done

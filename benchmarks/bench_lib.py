@@ -1,0 +1,285 @@
+"""Measurement and accounting for the benchmarks: shapes, contenders, timing, byte counts, peak memory and
+the correctness check. bench.py is the command line over it; report.py turns its rows into tables, files
+and figures.
+
+A row is a flat dict: one (shape, layout, dtype, mode) with every contender's time, bandwidth, fraction of
+the roofline and (training step) peak memory, and each of our contenders' time over each anchor's.
+"""
+import importlib.metadata
+import math
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+import fusedbn
+
+MODES = ("train-fwd", "train-fwd-bwd", "eval")
+# Passes over the tensor that a non-persistent BatchNorm cannot avoid: training forward reads it for the
+# statistics, then reads and writes it to normalize; eval reads and writes once; training backward reads
+# x and dy for the two reductions, then x and dy again and writes dx.
+PASSES = {"train-fwd": 3, "train-fwd-bwd": 8, "eval": 2}
+COPY_PASSES = 2
+LAYOUTS = ("NCHW", "NHWC")
+
+# (C, H, W) of every BatchNorm2d input in torchvision's ResNet-50 at 224x224, stem to last stage
+# (tests/test_bench.py checks this against the model).
+RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
+                   (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
+# One of each regime: few channels over a large image, the middle, many channels over a tiny one.
+SMALL_SHAPES = [(64, 56, 56), (512, 28, 28), (2048, 7, 7)]
+PRESETS = {"resnet50": RESNET50_SHAPES, "small": SMALL_SHAPES}
+
+# Largest difference from nn.BatchNorm2d that --check accepts, relative to the largest magnitude of the
+# quantity compared (weight and bias gradients are sums over N*H*W values, so an absolute bound would not do).
+CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def parse_shapes(spec, batch):
+    """A preset name (its (C, H, W) at `batch`) or explicit shapes "N,C,H,W;N,C,H,W"."""
+    if spec in PRESETS:
+        return [(batch, *chw) for chw in PRESETS[spec]]
+    shapes = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        dims = tuple(int(d) for d in item.split(","))
+        if len(dims) != 4 or min(dims) < 1:
+            raise ValueError(f"shape {item!r} is not N,C,H,W with positive sizes")
+        shapes.append(dims)
+    if not shapes:
+        raise ValueError(f"no shapes in {spec!r}")
+    return shapes
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One implementation in the race: `make(num_features, device, param_dtype)` builds a fresh module
+    with nn.BatchNorm2d's interface (weight, bias, running statistics, train/eval)."""
+    name: str
+    description: str
+    make: Callable[[int, str, torch.dtype], nn.Module]
+
+
+def _compiled_batch_norm(num_features, device, dtype):
+    # Each shape compiles afresh: past dynamo's recompile limit the module would silently run eager.
+    torch._dynamo.reset()
+    return torch.compile(nn.BatchNorm2d(num_features, device=device, dtype=dtype), dynamic=False)
+
+
+# What users would run instead: eager is always measured and is --check's reference; --compare adds compile.
+ANCHORS = {
+    "eager": Contender("torch", "eager nn.BatchNorm2d",
+                       lambda c, device, dtype: nn.BatchNorm2d(c, device=device, dtype=dtype)),
+    "compile": Contender("compile", "torch.compile'd nn.BatchNorm2d (inductor)", _compiled_batch_norm),
+}
+# Ours: each is timed against every anchor. Later kernels join by adding an entry.
+OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d",
+                  lambda c, device, dtype: fusedbn.FusedBatchNorm2d(c, device=device, dtype=dtype))]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The tensors one set of rows is measured on."""
+    shape: tuple
+    layout: str
+    dtype: torch.dtype
+    param_dtype: torch.dtype
+    device: str
+
+    def make_tensors(self, seed=0):
+        """The input and the upstream gradient, seeded, in the setup's layout."""
+        generator = torch.Generator().manual_seed(seed)
+        fmt = torch.channels_last if self.layout == "NHWC" else torch.contiguous_format
+        return [torch.randn(self.shape, generator=generator).to(device=self.device, dtype=self.dtype,
+                                                                memory_format=fmt) for _ in range(2)]
+
+    def describe(self):
+        return f"{'x'.join(map(str, self.shape))} {self.layout} {dtype_name(self.dtype)}"
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_bytes(setup, passes):
+    """Bytes a kernel making `passes` full passes over the input must move (parameters are negligible)."""
+    return passes * math.prod(setup.shape) * setup.dtype.itemsize
+
+
+def interleaved_medians(fns, min_run_time, rounds):
+    """Median time of each callable from Timer.blocked_autorange, measured in interleaved rounds (a, b, c,
+    a, b, c, ...) with each one's best round kept, so a burst of load on the machine hits every contender
+    alike and is filtered out. Timer synchronises CUDA itself."""
+    for fn in fns:
+        fn()  # warm-up: lazy initialisation, compilation, the allocator's first blocks
+    # Timer runs on one thread unless told otherwise; time what the process is set to use.
+    timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, timer in enumerate(timers):
+            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return best
+
+
+def runner(module, x, grad, mode):
+    """A callable running `module` on `x` as `mode` does (training forward records the autograd graph as
+    in training; eval runs under no_grad as inference does)."""
+    module.train(mode != "eval")
+    if mode == "train-fwd":
+        return lambda: module(x)
+    if mode == "eval":
+        def infer():
+            with torch.no_grad():
+                return module(x)
+        return infer
+    x = x.detach().requires_grad_(True)
+
+    def step():
+        module(x).backward(grad)
+        x.grad = None
+    return step
+
+
+def training_step_peak_bytes(module, x, grad):
+    """Memory one training step (forward + backward) needs beyond what exists before it: on CUDA the peak
+    allocated during the step; on CPU, which has no allocator statistics, the bytes saved for backward,
+    each storage counted once (the input is among them: saving it is what keeps it alive)."""
+    step = runner(module, x, grad, "train-fwd-bwd")
+    step()  # warm-up, so that compilation and weight.grad's first allocation are not counted
+    module.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        step()
+        torch.cuda.synchronize(x.device)
+        return torch.cuda.max_memory_allocated(x.device) - before
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return sum(storages.values())
+
+
+def build_modules(setup, contenders, seed=0):
+    """A module per contender, all with the same random weight and bias (so --check sees them used)."""
+    channels = setup.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    modules = {}
+    for contender in contenders:
+        module = contender.make(channels, setup.device, setup.param_dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            module.bias.copy_(bias)
+        modules[contender.name] = module
+    return modules
+
+
+def _check_results(module, x, grad):
+    """What a training step and a following eval forward produce."""
+    module.train()
+    xg = x.detach().requires_grad_(True)
+    out = module(xg)
+    out.backward(grad)
+    results = dict(output=out, grad_input=xg.grad, grad_weight=module.weight.grad, grad_bias=module.bias.grad,
+                   running_mean=module.running_mean.clone(), running_var=module.running_var.clone())
+    module.eval()
+    with torch.no_grad():
+        results["eval output"] = module(x)
+    module.zero_grad(set_to_none=True)
+    return results
+
+
+def check(setup, modules, x, grad, reference):
+    """Mismatches of every module's training step and eval forward against `reference`'s, as messages."""
+    expected = _check_results(modules[reference], x, grad)
+    tolerance = CHECK_TOLERANCE[setup.dtype]
+    mismatches = []
+    for name, module in modules.items():
+        if name == reference:
+            continue
+        for quantity, value in _check_results(module, x, grad).items():
+            want = expected[quantity]
+            if value is None or value.shape != want.shape or value.dtype != want.dtype:
+                mismatches.append(f"{name} {setup.describe()}: {quantity} is "
+                                  f"{None if value is None else (tuple(value.shape), value.dtype)}, "
+                                  f"{reference} gives {(tuple(want.shape), want.dtype)}")
+                continue
+            scale = want.abs().max().double().clamp_min(torch.finfo(torch.float64).tiny)
+            error = ((value.double() - want.double()).abs().max() / scale).item()
+            if not error <= tolerance:  # also catches NaN
+                mismatches.append(f"{name} {setup.describe()}: {quantity} differs from {reference}'s by "
+                                  f"{error:.2e} of its largest value (tolerance {tolerance:.0e})")
+    return mismatches
+
+
+def measure(setup, modules, anchors, ours, x, grad, mode, min_run_time, rounds, peak_bytes=None):
+    """One row: a plain copy (the bandwidth yardstick) and every module, interleaved on the same tensors.
+    `peak_bytes` (name -> bytes) belongs to training-step rows."""
+    # A copy into a preallocated tensor: clone would also time the allocation and, on the CPU, the page
+    # faults of first touching fresh memory, which are no property of the memory system.
+    copy_out = torch.empty_like(x)
+    names = [c.name for c in anchors + ours]
+    times = interleaved_medians([lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode) for n in names],
+                                min_run_time, rounds)
+    copy_s, times = times[0], dict(zip(names, times[1:]))
+    nbytes = tensor_bytes(setup, PASSES[mode])
+    copy_bandwidth = tensor_bytes(setup, COPY_PASSES) / copy_s
+    row = dict(shape=list(setup.shape), layout=setup.layout, dtype=dtype_name(setup.dtype),
+               param_dtype=dtype_name(setup.param_dtype), mode=mode, passes=PASSES[mode], bytes=nbytes,
+               copy_s=copy_s, copy_gbps=copy_bandwidth / 1e9)
+    for name, seconds in times.items():
+        row[f"{name}_s"] = seconds
+        row[f"{name}_gbps"] = nbytes / seconds / 1e9
+        row[f"{name}_roofline"] = nbytes / seconds / copy_bandwidth
+    for mine in ours:
+        for anchor in anchors:
+            row[f"{mine.name}_over_{anchor.name}"] = times[mine.name] / times[anchor.name]
+    for name in names:
+        row[f"{name}_peak_bytes"] = None if peak_bytes is None else peak_bytes[name]
+    return row
+
+
+def _fusedbn_version():
+    try:
+        return importlib.metadata.version("fusedbn")
+    except importlib.metadata.PackageNotFoundError:  # built in place: name the checkout's commit
+        try:
+            rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                 cwd=Path(fusedbn.__file__).parent, check=True).stdout.strip()
+            return f"source tree {rev}"
+        except (OSError, subprocess.CalledProcessError):
+            return "source tree"
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device):
+    """What the numbers depend on, for the header and the results files."""
+    if device.startswith("cuda"):
+        machine = torch.cuda.get_device_name(device)
+        backend = f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}"
+    else:
+        machine = _cpu_name()
+        backend = platform.machine()
+    return dict(machine=machine, device=device, backend=backend, torch=torch.__version__,
+                fusedbn=_fusedbn_version(), threads=torch.get_num_threads(), python=platform.python_version())

@@ -1,0 +1,212 @@
+"""The benchmark command lines (benchmarks/): argument parsing, shape presets, byte accounting, the check,
+output formats and the README's generated table; tiny shapes and no assertions on timings."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fusedbn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench  # noqa: E402
+import bench_lib  # noqa: E402
+import report  # noqa: E402
+from bench_lib import MODES, PASSES, Contender, Setup  # noqa: E402
+
+TINY = "2,3,4,5;1,8,2,2"
+FAST = ["--device", "cpu", "--shapes", TINY, "--min-run-time", "0.002", "--rounds", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests time nothing worth keeping; on one thread they do not stall when the machine is busy (a
+    multi-threaded torch op waits for a scheduler tick whenever another process holds a core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_presets_at_the_chosen_batch():
+    args = bench.parse_args(["--device", "cpu", "--batch", "4"])
+    assert args.shapes == [(4, *chw) for chw in bench_lib.RESNET50_SHAPES]
+    assert bench.parse_args(["--device", "cuda"]).shapes[0][0] == 256  # the default batch follows the device
+    quick = bench.parse_args(["--device", "cpu", "--quick"])
+    assert quick.shapes == [(8, *chw) for chw in bench_lib.SMALL_SHAPES]
+    assert quick.min_run_time < bench.parse_args([]).min_run_time
+
+
+def test_resnet50_preset_is_resnet50():
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        model = torchvision.models.resnet50(weights=None)
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[1:])))
+    model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert bench_lib.RESNET50_SHAPES == list(dict.fromkeys(seen))
+
+
+def test_explicit_shapes_layouts_modes_dtypes_anchors():
+    args = bench.parse_args(["--shapes", "2,3,4,5; 1,8,2,2;", "--layout", "both", "--mode", "all",
+                             "--dtype", "float32,bfloat16", "--compare", "eager,compile", "--no-check"])
+    assert args.shapes == [(2, 3, 4, 5), (1, 8, 2, 2)]
+    assert args.layouts == ["NCHW", "NHWC"] and args.mode == list(MODES)
+    assert args.dtype == ["float32", "bfloat16"] and not args.check
+    assert [a.name for a in args.anchors] == ["torch", "compile"]
+    args = bench.parse_args(["--layout", "nhwc", "--mode", "eval,train-fwd", "--compare", "compile"])
+    assert args.layouts == ["NHWC"] and args.mode == ["eval", "train-fwd"] and args.check
+    assert [a.name for a in args.anchors] == ["torch", "compile"]  # eager is always the reference
+    setups = list(bench.setups(bench.parse_args(["--device", "cpu", "--shapes", TINY, "--dtype", "float64,float16"])))
+    assert len(setups) == 2 * 2 * 2
+    assert {(s.dtype, s.param_dtype) for s in setups} == {(torch.float64, torch.float64),
+                                                          (torch.float16, torch.float32)}
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "2,3,4"], ["--shapes", "2,0,4,4"], ["--shapes", "a,b,c,d"],
+                                  ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
+                                  ["--dtype", "int8"], ["--compare", "jit"]])
+def test_bad_arguments_are_rejected(argv, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_byte_accounting(dtype):
+    setup = Setup((2, 3, 4, 5), "NHWC", dtype, torch.float32, "cpu")
+    assert PASSES == {"train-fwd": 3, "train-fwd-bwd": 8, "eval": 2}
+    for mode, passes in PASSES.items():
+        assert bench_lib.tensor_bytes(setup, passes) == passes * 120 * dtype.itemsize
+    x, grad = setup.make_tensors()
+    assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
+    modules = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS)
+    row = bench_lib.measure(setup, modules, [bench_lib.ANCHORS["eager"]], bench_lib.OURS, x, grad, "eval", 0.002, 1)
+    assert row["passes"] == 2 and row["bytes"] == 2 * 120 * dtype.itemsize
+    assert row["copy_gbps"] == pytest.approx(2 * 120 * dtype.itemsize / row["copy_s"] / 1e9)
+    for name in ("torch", "fusedbn"):
+        assert row[f"{name}_gbps"] == pytest.approx(row["bytes"] / row[f"{name}_s"] / 1e9)
+        assert row[f"{name}_roofline"] == pytest.approx(row[f"{name}_gbps"] / row["copy_gbps"])
+        assert row[f"{name}_peak_bytes"] is None  # only training-step rows
+    assert row["fusedbn_over_torch"] == pytest.approx(row["fusedbn_s"] / row["torch_s"])
+
+
+def test_saved_bytes_count_each_storage_once():
+    class Square(nn.Module):
+        def forward(self, x):
+            return x * x  # saves x twice
+
+    x = torch.randn(2, 3, 4, 5)
+    assert bench_lib.training_step_peak_bytes(Square(), x, torch.ones_like(x)) == 120 * 4
+    bn = nn.BatchNorm2d(3)  # saves the input, weight, running and batch statistics
+    assert 120 * 4 < bench_lib.training_step_peak_bytes(bn, x, torch.ones_like(x)) < 120 * 4 + 6 * 3 * 4 + 1
+
+
+def test_check_finds_a_wrong_contender():
+    setup = Setup((2, 3, 4, 5), "NCHW", torch.float32, torch.float32, "cpu")
+    x, grad = setup.make_tensors()
+    good = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS)
+    assert bench_lib.check(setup, good, x, grad, "torch") == []
+    wrong = Contender("wrong-eps", "eps 0.5",
+                      lambda c, device, dtype: nn.BatchNorm2d(c, eps=0.5, device=device, dtype=dtype))
+    bad = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"], wrong])
+    mismatches = bench_lib.check(setup, bad, x, grad, "torch")
+    assert mismatches and all(m.startswith("wrong-eps 2x3x4x5 NCHW float32") for m in mismatches)
+    assert any("grad_input" in m for m in mismatches)
+
+
+def test_check_failure_stops_the_run(monkeypatch, capsys):
+    wrong = Contender("wrong", "momentum 0.5",
+                      lambda c, device, dtype: nn.BatchNorm2d(c, momentum=0.5, device=device, dtype=dtype))
+    monkeypatch.setattr(bench, "OURS", [wrong])
+    assert bench.main(FAST) == 1
+    captured = capsys.readouterr()
+    assert "--check failed" in captured.err and "running_mean" in captured.err
+    assert "wrong ms" not in captured.out  # nothing was timed
+
+
+def test_outputs(tmp_path, capsys):
+    paths = {kind: tmp_path / f"out.{kind}" for kind in ("json", "csv", "png")}
+    assert bench.main(FAST + ["--json", str(paths["json"]), "--csv", str(paths["csv"]),
+                              "--plot", str(paths["png"])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # Piped: the header, then plain aligned text, a line per row.
+    assert out[0].startswith("fusedbn benchmark on ") and "threads" in out[0] and torch.__version__ in out[0]
+    assert "train-fwd 3, train-fwd-bwd 8, eval 2" in out[1]
+    table = out[out.index("") + 1:]
+    assert table[0].split()[:4] == ["shape", "layout", "dtype", "mode"] and "fusedbn/torch" in table[0]
+    assert len(table) == 1 + 2 * 2 * 3 and len({len(line) for line in table}) == 1
+
+    data = json.loads(paths["json"].read_text())
+    assert {"machine", "device", "torch", "fusedbn", "threads", "passes", "anchors", "ours", "rows"} <= set(data)
+    rows = data["rows"]
+    assert len(rows) == 12 and [r["mode"] for r in rows[:3]] == list(MODES)
+    assert set(rows[0]) == {"shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "copy_s",
+                            "copy_gbps", "torch_s", "torch_gbps", "torch_roofline", "fusedbn_s", "fusedbn_gbps",
+                            "fusedbn_roofline", "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
+    assert all((r["fusedbn_peak_bytes"] is not None) == (r["mode"] == "train-fwd-bwd") for r in rows)
+
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert csv_lines[0].split(",") == list(rows[0]) and len(csv_lines) == 13
+    assert csv_lines[1].startswith("2x3x4x5,NCHW,float32,float32,train-fwd,3,")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_end_to_end(tmp_path):
+    out = tmp_path / "quick.json"
+    env = dict(os.environ, PYTHONPATH=str(Path(fusedbn.__file__).parents[1]))  # the fusedbn under test
+    # --quick's shapes at batch 2, and timed shorter still: this checks the run, not the machine.
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--device", "cpu", "--batch", "2",
+               "--min-run-time", "0.005", "--rounds", "1", "--threads", "1", "--json", str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(bench_lib.SMALL_SHAPES) * 2 * 3
+    assert all(r["fusedbn_s"] > 0 and r["torch_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # torch.compile: about 20 s with a cold inductor cache
+def test_compile_anchor(tmp_path):
+    out = tmp_path / "compile.json"
+    assert bench.main(["--device", "cpu", "--shapes", "2,3,4,5", "--layout", "nchw", "--compare", "eager,compile",
+                       "--min-run-time", "0.002", "--rounds", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["anchors"] == ["torch", "compile"]
+    assert all(r["compile_s"] > 0 and r["fusedbn_over_compile"] > 0 for r in data["rows"])
+
+
+def test_resnet_losses_agree(capsys):
+    pytest.importorskip("torchvision")
+    import resnet
+
+    assert resnet.main(["--model", "resnet18", "--device", "cpu", "--batch", "4", "--image-size", "32",
+                        "--steps", "2", "--min-run-time", "0.01", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "largest difference" in out and "training step" in out and "inference" in out
+
+
+def test_readme_table_is_rendered_from_the_results():
+    """The README's benchmark table is what report.py renders from the committed results files:
+    `python benchmarks/report.py --readme README.md` refreshes it."""
+    text = (ROOT / "README.md").read_text()
+    (begin, end), rendered = report.readme_table(text, ROOT)
+    assert text[begin:end] == rendered
+
+
+def test_markdown_reads_old_and_new_results(tmp_path):
+    old = dict(machine="GPU", torch="2.11", rows=[dict(shape=[2, 3, 4, 5], layout="NCHW", dtype="float32",
+                                                       mode="train fwd+bwd", torch_s=2.0, fusedbn_s=1.0,
+                                                       fusedbn_roofline=0.5)])
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    table = report.markdown(["old.json"], tmp_path).splitlines()
+    assert table[0] == "**GPU**, torch 2.11 (`old.json`):"
+    assert table[1:] == ["", "| shape | layout | float32 train-fwd-bwd |", "|---|---|---|",
+                         "| 2x3x4x5 | NCHW | 0.50, 50 % |"]
