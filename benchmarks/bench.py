@@ -17,7 +17,7 @@ import torch
 
 import bench_lib
 import report
-from bench_lib import ANCHORS, COPY_PASSES, LAYOUTS, MODES, OURS, PASSES, PRESETS, Setup
+from bench_lib import ANCHORS, COPY_PASSES, LAYOUTS, MODES, OURS, PRESETS, WORKLOADS, Setup
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -46,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
     parser.add_argument("--mode", type=_choices(MODES, "all"), default=list(MODES),
                         help=f"{', '.join(MODES)}, comma-separated, or all (default)")
+    parser.add_argument("--workload", type=_choices(list(WORKLOADS), "all"), default=list(WORKLOADS),
+                        help="what follows BatchNorm: bn (nothing), bn+relu, bn+add+relu (a residual added, "
+                        "then relu), comma-separated, or all (default)")
     parser.add_argument("--compare", type=_choices(list(ANCHORS), "all"), default=["eager"],
                         help="anchors: eager (always) and compile (torch.compile, slow to compile on CPU)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
@@ -75,13 +78,14 @@ def parse_args(argv=None):
 
 
 def setups(args):
-    """Every (shape, layout, dtype) of the sweep, each one set of rows."""
-    for dtype_name in args.dtype:
-        dtype = getattr(torch, dtype_name)
-        param_dtype = dtype if dtype == torch.float64 else getattr(torch, args.param_dtype)
-        for shape in args.shapes:
-            for layout in args.layouts:
-                yield Setup(tuple(shape), layout, dtype, param_dtype, args.device)
+    """Every (workload, shape, layout, dtype) of the sweep, each one set of rows."""
+    for workload in args.workload:
+        for dtype_name in args.dtype:
+            dtype = getattr(torch, dtype_name)
+            param_dtype = dtype if dtype == torch.float64 else getattr(torch, args.param_dtype)
+            for shape in args.shapes:
+                for layout in args.layouts:
+                    yield Setup(tuple(shape), layout, dtype, param_dtype, args.device, WORKLOADS[workload])
 
 
 class Progress:
@@ -113,7 +117,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = dict(bench_lib.environment(args.device), passes=PASSES, copy_passes=COPY_PASSES,
+    meta = dict(bench_lib.environment(args.device), passes={w: WORKLOADS[w].passes for w in args.workload},
+                copy_passes=COPY_PASSES,
                 anchors=[a.name for a in args.anchors], ours=[o.name for o in OURS],
                 contenders={c.name: c.description for c in args.anchors + OURS},
                 argv=sys.argv[1:] if argv is None else list(argv))
@@ -123,18 +128,19 @@ def main(argv=None):
     with Progress(len(todo) * len(args.mode)) as progress:
         for setup in todo:
             progress.step(f"{setup.describe()}: setting up", advance=0)
-            x, grad = setup.make_tensors()
-            modules = bench_lib.build_modules(setup, args.anchors + OURS)
-            mismatches = bench_lib.check(setup, modules, x, grad, ANCHORS["eager"].name) if args.check else []
+            x, grad, residual = setup.make_tensors()
+            modules = bench_lib.build_modules(setup, args.anchors + OURS, residual)
+            mismatches = (bench_lib.check(setup, modules, x, grad, residual, ANCHORS["eager"].name) if args.check
+                          else [])
             if mismatches:
                 print("\n".join(["--check failed:"] + mismatches), file=sys.stderr)
                 return 1
             for mode in args.mode:
                 progress.step(f"{setup.describe()} {mode}", advance=0)
-                peak = ({name: bench_lib.training_step_peak_bytes(module, x, grad) for name, module in modules.items()}
-                        if mode == "train-fwd-bwd" else None)
-                rows.append(bench_lib.measure(setup, modules, args.anchors, OURS, x, grad, mode, args.min_run_time,
-                                              args.rounds, peak))
+                peak = ({name: bench_lib.training_step_peak_bytes(module, x, grad, residual)
+                         for name, module in modules.items()} if mode == "train-fwd-bwd" else None)
+                rows.append(bench_lib.measure(setup, modules, args.anchors, OURS, x, grad, residual, mode,
+                                              args.min_run_time, args.rounds, peak))
                 progress.step(f"{setup.describe()} {mode}")
             if args.json:  # after every shape, so that a run cut short keeps what it measured
                 report.write_json(args.json, meta, rows)

@@ -25,6 +25,25 @@ MODES = ("train-fwd", "train-fwd-bwd", "eval")
 # x and dy for the two reductions, then x and dy again and writes dx.
 PASSES = {"train-fwd": 3, "train-fwd-bwd": 8, "eval": 2}
 COPY_PASSES = 2
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the measured op computes: BatchNorm alone, relu(bn(x)), or relu(bn(x) + r) (ResNet's block end).
+    `passes` per mode: relu adds none (its mask is recomputed from x); the residual adds a read of r in the
+    forward, and in the backward reads of the output (relu's mask) in both passes and a write of r's
+    gradient."""
+    name: str
+    relu: bool
+    residual: bool
+    passes: dict
+
+
+WORKLOADS = {w.name: w for w in (
+    Workload("bn", False, False, PASSES),
+    Workload("bn+relu", True, False, PASSES),
+    Workload("bn+add+relu", True, True, {"train-fwd": 4, "train-fwd-bwd": 12, "eval": 3}),
+)}
 LAYOUTS = ("NCHW", "NHWC")
 
 # (C, H, W) of every BatchNorm2d input in torchvision's ResNet-50 at 224x224, stem to last stage
@@ -55,30 +74,60 @@ def parse_shapes(spec, batch):
     return shapes
 
 
+class Composition(nn.Module):
+    """A workload around a BatchNorm module `bn`: unfused (torch's modules and ops, one after the other) or
+    `bn` itself doing all of it (fused). It exposes bn's parameters and buffers, so every contender is set
+    up and checked alike; `residual` is the tensor the add workload adds."""
+
+    def __init__(self, bn, workload, fused, residual):
+        super().__init__()
+        self.bn, self.workload, self.fused, self.residual = bn, workload, fused, residual
+
+    weight = property(lambda self: self.bn.weight)
+    bias = property(lambda self: self.bn.bias)
+    running_mean = property(lambda self: self.bn.running_mean)
+    running_var = property(lambda self: self.bn.running_var)
+
+    def forward(self, x):
+        r = self.residual if self.workload.residual else None
+        if self.fused:
+            return self.bn(x, r) if self.workload.relu else self.bn(x)
+        y = self.bn(x)
+        y = y if r is None else y + r
+        return torch.relu(y) if self.workload.relu else y
+
+
 @dataclass(frozen=True)
 class Contender:
-    """One implementation in the race: `make(num_features, device, param_dtype)` builds a fresh module
-    with nn.BatchNorm2d's interface (weight, bias, running statistics, train/eval)."""
+    """One implementation in the race: `make(num_features, device, param_dtype, workload, residual)` builds
+    a fresh module computing the workload, with nn.BatchNorm2d's parameters and buffers."""
     name: str
     description: str
-    make: Callable[[int, str, torch.dtype], nn.Module]
+    make: Callable[..., nn.Module]
 
 
-def _compiled_batch_norm(num_features, device, dtype):
+def _torch_composition(c, device, dtype, workload, residual):
+    return Composition(nn.BatchNorm2d(c, device=device, dtype=dtype), workload, False, residual)
+
+
+def _compiled_composition(c, device, dtype, workload, residual):
     # Each shape compiles afresh: past dynamo's recompile limit the module would silently run eager.
     torch._dynamo.reset()
-    return torch.compile(nn.BatchNorm2d(num_features, device=device, dtype=dtype), dynamic=False)
+    return torch.compile(_torch_composition(c, device, dtype, workload, residual), dynamic=False)
+
+
+def _fused(c, device, dtype, workload, residual):
+    cls = fusedbn.FusedBatchNormReLU2d if workload.relu else fusedbn.FusedBatchNorm2d
+    return Composition(cls(c, device=device, dtype=dtype), workload, True, residual)
 
 
 # What users would run instead: eager is always measured and is --check's reference; --compare adds compile.
 ANCHORS = {
-    "eager": Contender("torch", "eager nn.BatchNorm2d",
-                       lambda c, device, dtype: nn.BatchNorm2d(c, device=device, dtype=dtype)),
-    "compile": Contender("compile", "torch.compile'd nn.BatchNorm2d (inductor)", _compiled_batch_norm),
+    "eager": Contender("torch", "eager nn.BatchNorm2d (then + r, relu as the workload asks)", _torch_composition),
+    "compile": Contender("compile", "the same torch.compile'd (inductor)", _compiled_composition),
 }
 # Ours: each is timed against every anchor. Later kernels join by adding an entry.
-OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d",
-                  lambda c, device, dtype: fusedbn.FusedBatchNorm2d(c, device=device, dtype=dtype))]
+OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d, or FusedBatchNormReLU2d for the relu workloads", _fused)]
 
 
 @dataclass(frozen=True)
@@ -89,20 +138,27 @@ class Setup:
     dtype: torch.dtype
     param_dtype: torch.dtype
     device: str
+    workload: Workload = WORKLOADS["bn"]
 
     def make_tensors(self, seed=0):
-        """The input and the upstream gradient, seeded, in the setup's layout."""
+        """The input, the upstream gradient and the residual (a leaf needing its gradient), seeded, in the
+        setup's layout."""
         generator = torch.Generator().manual_seed(seed)
         fmt = torch.channels_last if self.layout == "NHWC" else torch.contiguous_format
-        return [torch.randn(self.shape, generator=generator).to(device=self.device, dtype=self.dtype,
-                                                                memory_format=fmt) for _ in range(2)]
+        x, grad, residual = [torch.randn(self.shape, generator=generator).to(device=self.device, dtype=self.dtype,
+                                                                             memory_format=fmt) for _ in range(3)]
+        return x, grad, residual.requires_grad_(True)
 
     def describe(self):
-        return f"{'x'.join(map(str, self.shape))} {self.layout} {dtype_name(self.dtype)}"
+        return f"{self.workload.name} {'x'.join(map(str, self.shape))} {self.layout} {dtype_name(self.dtype)}"
 
 
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
+
+
+def passes(setup, mode):
+    return setup.workload.passes[mode]
 
 
 def tensor_bytes(setup, passes):
@@ -125,9 +181,9 @@ def interleaved_medians(fns, min_run_time, rounds):
     return best
 
 
-def runner(module, x, grad, mode):
+def runner(module, x, grad, mode, residual=None):
     """A callable running `module` on `x` as `mode` does (training forward records the autograd graph as
-    in training; eval runs under no_grad as inference does)."""
+    in training; eval runs under no_grad as inference does). `residual`'s gradient is cleared each step."""
     module.train(mode != "eval")
     if mode == "train-fwd":
         return lambda: module(x)
@@ -141,14 +197,16 @@ def runner(module, x, grad, mode):
     def step():
         module(x).backward(grad)
         x.grad = None
+        if residual is not None:
+            residual.grad = None
     return step
 
 
-def training_step_peak_bytes(module, x, grad):
+def training_step_peak_bytes(module, x, grad, residual=None):
     """Memory one training step (forward + backward) needs beyond what exists before it: on CUDA the peak
     allocated during the step; on CPU, which has no allocator statistics, the bytes saved for backward,
     each storage counted once (the input is among them: saving it is what keeps it alive)."""
-    step = runner(module, x, grad, "train-fwd-bwd")
+    step = runner(module, x, grad, "train-fwd-bwd", residual)
     step()  # warm-up, so that compilation and weight.grad's first allocation are not counted
     module.zero_grad(set_to_none=True)
     if x.is_cuda:
@@ -170,15 +228,16 @@ def training_step_peak_bytes(module, x, grad):
     return sum(storages.values())
 
 
-def build_modules(setup, contenders, seed=0):
-    """A module per contender, all with the same random weight and bias (so --check sees them used)."""
+def build_modules(setup, contenders, residual, seed=0):
+    """A module per contender, all with the same random weight and bias (so --check sees them used) and the
+    same residual."""
     channels = setup.shape[1]
     generator = torch.Generator().manual_seed(seed)
     weight = torch.rand(channels, generator=generator) + 0.5
     bias = torch.randn(channels, generator=generator)
     modules = {}
     for contender in contenders:
-        module = contender.make(channels, setup.device, setup.param_dtype)
+        module = contender.make(channels, setup.device, setup.param_dtype, setup.workload, residual)
         with torch.no_grad():
             module.weight.copy_(weight)
             module.bias.copy_(bias)
@@ -186,14 +245,17 @@ def build_modules(setup, contenders, seed=0):
     return modules
 
 
-def _check_results(module, x, grad):
+def _check_results(module, x, grad, residual):
     """What a training step and a following eval forward produce."""
     module.train()
     xg = x.detach().requires_grad_(True)
+    residual.grad = None
     out = module(xg)
     out.backward(grad)
     results = dict(output=out, grad_input=xg.grad, grad_weight=module.weight.grad, grad_bias=module.bias.grad,
                    running_mean=module.running_mean.clone(), running_var=module.running_var.clone())
+    if residual.grad is not None:  # the add workload
+        results["grad_residual"] = residual.grad
     module.eval()
     with torch.no_grad():
         results["eval output"] = module(x)
@@ -201,15 +263,15 @@ def _check_results(module, x, grad):
     return results
 
 
-def check(setup, modules, x, grad, reference):
+def check(setup, modules, x, grad, residual, reference):
     """Mismatches of every module's training step and eval forward against `reference`'s, as messages."""
-    expected = _check_results(modules[reference], x, grad)
+    expected = _check_results(modules[reference], x, grad, residual)
     tolerance = CHECK_TOLERANCE[setup.dtype]
     mismatches = []
     for name, module in modules.items():
         if name == reference:
             continue
-        for quantity, value in _check_results(module, x, grad).items():
+        for quantity, value in _check_results(module, x, grad, residual).items():
             want = expected[quantity]
             if value is None or value.shape != want.shape or value.dtype != want.dtype:
                 mismatches.append(f"{name} {setup.describe()}: {quantity} is "
@@ -224,20 +286,22 @@ def check(setup, modules, x, grad, reference):
     return mismatches
 
 
-def measure(setup, modules, anchors, ours, x, grad, mode, min_run_time, rounds, peak_bytes=None):
+def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time, rounds, peak_bytes=None):
     """One row: a plain copy (the bandwidth yardstick) and every module, interleaved on the same tensors.
     `peak_bytes` (name -> bytes) belongs to training-step rows."""
     # A copy into a preallocated tensor: clone would also time the allocation and, on the CPU, the page
     # faults of first touching fresh memory, which are no property of the memory system.
     copy_out = torch.empty_like(x)
     names = [c.name for c in anchors + ours]
-    times = interleaved_medians([lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode) for n in names],
-                                min_run_time, rounds)
+    times = interleaved_medians(
+        [lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode, residual) for n in names],
+        min_run_time, rounds)
     copy_s, times = times[0], dict(zip(names, times[1:]))
-    nbytes = tensor_bytes(setup, PASSES[mode])
+    nbytes = tensor_bytes(setup, passes(setup, mode))
     copy_bandwidth = tensor_bytes(setup, COPY_PASSES) / copy_s
-    row = dict(shape=list(setup.shape), layout=setup.layout, dtype=dtype_name(setup.dtype),
-               param_dtype=dtype_name(setup.param_dtype), mode=mode, passes=PASSES[mode], bytes=nbytes,
+    row = dict(workload=setup.workload.name, shape=list(setup.shape), layout=setup.layout,
+               dtype=dtype_name(setup.dtype), param_dtype=dtype_name(setup.param_dtype), mode=mode,
+               passes=passes(setup, mode), bytes=nbytes,
                copy_s=copy_s, copy_gbps=copy_bandwidth / 1e9)
     for name, seconds in times.items():
         row[f"{name}_s"] = seconds

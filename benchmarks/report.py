@@ -28,7 +28,8 @@ def shape_str(shape):
 
 def header_lines(meta):
     anchors, ours = meta["anchors"], meta["ours"]
-    passes = ", ".join(f"{mode} {n}" for mode, n in meta["passes"].items())
+    passes = "; ".join(f"{workload}: " + ", ".join(f"{mode} {n}" for mode, n in per_mode.items())
+                       for workload, per_mode in meta["passes"].items())
     return [
         f"fusedbn benchmark on {meta['machine']} ({meta['device']}, {meta['backend']}, threads: {meta['threads']}); "
         f"torch {meta['torch']}, fusedbn {meta['fusedbn']}, Python {meta['python']}",
@@ -52,7 +53,8 @@ def _cell(key, fmt, scale=1.0):
 def columns(meta):
     """(header, row -> text) for every column of the table, from the contenders in the run."""
     names = meta["anchors"] + meta["ours"]
-    cols = [("shape", lambda r: shape_str(r["shape"])), ("layout", lambda r: r["layout"]),
+    cols = [("workload", lambda r: r["workload"]), ("shape", lambda r: shape_str(r["shape"])),
+            ("layout", lambda r: r["layout"]),
             ("dtype", lambda r: r["dtype"]), ("mode", lambda r: r["mode"]), ("copy GB/s", _cell("copy_gbps", ".1f"))]
     for name in names:
         cols += [(f"{name} ms", _cell(f"{name}_s", ".3f", 1e3)), (f"{name} GB/s", _cell(f"{name}_gbps", ".1f")),
@@ -117,18 +119,20 @@ def plot(path, rows, meta):
 
     layouts, modes = unique(r["layout"] for r in rows), unique(r["mode"] for r in rows)
     shapes, dtypes = unique(shape_str(r["shape"]) for r in rows), unique(r["dtype"] for r in rows)
-    series = [(mine, anchor, dtype) for mine in meta["ours"] for anchor in meta["anchors"] for dtype in dtypes]
-    by_key = {(shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]): r for r in rows}
+    workloads = unique(r["workload"] for r in rows)
+    series = [(workload, mine, anchor, dtype) for workload in workloads for mine in meta["ours"]
+              for anchor in meta["anchors"] for dtype in dtypes]
+    by_key = {(r["workload"], shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]): r for r in rows}
     fig, axes = plt.subplots(len(layouts), len(modes), squeeze=False, sharey=True,
                              figsize=(1.2 + 0.5 * len(shapes) * len(modes), 1.2 + 2.8 * len(layouts)))
     width = 0.8 / len(series)
     for axes_row, layout in zip(axes, layouts):
         for ax, mode in zip(axes_row, modes):
-            for k, (mine, anchor, dtype) in enumerate(series):
-                found = [by_key.get((shape, layout, dtype, mode)) for shape in shapes]
+            for k, (workload, mine, anchor, dtype) in enumerate(series):
+                found = [by_key.get((workload, shape, layout, dtype, mode)) for shape in shapes]
                 speedups = [1 / r[f"{mine}_over_{anchor}"] if r else float("nan") for r in found]
                 positions = [i - 0.4 + (k + 0.5) * width for i in range(len(shapes))]
-                ax.bar(positions, speedups, width, label=f"{mine} vs {anchor}, {dtype}")
+                ax.bar(positions, speedups, width, label=f"{workload}: {mine} vs {anchor}, {dtype}")
             ax.axhline(1, color="black", linewidth=0.8)
             ax.set_yscale("log", base=2)
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
@@ -146,12 +150,13 @@ def plot(path, rows, meta):
 def load_results(path):
     """(meta, rows) of a results file, with the mode names of older files brought to the current ones."""
     data = json.loads(Path(path).read_text())
-    rows = [dict(row, mode=LEGACY_MODES.get(row["mode"], row["mode"])) for row in data.pop("rows")]
+    rows = [dict(row, mode=LEGACY_MODES.get(row["mode"], row["mode"]), workload=row.get("workload", "bn"))
+            for row in data.pop("rows")]
     return data, rows
 
 
 def markdown(paths, root="."):
-    """One table per machine: fusedbn's time over eager nn.BatchNorm2d's (< 1: fusedbn faster) and its
+    """One table per machine and workload: fusedbn's time over eager torch's (< 1: fusedbn faster) and its
     fraction of the roofline, a column per dtype and mode. `paths` are relative to `root`."""
     machines = {}
     for path in paths:
@@ -163,20 +168,22 @@ def markdown(paths, root="."):
         entry["rows"] += rows
     out = []
     for (machine, torch_version, threads), entry in machines.items():
-        rows = entry["rows"]
-        dtypes = unique(r["dtype"] for r in rows)
-        modes = unique(r["mode"] for r in rows)
-        cells = {(shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]):
-                 f"{r['fusedbn_s'] / r['torch_s']:.2f}, {100 * r['fusedbn_roofline']:.0f} %" for r in rows}
         files = ", ".join(f"`{p}`" for p in entry["paths"])
         where = f"**{machine}**" + (f", threads: {threads}" if threads else "")
-        out += [f"{where}, torch {torch_version} ({files}):", "",
-                "| shape | layout | " + " | ".join(f"{d} {m}" for d in dtypes for m in modes) + " |",
-                "|---|---|" + "---|" * (len(dtypes) * len(modes))]
-        for shape, layout in unique((shape_str(r["shape"]), r["layout"]) for r in rows):
-            out.append(f"| {shape} | {layout} | "
-                       + " | ".join(cells.get((shape, layout, d, m), "") for d in dtypes for m in modes) + " |")
-        out.append("")
+        for workload in unique(r["workload"] for r in entry["rows"]):
+            rows = [r for r in entry["rows"] if r["workload"] == workload]
+            dtypes = unique(r["dtype"] for r in rows)
+            modes = unique(r["mode"] for r in rows)
+            cells = {(shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]):
+                     f"{r['fusedbn_s'] / r['torch_s']:.2f}, {100 * r['fusedbn_roofline']:.0f} %" for r in rows}
+            what = "" if workload == "bn" else f", {workload}"
+            out += [f"{where}, torch {torch_version}{what} ({files}):", "",
+                    "| shape | layout | " + " | ".join(f"{d} {m}" for d in dtypes for m in modes) + " |",
+                    "|---|---|" + "---|" * (len(dtypes) * len(modes))]
+            for shape, layout in unique((shape_str(r["shape"]), r["layout"]) for r in rows):
+                out.append(f"| {shape} | {layout} | "
+                           + " | ".join(cells.get((shape, layout, d, m), "") for d in dtypes for m in modes) + " |")
+            out.append("")
     return "\n".join(out)
 
 

@@ -1,9 +1,10 @@
 """A whole network: torchvision's ResNet on synthetic data, as built against fusedbn.convert_model of a deep
-copy. First the loss of both over K SGD steps from the same initial weights and batches, side by side (they
+copy (with --fuse: fusedbn.fuse_model, BatchNorm+ReLU and BatchNorm+Add+ReLU fused). First the loss of both over K SGD steps from the same initial weights and batches, side by side (they
 must agree: exit status 1 otherwise), then the float32 training-step and inference times.
 
     python benchmarks/resnet.py                          # resnet50; on CPU batch 8 at 64x64
     python benchmarks/resnet.py --model resnet18 --device cuda --batch 128 --image-size 224
+    python benchmarks/resnet.py --fuse
 
 The losses are compared in float64: an untrained ResNet on random labels amplifies rounding by orders of
 magnitude per SGD step, so in float32 torch's own run leaves its float64 twin by about 1e-2 within two steps
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, help="default: 64 on cuda, 8 on cpu")
     parser.add_argument("--image-size", type=int, help="default: 224 on cuda, 64 on cpu")
     parser.add_argument("--channels-last", action="store_true", help="model and input in NHWC memory")
+    parser.add_argument("--fuse", action="store_true", help="fusedbn.fuse_model instead of convert_model")
     parser.add_argument("--steps", type=int, default=5, help="SGD steps whose losses are compared")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--tolerance", type=float, default=1e-6,
@@ -59,10 +61,19 @@ def synthetic_batches(args, fmt):
              torch.randint(0, 1000, (args.batch,), generator=generator).to(args.device)) for _ in range(args.steps)]
 
 
+def with_fusedbn(model, args):
+    """A copy of `model` running fusedbn: converted, or with --fuse fused (printing what it fused)."""
+    if not args.fuse:
+        return fusedbn.convert_model(copy.deepcopy(model))
+    fused, report = fusedbn.fuse_model(model)
+    print(f"fuse_model: {report}")
+    return fused
+
+
 def compare_losses(original, batches, args):
-    """Losses of the original and of its converted copy, in float64, over the same SGD steps."""
+    """Losses of the original and of its fusedbn copy, in float64, over the same SGD steps."""
     models = {"torch": copy.deepcopy(original).double()}
-    models["fusedbn"] = fusedbn.convert_model(copy.deepcopy(models["torch"]))
+    models["fusedbn"] = with_fusedbn(models["torch"], args)
     losses = {}
     for name, model in models.items():
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
@@ -78,7 +89,8 @@ def main(argv=None):
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     print(f"{args.model} on {env['machine']} ({args.device}, {env['backend']}, threads: {env['threads']}); "
           f"torch {env['torch']}, fusedbn {env['fusedbn']}; batch {args.batch} at {args.image_size}x{args.image_size}, "
-          f"{'NHWC' if args.channels_last else 'NCHW'}, SGD lr {args.lr} momentum 0.9")
+          f"{'NHWC' if args.channels_last else 'NCHW'}, SGD lr {args.lr} momentum 0.9"
+          f"{', fused (fuse_model)' if args.fuse else ''}")
 
     torch.manual_seed(0)
     original = getattr(torchvision.models, args.model)(weights=None).to(args.device, memory_format=fmt)
@@ -95,7 +107,7 @@ def main(argv=None):
         print(f"losses disagree: {worst:.1e} of the loss > {args.tolerance:.0e}", file=sys.stderr)
         return 1
 
-    models = {"torch": original, "fusedbn": fusedbn.convert_model(copy.deepcopy(original))}
+    models = {"torch": original, "fusedbn": with_fusedbn(original, args)}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for name, m in models.items()}
     images, labels = batches[0]
 

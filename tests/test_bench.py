@@ -18,10 +18,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench  # noqa: E402
 import bench_lib  # noqa: E402
 import report  # noqa: E402
-from bench_lib import MODES, PASSES, Contender, Setup  # noqa: E402
+from bench_lib import MODES, PASSES, WORKLOADS, Contender, Setup  # noqa: E402
 
 TINY = "2,3,4,5;1,8,2,2"
-FAST = ["--device", "cpu", "--shapes", TINY, "--min-run-time", "0.002", "--rounds", "1"]
+FAST = ["--device", "cpu", "--shapes", TINY, "--workload", "bn", "--min-run-time", "0.002", "--rounds", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -65,32 +65,40 @@ def test_explicit_shapes_layouts_modes_dtypes_anchors():
     args = bench.parse_args(["--layout", "nhwc", "--mode", "eval,train-fwd", "--compare", "compile"])
     assert args.layouts == ["NHWC"] and args.mode == ["eval", "train-fwd"] and args.check
     assert [a.name for a in args.anchors] == ["torch", "compile"]  # eager is always the reference
+    assert {s.workload.name for s in bench.setups(bench.parse_args(["--shapes", TINY, "--workload", "bn+relu"]))} \
+        == {"bn+relu"}
     setups = list(bench.setups(bench.parse_args(["--device", "cpu", "--shapes", TINY, "--dtype", "float64,float16"])))
-    assert len(setups) == 2 * 2 * 2
+    assert len(setups) == 3 * 2 * 2 * 2  # workloads x dtypes x shapes x layouts
+    assert {s.workload.name for s in setups} == {"bn", "bn+relu", "bn+add+relu"}
     assert {(s.dtype, s.param_dtype) for s in setups} == {(torch.float64, torch.float64),
                                                           (torch.float16, torch.float32)}
 
 
 @pytest.mark.parametrize("argv", [["--shapes", "2,3,4"], ["--shapes", "2,0,4,4"], ["--shapes", "a,b,c,d"],
                                   ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
-                                  ["--dtype", "int8"], ["--compare", "jit"]])
+                                  ["--dtype", "int8"], ["--compare", "jit"], ["--workload", "bn+gelu"]])
 def test_bad_arguments_are_rejected(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_byte_accounting(dtype):
-    setup = Setup((2, 3, 4, 5), "NHWC", dtype, torch.float32, "cpu")
+def test_byte_accounting(dtype, workload):
+    setup = Setup((2, 3, 4, 5), "NHWC", dtype, torch.float32, "cpu", WORKLOADS[workload])
     assert PASSES == {"train-fwd": 3, "train-fwd-bwd": 8, "eval": 2}
-    for mode, passes in PASSES.items():
+    expected_passes = {"train-fwd": 4, "train-fwd-bwd": 12, "eval": 3} if workload == "bn+add+relu" else PASSES
+    for mode, passes in expected_passes.items():
+        assert bench_lib.passes(setup, mode) == passes
         assert bench_lib.tensor_bytes(setup, passes) == passes * 120 * dtype.itemsize
-    x, grad = setup.make_tensors()
+    x, grad, residual = setup.make_tensors()
     assert x.dtype == dtype and x.is_contiguous(memory_format=torch.channels_last)
-    modules = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS)
-    row = bench_lib.measure(setup, modules, [bench_lib.ANCHORS["eager"]], bench_lib.OURS, x, grad, "eval", 0.002, 1)
-    assert row["passes"] == 2 and row["bytes"] == 2 * 120 * dtype.itemsize
+    modules = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS, residual)
+    row = bench_lib.measure(setup, modules, [bench_lib.ANCHORS["eager"]], bench_lib.OURS, x, grad, residual, "eval",
+                            0.002, 1)
+    assert row["workload"] == workload and row["passes"] == expected_passes["eval"]
+    assert row["bytes"] == expected_passes["eval"] * 120 * dtype.itemsize
     assert row["copy_gbps"] == pytest.approx(2 * 120 * dtype.itemsize / row["copy_s"] / 1e9)
     for name in ("torch", "fusedbn"):
         assert row[f"{name}_gbps"] == pytest.approx(row["bytes"] / row[f"{name}_s"] / 1e9)
@@ -110,22 +118,24 @@ def test_saved_bytes_count_each_storage_once():
     assert 120 * 4 < bench_lib.training_step_peak_bytes(bn, x, torch.ones_like(x)) < 120 * 4 + 6 * 3 * 4 + 1
 
 
-def test_check_finds_a_wrong_contender():
-    setup = Setup((2, 3, 4, 5), "NCHW", torch.float32, torch.float32, "cpu")
-    x, grad = setup.make_tensors()
-    good = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS)
-    assert bench_lib.check(setup, good, x, grad, "torch") == []
-    wrong = Contender("wrong-eps", "eps 0.5",
-                      lambda c, device, dtype: nn.BatchNorm2d(c, eps=0.5, device=device, dtype=dtype))
-    bad = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"], wrong])
-    mismatches = bench_lib.check(setup, bad, x, grad, "torch")
-    assert mismatches and all(m.startswith("wrong-eps 2x3x4x5 NCHW float32") for m in mismatches)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_check_finds_a_wrong_contender(workload):
+    setup = Setup((2, 3, 4, 5), "NCHW", torch.float32, torch.float32, "cpu", WORKLOADS[workload])
+    x, grad, residual = setup.make_tensors()
+    good = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS, residual)
+    assert bench_lib.check(setup, good, x, grad, residual, "torch") == []
+    wrong = Contender("wrong-eps", "eps 0.5", lambda c, device, dtype, workload, residual: bench_lib.Composition(
+        nn.BatchNorm2d(c, eps=0.5, device=device, dtype=dtype), workload, False, residual))
+    bad = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"], wrong], residual)
+    mismatches = bench_lib.check(setup, bad, x, grad, residual, "torch")
+    assert mismatches and all(m.startswith(f"wrong-eps {workload} 2x3x4x5 NCHW float32") for m in mismatches)
     assert any("grad_input" in m for m in mismatches)
+    assert any("grad_residual" in m for m in mismatches) == (workload == "bn+add+relu")
 
 
 def test_check_failure_stops_the_run(monkeypatch, capsys):
-    wrong = Contender("wrong", "momentum 0.5",
-                      lambda c, device, dtype: nn.BatchNorm2d(c, momentum=0.5, device=device, dtype=dtype))
+    wrong = Contender("wrong", "momentum 0.5", lambda c, device, dtype, workload, residual: bench_lib.Composition(
+        nn.BatchNorm2d(c, momentum=0.5, device=device, dtype=dtype), workload, False, residual))
     monkeypatch.setattr(bench, "OURS", [wrong])
     assert bench.main(FAST) == 1
     captured = capsys.readouterr()
@@ -140,23 +150,23 @@ def test_outputs(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     # Piped: the header, then plain aligned text, a line per row.
     assert out[0].startswith("fusedbn benchmark on ") and "threads" in out[0] and torch.__version__ in out[0]
-    assert "train-fwd 3, train-fwd-bwd 8, eval 2" in out[1]
+    assert "bn: train-fwd 3, train-fwd-bwd 8, eval 2" in out[1]
     table = out[out.index("") + 1:]
-    assert table[0].split()[:4] == ["shape", "layout", "dtype", "mode"] and "fusedbn/torch" in table[0]
+    assert table[0].split()[:5] == ["workload", "shape", "layout", "dtype", "mode"] and "fusedbn/torch" in table[0]
     assert len(table) == 1 + 2 * 2 * 3 and len({len(line) for line in table}) == 1
 
     data = json.loads(paths["json"].read_text())
     assert {"machine", "device", "torch", "fusedbn", "threads", "passes", "anchors", "ours", "rows"} <= set(data)
     rows = data["rows"]
     assert len(rows) == 12 and [r["mode"] for r in rows[:3]] == list(MODES)
-    assert set(rows[0]) == {"shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "copy_s",
+    assert set(rows[0]) == {"workload", "shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "copy_s",
                             "copy_gbps", "torch_s", "torch_gbps", "torch_roofline", "fusedbn_s", "fusedbn_gbps",
                             "fusedbn_roofline", "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
     assert all((r["fusedbn_peak_bytes"] is not None) == (r["mode"] == "train-fwd-bwd") for r in rows)
 
     csv_lines = paths["csv"].read_text().splitlines()
     assert csv_lines[0].split(",") == list(rows[0]) and len(csv_lines) == 13
-    assert csv_lines[1].startswith("2x3x4x5,NCHW,float32,float32,train-fwd,3,")
+    assert csv_lines[1].startswith("bn,2x3x4x5,NCHW,float32,float32,train-fwd,3,")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -169,28 +179,32 @@ def test_quick_run_end_to_end(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == len(bench_lib.SMALL_SHAPES) * 2 * 3
+    assert len(rows) == len(WORKLOADS) * len(bench_lib.SMALL_SHAPES) * 2 * 3
     assert all(r["fusedbn_s"] > 0 and r["torch_s"] > 0 for r in rows)
+    assert {r["workload"] for r in rows} == set(WORKLOADS)
 
 
 @pytest.mark.slow  # torch.compile: about 20 s with a cold inductor cache
 def test_compile_anchor(tmp_path):
     out = tmp_path / "compile.json"
-    assert bench.main(["--device", "cpu", "--shapes", "2,3,4,5", "--layout", "nchw", "--compare", "eager,compile",
+    assert bench.main(["--device", "cpu", "--shapes", "2,3,4,5", "--layout", "nchw", "--workload", "bn,bn+add+relu",
+                       "--compare", "eager,compile",
                        "--min-run-time", "0.002", "--rounds", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["anchors"] == ["torch", "compile"]
     assert all(r["compile_s"] > 0 and r["fusedbn_over_compile"] > 0 for r in data["rows"])
 
 
-def test_resnet_losses_agree(capsys):
+@pytest.mark.parametrize("fuse", [False, True], ids=["convert", "fuse"])
+def test_resnet_losses_agree(capsys, fuse):
     pytest.importorskip("torchvision")
     import resnet
 
     assert resnet.main(["--model", "resnet18", "--device", "cpu", "--batch", "4", "--image-size", "32",
-                        "--steps", "2", "--min-run-time", "0.01", "--rounds", "1"]) == 0
+                        "--steps", "2", "--min-run-time", "0.01", "--rounds", "1"] + (["--fuse"] if fuse else [])) == 0
     out = capsys.readouterr().out
     assert "largest difference" in out and "training step" in out and "inference" in out
+    assert ("fused 9 BatchNorm+ReLU and 8 BatchNorm+Add+ReLU" in out) == fuse
 
 
 def test_readme_table_is_rendered_from_the_results():
