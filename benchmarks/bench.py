@@ -54,6 +54,9 @@ def parse_args(argv=None):
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                         help="verify outputs, gradients and running statistics against nn.BatchNorm2d first")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
+    parser.add_argument("--distributed", type=int, metavar="N",
+                        help="instead of the sweep: a training step of FusedSyncBatchNorm in N gloo processes "
+                        "(CPU), each on a batch of the given shape, against nn.BatchNorm2d alone in each")
     parser.add_argument("--quick", action="store_true", help="the small preset and short runs")
     parser.add_argument("--min-run-time", type=float, help="seconds per measurement, all rounds together "
                         "(default 0.5, 0.05 with --quick)")
@@ -113,10 +116,28 @@ class Progress:
             self.bar.update(self.task, description=description, advance=advance)
 
 
+def run_distributed(args):
+    import distributed
+
+    setups = [(shape, layout, getattr(torch, dtype)) for dtype in args.dtype for shape in args.shapes
+              for layout in args.layouts]
+    rows = distributed.run(args.distributed, setups)
+    env = bench_lib.environment("cpu")
+    print(f"FusedSyncBatchNorm, {args.distributed} gloo processes on {env['machine']} (one thread each); "
+          f"torch {env['torch']}, fusedbn {env['fusedbn']}; training step (forward + backward), median of "
+          "fixed-count timings")
+    print("\n".join(distributed.table(rows)))
+    if args.json:
+        report.write_json(args.json, dict(env, distributed=args.distributed), rows)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.distributed:
+        return run_distributed(args)
     meta = dict(bench_lib.environment(args.device), passes={w: WORKLOADS[w].passes for w in args.workload},
                 copy_passes=COPY_PASSES,
                 anchors=[a.name for a in args.anchors], ours=[o.name for o in OURS],

@@ -134,8 +134,11 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         use_running = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
-        group = self.process_group if self.process_group is not None else (
-            dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        initialized = dist.is_available() and dist.is_initialized()
+        if self.process_group is not None and not initialized:
+            raise RuntimeError("FusedSyncBatchNorm was given a process group, but the default process group has "
+                               "not been initialized, please make sure to call init_process_group.")
+        group = self.process_group if self.process_group is not None else (dist.group.WORLD if initialized else None)
         if use_batch_stats and self.training and group is not None and dist.get_world_size(group) > 1:
             output = sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
                                      group)

@@ -224,3 +224,14 @@ def test_markdown_reads_old_and_new_results(tmp_path):
     assert table[0] == "**GPU**, torch 2.11 (`old.json`):"
     assert table[1:] == ["", "| shape | layout | float32 train-fwd-bwd |", "|---|---|---|",
                          "| 2x3x4x5 | NCHW | 0.50, 50 % |"]
+
+
+def test_distributed_rows(tmp_path, capsys):
+    out = tmp_path / "distributed.json"
+    assert bench.main(["--distributed", "2", "--shapes", "2,4,3,3", "--layout", "nchw", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FusedSyncBatchNorm, 2 gloo processes" in printed and "bytes sent per step" in printed
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["world"] == 2 and rows[0]["fusedbn_synced_s"] > 0
+    # packed moments (count, mean and M2 of 4 channels, float64) + two float32 sums per channel
+    assert rows[0]["bytes_sent"] == 8 * (1 + 2 * 4) + 2 * 4 * 4

@@ -166,6 +166,10 @@ def test_outside_a_process_group_is_single_device_batch_norm():
     torch.testing.assert_close(ours.running_var, ref.running_var)
     with pytest.raises(RuntimeError, match="Default process group has not been initialized"):
         fusedbn.sync_batch_norm(x, None, None, None, None, 0.1, 1e-5)
+    explicit = fusedbn.FusedSyncBatchNorm(3, process_group=object())
+    with pytest.raises(RuntimeError, match="given a process group, but the default process group has not been"):
+        explicit(x)
+    assert explicit.num_batches_tracked == 0
 
 
 def test_convert_sync_batchnorm_keeps_state():
