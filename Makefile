@@ -31,7 +31,7 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	mv $@.tmp $@
 	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
-.PHONY: test bench build clean
+.PHONY: test bench build clean fuzz
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 test: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
 	$(PY) -m pytest tests
+
+# The property-based tests with 20x the cases of a CI run (tests/test_fuzz.py).
+fuzz: $(DEPS_STAMP) $(CUDA_HOME_FILE)
+	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
+	FUSEDBN_FUZZ_EXAMPLES=20 $(PY) -m pytest tests/test_fuzz.py -s
 
 bench: build
 	PYTHONPATH=. $(PY) benchmarks/bench.py --quick

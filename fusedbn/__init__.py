@@ -3,10 +3,11 @@ from . import ops
 from .convert import convert_model
 from .functional import batch_norm, batch_norm_relu
 from .fuse import FuseReport, fuse_model
+from .inference import FoldReport, FrozenBatchNorm2d, fold_conv_bn, freeze
 from .sync import FusedSyncBatchNorm, convert_sync_batchnorm, sync_batch_norm
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d,
                       FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 
-__all__ = ["batch_norm", "batch_norm_relu", "convert_model", "fuse_model", "FuseReport", "FusedBatchNorm1d",
+__all__ = ["FoldReport", "FrozenBatchNorm2d", "fold_conv_bn", "freeze", "batch_norm", "batch_norm_relu", "convert_model", "fuse_model", "FuseReport", "FusedBatchNorm1d",
            "FusedBatchNorm2d", "FusedBatchNorm3d", "FusedBatchNormReLU1d", "FusedBatchNormReLU2d",
            "FusedBatchNormReLU3d", "FusedSyncBatchNorm", "convert_sync_batchnorm", "ops", "sync_batch_norm"]

@@ -1,0 +1,110 @@
+"""fold_conv_bn, FrozenBatchNorm2d and freeze against the unfolded / unfrozen torch model."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fusedbn
+from conftest import assert_close
+
+
+def _randomize_statistics(model, seed=0):
+    """Non-trivial running statistics and affine parameters, as a trained model has."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("name,count", [("resnet18", 20), ("resnet50", 53)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fold_conv_bn_on_resnets(name, count, dtype):
+    """Every BatchNorm of an eval-mode ResNet folds; outputs match within the dtype's tolerance (the folding
+    itself is done in float64, so a bfloat16 model loses no more than its own rounding)."""
+    torch.manual_seed(0)
+    model = _randomize_statistics(getattr(torchvision.models, name)(weights=None)).eval().to(dtype)
+    folded, report = fusedbn.fold_conv_bn(model)
+    assert len(report.folded) == count, str(report)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        expected = model.double()(x.double())
+        theirs = model.to(dtype)(x)
+        ours = folded(x)
+    # Our error against float64 stays within a few times the unfolded model's own.
+    assert (ours.double() - expected).abs().max() <= 4 * (theirs.double() - expected).abs().max() + 1e-5
+
+
+def test_fold_leaves_training_and_shared_layers_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_train, self.bn_train = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+            self.conv_shared, self.bn_after_shared = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.linear, self.bn1d = nn.Linear(4, 5), nn.BatchNorm1d(5)
+
+        def forward(self, x):
+            y = self.bn_train(self.conv_train(x))
+            z = self.conv_shared(y)
+            y = self.bn_after_shared(z) + z  # the conv's output has another user: not foldable
+            return self.bn1d(self.linear(y.mean(dim=(2, 3))))
+
+    net = _randomize_statistics(Net()).eval()
+    net.bn_train.train()
+    folded, report = fusedbn.fold_conv_bn(net)
+    assert report.folded == [("linear", "bn1d")]
+    net.bn_train.eval()
+    folded.bn_train.eval()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert_close(folded(x), net(x), torch.float32)
+
+
+def test_fold_warns_when_fx_cannot_trace():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, report = fusedbn.fold_conv_bn(Dynamic().eval())
+    assert not report.traced and any("cannot trace" in str(w.message) for w in caught)
+
+
+def test_frozen_batch_norm_loads_a_batch_norm_state_dict(device):
+    bn = _randomize_statistics(nn.BatchNorm2d(6)).to(device).eval()
+    frozen = fusedbn.FrozenBatchNorm2d(6).to(device)
+    frozen.load_state_dict(bn.state_dict())
+    assert not list(frozen.parameters())
+    x = torch.randn(3, 6, 5, 4, device=device, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = frozen(x), bn(x_ref)
+    assert_close(y, y_ref, torch.float32)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert_close(x.grad, x_ref.grad, torch.float32)
+
+
+def test_freeze_converts_in_place():
+    torch.manual_seed(0)
+    model = _randomize_statistics(torchvision.models.resnet18(weights=None)).eval()
+    reference = copy.deepcopy(model)
+    assert fusedbn.freeze(model) == 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, fusedbn.FrozenBatchNorm2d) for m in model.modules()) == 20
+    x = torch.randn(2, 3, 64, 64)
+    model.train()  # frozen statistics do not move in training mode either
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
