@@ -1,4 +1,6 @@
 """The ops pass torch.library.opcheck, and models using fusedbn compile with torch.compile(fullgraph=True)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,28 @@ def test_compile_fullgraph_matches_eager(device, training):
             torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
     for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_export_keeps_our_ops(device, training):
+    """torch.export.export gives a program that runs and matches (running statistics included);
+    run_decompositions keeps our custom ops (they are opaque to it) with identical results."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), fusedbn.FusedBatchNormReLU2d(4), fusedbn.FusedBatchNorm2d(4))
+    model = model.to(device).train(training)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    library = "fusedbn_simt" if fusedbn.ops.forward_eval is not torch.ops.fusedbn.forward_eval else "fusedbn"
+    op = "forward_train" if training else "forward_eval"
+    for decompose in (False, True):
+        twin = copy.deepcopy(model)
+        exported = torch.export.export(copy.deepcopy(model), (x,))
+        if decompose:
+            exported = exported.run_decompositions()
+        # The training op mutates the running statistics: decomposed, it runs inside auto_functionalized.
+        calls = [node for node in exported.graph.nodes if node.op == "call_function"]
+        targets = {str(node.args[0] if "auto_functionalized" in str(node.target) else node.target) for node in calls}
+        assert f"{library}.{op}.default" in targets, targets
+        module = exported.module()
+        torch.testing.assert_close(module(x), twin(x), rtol=0, atol=0)
+        for (name, a), b in zip(twin.state_dict().items(), module.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
