@@ -96,6 +96,12 @@ inline void check_forward_train_args(const at::Tensor& input, const std::optiona
                     "Expected more than 1 value per channel when training, got input size ", input.sizes());
 }
 
+// torch.nn.functional.batch_norm's rule: eps > 0 in training, eps >= 0 with running statistics.
+inline void check_eps(double eps, bool training) {
+  TORCH_CHECK_VALUE(!training || eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+}
+
 inline void check_forward_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                                     const at::Tensor& running_var, const std::optional<at::Tensor>& residual) {

@@ -73,7 +73,16 @@ class _BatchNormEval(torch.autograd.Function):
         return *grads[:3], None, None, None, grads[3], None
 
 
+def check_eps(eps: float, training: bool) -> None:
+    """torch.nn.functional.batch_norm's rule and wording."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+    check_eps(eps, training)
     if training:
         return _BatchNormTraining.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, residual, relu

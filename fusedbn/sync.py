@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .functional import batch_norm
+from .functional import batch_norm, check_eps
 
 
 def _local_moments(input: Tensor):
@@ -97,6 +97,7 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("Default process group has not been initialized, please make sure to call "
                            "init_process_group.")
+    check_eps(eps, True)
     group = process_group if process_group is not None else dist.group.WORLD
     return _SyncBatchNorm.apply(input, weight, bias, running_mean, running_var, momentum, eps, group,
                                 dist.get_world_size(group))

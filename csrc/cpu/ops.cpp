@@ -84,6 +84,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                  const OptTensor& running_var, double momentum,
                                                  double eps, const OptTensor& residual, bool relu) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual);
+  check_eps(eps, true);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C, count = layout.count_per_channel();
@@ -138,6 +139,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
                     const Tensor& running_mean, const Tensor& running_var, double eps,
                     const OptTensor& residual, bool relu) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual);
+  check_eps(eps, false);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const auto acc = at::toOpMathType(input.scalar_type());

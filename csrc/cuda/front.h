@@ -34,6 +34,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 inline bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
+inline OptTensor contiguous(const OptTensor& t) {
+  return has(t) ? OptTensor(t->contiguous()) : t;
+}
+
 template <typename T>
 T* ptr_or_null(const OptTensor& t) {
   return has(t) ? t->mutable_data_ptr<T>() : nullptr;
@@ -100,7 +104,8 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
     with_vec_width<kVecWidth>(aligned, [&](auto vec) {
       constexpr int kVec = decltype(vec)::value;
       const int64_t S = layout.S;
-      const int64_t W = S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1;  // windows a run can overlap
+      // Windows a run can overlap (at least one, so an empty run (S = 0) still indexes safely).
+      const int64_t W = std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
       const int64_t windows = layout.N * W;
       const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
       const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
@@ -187,7 +192,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                  const OptTensor& running_mean, const OptTensor& running_var,
                                                  double momentum, double eps, const OptTensor& residual, bool relu) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual);
+  check_eps(eps, true);
   const Context ctx(input);
+  // The statistics kernel indexes per-channel tensors by channel and updates the running statistics in
+  // place: strided ones are read from contiguous copies, and the running statistics copied back.
+  const OptTensor w = contiguous(weight), b = contiguous(bias);
+  const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C;
@@ -203,13 +213,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
                                                     layout.channels_last ? 1 : layout.S};
       const StatsFinisher<acc_t, param_t> finisher{
-          ptr_or_null<param_t>(weight),       ptr_or_null<param_t>(bias),         ptr_or_null<param_t>(running_mean),
-          ptr_or_null<param_t>(running_var),  mean.mutable_data_ptr<acc_t>(),     invstd.mutable_data_ptr<acc_t>(),
+          ptr_or_null<param_t>(w),            ptr_or_null<param_t>(b),            ptr_or_null<param_t>(rm),
+          ptr_or_null<param_t>(rv),           mean.mutable_data_ptr<acc_t>(),     invstd.mutable_data_ptr<acc_t>(),
           alpha.mutable_data_ptr<acc_t>(),    beta.mutable_data_ptr<acc_t>(),     momentum,
           eps};
       launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
     });
   });
+  for (const auto& [given, used] : {std::pair{&running_mean, &rm}, std::pair{&running_var, &rv}}) {
+    if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
+  }
   return {normalize(x, layout, mean, alpha, beta, ctx, residual, relu), mean, invstd};
 }
 
@@ -217,6 +230,7 @@ template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps, const OptTensor& residual, bool relu) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual);
+  check_eps(eps, false);
   const Context ctx(input);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
