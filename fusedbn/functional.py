@@ -28,40 +28,81 @@ def _backward(ctx, grad_output, mean, invstd, training):
     return grad_input, grad_weight, grad_bias, grad_residual
 
 
+# torch.func.vmap over B problems is one problem with B*C channels: an input-shaped (B, N, C, *) batch
+# becomes (N, B*C, *) and per-channel (B, C) tensors (B*C), so the kernels see no batch dimension at all.
+def _input_to_channels(t, dim, size):
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.movedim(0, 1).flatten(1, 2)
+
+
+def _param_to_channels(t, dim, size):
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.reshape(-1)
+
+
+def _channels_to_batch(t, size):
+    return t.unflatten(1, (size, -1)).movedim(1, 0)
+
+
 class _BatchNormTraining(torch.autograd.Function):
-    """Batch statistics; updates the running statistics in place when given."""
+    """Batch statistics; updates the running statistics in place when given. Returns (output, mean,
+    invstd); the statistics are not differentiable."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
-        output, mean, invstd = ops.forward_train(
-            input, weight, bias, running_mean, running_var, momentum, eps, residual, relu
-        )
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+        return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, bias, _, _, _, _, residual, relu = inputs
+        output, mean, invstd = outputs
         mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
         ctx.save_for_backward(input, weight, mask_bias, mask_output, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
         ctx.relu = relu
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[7]
-        return output
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         mean, invstd = ctx.saved_tensors[4:]
         grads = _backward(ctx, grad_output, mean, invstd, True)
         return *grads[:3], None, None, None, None, grads[3], None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+        if running_mean is not None or running_var is not None:
+            raise RuntimeError(
+                "fusedbn: vmap over a training-mode batch norm cannot update running_mean and running_var in "
+                "place; use torch.func.replace_all_batch_norm_modules_ or track_running_stats=False")
+        size = info.batch_size
+        output, mean, invstd = _BatchNormTraining.apply(
+            _input_to_channels(input, in_dims[0], size), _param_to_channels(weight, in_dims[1], size),
+            _param_to_channels(bias, in_dims[2], size), None, None, momentum, eps,
+            _input_to_channels(residual, in_dims[7], size), relu)
+        return (_channels_to_batch(output, size), mean.unflatten(0, (size, -1)),
+                invstd.unflatten(0, (size, -1))), (0, 0, 0)
 
 
 class _BatchNormEval(torch.autograd.Function):
     """Running statistics: a per-channel affine map of the input."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, eps, residual, relu):
-        output = ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+    def forward(input, weight, bias, running_mean, running_var, eps, residual, relu):
+        return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, eps, residual, relu = inputs
         mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
         ctx.save_for_backward(input, weight, mask_bias, mask_output, running_mean, running_var)
         ctx.eps = eps
         ctx.relu = relu
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[6]
-        return output
 
     @staticmethod
     @once_differentiable
@@ -71,6 +112,16 @@ class _BatchNormEval(torch.autograd.Function):
         invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
         grads = _backward(ctx, grad_output, running_mean.to(acc), invstd, False)
         return *grads[:3], None, None, None, grads[3], None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, relu):
+        size = info.batch_size
+        output = _BatchNormEval.apply(
+            _input_to_channels(input, in_dims[0], size), _param_to_channels(weight, in_dims[1], size),
+            _param_to_channels(bias, in_dims[2], size), _param_to_channels(running_mean, in_dims[3], size),
+            _param_to_channels(running_var, in_dims[4], size), eps, _input_to_channels(residual, in_dims[6], size),
+            relu)
+        return _channels_to_batch(output, size), 0
 
 
 def check_eps(eps: float, training: bool) -> None:
@@ -86,7 +137,7 @@ def _apply(input, running_mean, running_var, weight, bias, training, momentum, e
     if training:
         return _BatchNormTraining.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, residual, relu
-        )
+        )[0]
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
     return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps, residual, relu)

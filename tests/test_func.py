@@ -1,0 +1,87 @@
+"""torch.func over fusedbn: vmap (a batch of B problems runs as one with B*C channels), grad, jacrev,
+per-sample gradients through functional_call with replace_all_batch_norm_modules_, all against the same
+transforms of torch's batch norm."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, replace_all_batch_norm_modules_, vmap
+
+import fusedbn
+
+
+def _close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+
+
+def _data(device, batch=4, shape=(3, 5, 4, 4)):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen, dtype=torch.float64).to(device)
+    w = (torch.rand(batch, shape[1], generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(batch, shape[1], generator=gen, dtype=torch.float64).to(device)
+    return x, w, b
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_vmap_training_over_inputs_and_weights(device, layout):
+    x, w, b = _data(device)
+    if layout == "channels_last":
+        x = torch.stack([s.to(memory_format=torch.channels_last) for s in x])
+    ours = vmap(lambda x, w, b: fusedbn.batch_norm(x, None, None, w, b, training=True))(x, w, b)
+    theirs = vmap(lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True))(x, w, b)
+    _close(ours, theirs)
+    # Unbatched parameters and a residual, through the fused relu op.
+    r = torch.randn_like(x)
+    ours = vmap(lambda x, r: fusedbn.batch_norm_relu(x, None, None, w[0], b[0], training=True, residual=r))(x, r)
+    theirs = vmap(lambda x, r: torch.relu(F.batch_norm(x, None, None, w[0], b[0], training=True) + r))(x, r)
+    _close(ours, theirs)
+
+
+def test_vmap_eval_with_running_statistics(device):
+    x, w, b = _data(device)
+    rm, rv = torch.randn_like(w), torch.rand_like(w) + 0.5
+    ours = vmap(lambda x, rm, rv: fusedbn.batch_norm(x, rm, rv, w[0], b[0], training=False))(x, rm, rv)
+    theirs = vmap(lambda x, rm, rv: F.batch_norm(x, rm, rv, w[0], b[0], training=False))(x, rm, rv)
+    _close(ours, theirs)
+
+
+def test_vmap_cannot_update_running_statistics(device):
+    x, w, b = _data(device)
+    rm, rv = torch.zeros(5, dtype=torch.float64, device=device), torch.ones(5, dtype=torch.float64, device=device)
+    with pytest.raises(RuntimeError, match="replace_all_batch_norm_modules_"):
+        vmap(lambda x: fusedbn.batch_norm(x, rm, rv, training=True))(x)
+
+
+def test_grad_and_jacrev(device):
+    x, w, b = _data(device)
+    loss = {name: (lambda fn: lambda x, w, b: fn(x, None, None, w, b, training=True).square().sum())(fn)
+            for name, fn in (("ours", fusedbn.batch_norm), ("torch", F.batch_norm))}
+    for argnums in (0, 1, 2):
+        _close(grad(loss["ours"], argnums)(x[0], w[0], b[0]), grad(loss["torch"], argnums)(x[0], w[0], b[0]))
+    per_channel = {name: (lambda fn: lambda w: fn(x[0], None, None, w, b[0], training=True).sum((0, 2, 3)))(fn)
+                   for name, fn in (("ours", fusedbn.batch_norm), ("torch", F.batch_norm))}
+    _close(jacrev(per_channel["ours"])(w[0]), jacrev(per_channel["torch"])(w[0]))
+
+
+def test_per_sample_gradients_with_functional_call(device):
+    """The torch.func recipe: batch norm without running statistics, vmap(grad) over samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model = model.to(device).double()
+    ours = fusedbn.convert_model(copy.deepcopy(model))
+    for m in (model, ours):
+        replace_all_batch_norm_modules_(m)
+    x = torch.randn(6, 2, 3, 6, 6, dtype=torch.float64, device=device)  # 6 samples, each a batch of 2
+    target = torch.randn(6, 2, 2, dtype=torch.float64, device=device)
+    grads = []
+    for m in (model, ours):
+        params = {k: v.detach() for k, v in m.named_parameters()}
+
+        def loss(params, x, t, m=m):
+            return F.mse_loss(functional_call(m, params, (x,)), t)
+
+        grads.append(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target))
+    for name in grads[0]:
+        _close(grads[1][name], grads[0][name])
