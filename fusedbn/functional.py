@@ -48,6 +48,17 @@ def _channels_to_batch(t, size):
     return t.unflatten(1, (size, -1)).movedim(1, 0)
 
 
+def _tangent_through_epilogue(tangent, output, residual_tangent, relu):
+    """The output's tangent from BatchNorm's: plus the residual's, then relu's mask (from the output)."""
+    if residual_tangent is not None:
+        tangent = tangent + residual_tangent
+    return torch.where(output > 0, tangent, 0) if relu else tangent
+
+
+def _channel_view(t, like):
+    return None if t is None else t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
 class _BatchNormTraining(torch.autograd.Function):
     """Batch statistics; updates the running statistics in place when given. Returns (output, mean,
     invstd); the statistics are not differentiable."""
@@ -62,6 +73,7 @@ class _BatchNormTraining(torch.autograd.Function):
         output, mean, invstd = outputs
         mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
         ctx.save_for_backward(input, weight, mask_bias, mask_output, mean, invstd)
+        ctx.save_for_forward(input, weight, output, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
         ctx.relu = relu
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[7]
@@ -72,6 +84,28 @@ class _BatchNormTraining(torch.autograd.Function):
         mean, invstd = ctx.saved_tensors[4:]
         grads = _backward(ctx, grad_output, mean, invstd, True)
         return *grads[:3], None, None, None, None, grads[3], None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
+        """Forward-mode derivative of y = x_hat * w + b with batch statistics (means over all but C):
+        d x_hat = invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)); dy = d x_hat * w + x_hat * dw + db."""
+        input, weight, output, mean, invstd = ctx.saved_tensors
+        dims = [d for d in range(input.dim()) if d != 1]
+        acc = mean.dtype
+        x_hat = (input.to(acc) - _channel_view(mean, input)) * _channel_view(invstd, input)
+        tangent = torch.zeros_like(x_hat)
+        if d_input is not None:
+            dx = d_input.to(acc)
+            tangent = _channel_view(invstd, input) * (
+                dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True))
+            if weight is not None:
+                tangent = tangent * _channel_view(weight.to(acc), input)
+        if d_weight is not None:
+            tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+        if d_bias is not None:
+            tangent = tangent + _channel_view(d_bias.to(acc), input)
+        tangent = _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
+        return tangent, None, None
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
@@ -100,6 +134,7 @@ class _BatchNormEval(torch.autograd.Function):
         input, weight, bias, running_mean, running_var, eps, residual, relu = inputs
         mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
         ctx.save_for_backward(input, weight, mask_bias, mask_output, running_mean, running_var)
+        ctx.save_for_forward(input, weight, output, running_mean, running_var)
         ctx.eps = eps
         ctx.relu = relu
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[6]
@@ -112,6 +147,25 @@ class _BatchNormEval(torch.autograd.Function):
         invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
         grads = _backward(ctx, grad_output, running_mean.to(acc), invstd, False)
         return *grads[:3], None, None, None, grads[3], None
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
+        """Forward-mode derivative of y = (x - running_mean) * invstd * w + b: dy = dx * invstd * w +
+        (x - running_mean) * invstd * dw + db (the running statistics are constants)."""
+        input, weight, output, running_mean, running_var = ctx.saved_tensors
+        acc = ops.acc_dtype(input.dtype)
+        invstd = _channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
+        tangent = torch.zeros(input.shape, dtype=acc, device=input.device)
+        if d_input is not None:
+            tangent = d_input.to(acc) * invstd
+            if weight is not None:
+                tangent = tangent * _channel_view(weight.to(acc), input)
+        if d_weight is not None:
+            x_hat = (input.to(acc) - _channel_view(running_mean.to(acc), input)) * invstd
+            tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+        if d_bias is not None:
+            tangent = tangent + _channel_view(d_bias.to(acc), input)
+        return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, relu):

@@ -85,3 +85,35 @@ def test_per_sample_gradients_with_functional_call(device):
         grads.append(vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target))
     for name in grads[0]:
         _close(grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_relu", [False, True], ids=["bn", "bn-add-relu"])
+def test_forward_mode_ad_and_jacfwd(device, training, with_relu):
+    x, w, b = _data(device)
+    x, w, b = x[0], w[0], b[0]
+    rm, rv = torch.randn_like(w), torch.rand_like(w) + 0.5
+    r = torch.randn_like(x)
+
+    def ours(x, w, b, r):
+        stats = (None, None) if training else (rm, rv)
+        if with_relu:
+            return fusedbn.batch_norm_relu(x, *stats, w, b, training=training, residual=r)
+        return fusedbn.batch_norm(x, *stats, w, b, training=training)
+
+    def theirs(x, w, b, r):
+        y = F.batch_norm(x, *((None, None) if training else (rm, rv)), w, b, training=training)
+        return torch.relu(y + r) if with_relu else y
+
+    tangents = tuple(torch.randn_like(t) for t in (x, w, b, r))
+    out_ours, jvp_ours = torch.func.jvp(ours, (x, w, b, r), tangents)
+    out_theirs, jvp_theirs = torch.func.jvp(theirs, (x, w, b, r), tangents)
+    _close(out_ours, out_theirs)
+    _close(jvp_ours, jvp_theirs)
+    _close(torch.func.jacfwd(lambda w: ours(x, w, b, r).sum((0, 2, 3)))(w),
+           torch.func.jacfwd(lambda w: theirs(x, w, b, r).sum((0, 2, 3)))(w))
+    _, expected = torch.func.jvp(lambda x: theirs(x, w, b, r), (x,), (tangents[0],))
+    with torch.autograd.forward_ad.dual_level():  # the torch.autograd.forward_ad API too
+        dual = torch.autograd.forward_ad.make_dual(x, tangents[0])
+        tangent = torch.autograd.forward_ad.unpack_dual(ours(dual, w, b, r)).tangent
+    _close(tangent, expected)
