@@ -4,6 +4,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import ops
@@ -86,28 +87,6 @@ class _BatchNormTraining(torch.autograd.Function):
         return *grads[:3], None, None, None, None, grads[3], None
 
     @staticmethod
-    def jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
-        """Forward-mode derivative of y = x_hat * w + b with batch statistics (means over all but C):
-        d x_hat = invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)); dy = d x_hat * w + x_hat * dw + db."""
-        input, weight, output, mean, invstd = ctx.saved_tensors
-        dims = [d for d in range(input.dim()) if d != 1]
-        acc = mean.dtype
-        x_hat = (input.to(acc) - _channel_view(mean, input)) * _channel_view(invstd, input)
-        tangent = torch.zeros_like(x_hat)
-        if d_input is not None:
-            dx = d_input.to(acc)
-            tangent = _channel_view(invstd, input) * (
-                dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True))
-            if weight is not None:
-                tangent = tangent * _channel_view(weight.to(acc), input)
-        if d_weight is not None:
-            tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
-        if d_bias is not None:
-            tangent = tangent + _channel_view(d_bias.to(acc), input)
-        tangent = _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
-        return tangent, None, None
-
-    @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
         if running_mean is not None or running_var is not None:
             raise RuntimeError(
@@ -149,25 +128,6 @@ class _BatchNormEval(torch.autograd.Function):
         return *grads[:3], None, None, None, grads[3], None
 
     @staticmethod
-    def jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
-        """Forward-mode derivative of y = (x - running_mean) * invstd * w + b: dy = dx * invstd * w +
-        (x - running_mean) * invstd * dw + db (the running statistics are constants)."""
-        input, weight, output, running_mean, running_var = ctx.saved_tensors
-        acc = ops.acc_dtype(input.dtype)
-        invstd = _channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
-        tangent = torch.zeros(input.shape, dtype=acc, device=input.device)
-        if d_input is not None:
-            tangent = d_input.to(acc) * invstd
-            if weight is not None:
-                tangent = tangent * _channel_view(weight.to(acc), input)
-        if d_weight is not None:
-            x_hat = (input.to(acc) - _channel_view(running_mean.to(acc), input)) * invstd
-            tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
-        if d_bias is not None:
-            tangent = tangent + _channel_view(d_bias.to(acc), input)
-        return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
-
-    @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, relu):
         size = info.batch_size
         output = _BatchNormEval.apply(
@@ -176,6 +136,62 @@ class _BatchNormEval(torch.autograd.Function):
             _param_to_channels(running_var, in_dims[4], size), eps, _input_to_channels(residual, in_dims[6], size),
             relu)
         return _channels_to_batch(output, size), 0
+
+
+def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
+    """Forward-mode derivative of y = x_hat * w + b with batch statistics (means over all but C):
+    d x_hat = invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)); dy = d x_hat * w + x_hat * dw + db."""
+    input, weight, output, mean, invstd = ctx.saved_tensors
+    dims = [d for d in range(input.dim()) if d != 1]
+    acc = mean.dtype
+    x_hat = (input.to(acc) - _channel_view(mean, input)) * _channel_view(invstd, input)
+    tangent = torch.zeros_like(x_hat)
+    if d_input is not None:
+        dx = d_input.to(acc)
+        tangent = _channel_view(invstd, input) * (
+            dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True))
+        if weight is not None:
+            tangent = tangent * _channel_view(weight.to(acc), input)
+    if d_weight is not None:
+        tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+    if d_bias is not None:
+        tangent = tangent + _channel_view(d_bias.to(acc), input)
+    tangent = _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
+    return tangent, None, None
+
+
+def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
+    """Forward-mode derivative of y = (x - running_mean) * invstd * w + b: dy = dx * invstd * w +
+    (x - running_mean) * invstd * dw + db (the running statistics are constants)."""
+    input, weight, output, running_mean, running_var = ctx.saved_tensors
+    acc = ops.acc_dtype(input.dtype)
+    invstd = _channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
+    tangent = torch.zeros(input.shape, dtype=acc, device=input.device)
+    if d_input is not None:
+        tangent = d_input.to(acc) * invstd
+        if weight is not None:
+            tangent = tangent * _channel_view(weight.to(acc), input)
+    if d_weight is not None:
+        x_hat = (input.to(acc) - _channel_view(running_mean.to(acc), input)) * invstd
+        tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+    if d_bias is not None:
+        tangent = tangent + _channel_view(d_bias.to(acc), input)
+    return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
+
+
+# Forward-mode AD needs a jvp rule, but torch.compile cannot trace an autograd.Function that has one: the
+# rule lives in subclasses used only while forward-mode AD is active (torch.func.jvp/jacfwd, dual_level).
+class _BatchNormTrainingForwardAD(_BatchNormTraining):
+    jvp = staticmethod(_training_jvp)
+
+
+class _BatchNormEvalForwardAD(_BatchNormEval):
+    jvp = staticmethod(_eval_jvp)
+
+
+def eval_function():
+    """The eval autograd.Function to apply (with a jvp rule when forward-mode AD is active)."""
+    return _BatchNormEvalForwardAD if forward_ad._current_level >= 0 else _BatchNormEval
 
 
 def check_eps(eps: float, training: bool) -> None:
@@ -189,12 +205,13 @@ def check_eps(eps: float, training: bool) -> None:
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     check_eps(eps, training)
     if training:
-        return _BatchNormTraining.apply(
+        function = _BatchNormTrainingForwardAD if forward_ad._current_level >= 0 else _BatchNormTraining
+        return function.apply(
             input, weight, bias, running_mean, running_var, momentum, eps, residual, relu
         )[0]
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-    return _BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps, residual, relu)
+    return eval_function().apply(input, weight, bias, running_mean, running_var, eps, residual, relu)
 
 
 def batch_norm(

@@ -8,7 +8,7 @@ from typing import List
 import torch
 from torch import Tensor, fx, nn
 
-from .functional import _BatchNormEval
+from .functional import eval_function
 
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
              nn.Linear: nn.BatchNorm1d}
@@ -115,7 +115,7 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        return _BatchNormEval.apply(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+        return eval_function().apply(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
                                     None, False)
 
     def extra_repr(self) -> str:
