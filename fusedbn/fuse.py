@@ -1,7 +1,5 @@
 """``fuse_model``: rewrite ``relu(bn(x))`` and ``relu(bn(x) + r)`` into fused fusedbn modules with torch.fx."""
-import copy
 import operator
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -9,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._fx import module_call_counts, traced_copy
 from .convert import convert_model
 from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
 
@@ -71,10 +70,7 @@ def _find_matches(gm: fx.GraphModule):
 
 def _candidate_matches(gm: fx.GraphModule):
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     for node in gm.graph.nodes:
         # A BatchNorm module called once, with no other user of its output than the pattern.
         if (node.op != "call_module" or type(modules[node.target]) not in _FUSED_RELU_FOR
@@ -97,12 +93,8 @@ def fuse_model(model: nn.Module):
 
     A model that torch.fx cannot trace is converted with ``convert_model`` instead, with a warning.
     """
-    model = copy.deepcopy(model)
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - FX raises many kinds of errors for untraceable code
-        warnings.warn(f"fusedbn.fuse_model: torch.fx cannot trace {type(model).__name__} ({error}); "
-                      "converting its BatchNorm layers without fusing them", stacklevel=2)
+    model, gm = traced_copy(model, "fuse_model", "converting its BatchNorm layers without fusing them")
+    if gm is None:
         converted = sum(type(m) in _FUSED_RELU_FOR for m in model.modules())
         return convert_model(model), FuseReport(converted=converted, traced=False)
 

@@ -1,13 +1,12 @@
 """Inference helpers: ``fold_conv_bn`` (eval-mode BatchNorm folded into the preceding Conv/Linear),
 ``FrozenBatchNorm2d`` (statistics and affine frozen, as detection models use it) and ``freeze``."""
-import copy
-import warnings
 from dataclasses import dataclass, field
 from typing import List
 
 import torch
 from torch import Tensor, fx, nn
 
+from ._fx import module_call_counts, traced_copy
 from .functional import eval_function
 
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
@@ -49,18 +48,11 @@ def fold_conv_bn(model: nn.Module):
     called once, its output used by nothing else) is folded into that layer's weight and bias and
     removed. Training-mode BatchNorm and shared layers are left alone; ``model`` itself is not changed.
     A model torch.fx cannot trace is returned as an unfolded copy, with a warning."""
-    model = copy.deepcopy(model)
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as error:  # noqa: BLE001 - FX raises many kinds of errors for untraceable code
-        warnings.warn(f"fusedbn.fold_conv_bn: torch.fx cannot trace {type(model).__name__} ({error}); "
-                      "nothing folded", stacklevel=2)
+    model, gm = traced_copy(model, "fold_conv_bn", "nothing folded")
+    if gm is None:
         return model, FoldReport(traced=False)
     modules = dict(gm.named_modules())
-    calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     report = FoldReport()
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
