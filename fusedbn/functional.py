@@ -5,9 +5,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from . import ops
+from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
+from .backward import batch_norm_backward
 
 
 def _saved_for_relu_mask(bias, output, residual, relu):
@@ -21,32 +22,11 @@ def _saved_for_relu_mask(bias, output, residual, relu):
 
 
 def _backward(ctx, grad_output, mean, invstd, training):
+    """The fused backward, itself differentiable (fusedbn/backward.py) for gradients of gradients."""
     input, weight, bias, output = ctx.saved_tensors[:4]
     mask = list(ctx.needs_input_grad[:3])
-    grad_input, grad_weight, grad_bias, grad_residual = ops.backward(
-        grad_output, input, weight, mean, invstd, training, mask, bias, output, ctx.relu, ctx.needs_residual_grad
-    )
-    return grad_input, grad_weight, grad_bias, grad_residual
-
-
-# torch.func.vmap over B problems is one problem with B*C channels: an input-shaped (B, N, C, *) batch
-# becomes (N, B*C, *) and per-channel (B, C) tensors (B*C), so the kernels see no batch dimension at all.
-def _input_to_channels(t, dim, size):
-    if t is None:
-        return None
-    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
-    return t.movedim(0, 1).flatten(1, 2)
-
-
-def _param_to_channels(t, dim, size):
-    if t is None:
-        return None
-    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
-    return t.reshape(-1)
-
-
-def _channels_to_batch(t, size):
-    return t.unflatten(1, (size, -1)).movedim(1, 0)
+    return batch_norm_backward(
+        grad_output, input, weight, bias, output, mean, invstd, training, ctx.relu, mask, ctx.needs_residual_grad)
 
 
 def _tangent_through_epilogue(tangent, output, residual_tangent, relu):
@@ -54,10 +34,6 @@ def _tangent_through_epilogue(tangent, output, residual_tangent, relu):
     if residual_tangent is not None:
         tangent = tangent + residual_tangent
     return torch.where(output > 0, tangent, 0) if relu else tangent
-
-
-def _channel_view(t, like):
-    return None if t is None else t.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 class _BatchNormTraining(torch.autograd.Function):
@@ -80,7 +56,6 @@ class _BatchNormTraining(torch.autograd.Function):
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[7]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         mean, invstd = ctx.saved_tensors[4:]
         grads = _backward(ctx, grad_output, mean, invstd, True)
@@ -93,12 +68,12 @@ class _BatchNormTraining(torch.autograd.Function):
                 "fusedbn: vmap over a training-mode batch norm cannot update running_mean and running_var in "
                 "place; use torch.func.replace_all_batch_norm_modules_ or track_running_stats=False")
         size = info.batch_size
-        output, mean, invstd = _BatchNormTraining.apply(
-            _input_to_channels(input, in_dims[0], size), _param_to_channels(weight, in_dims[1], size),
-            _param_to_channels(bias, in_dims[2], size), None, None, momentum, eps,
-            _input_to_channels(residual, in_dims[7], size), relu)
-        return (_channels_to_batch(output, size), mean.unflatten(0, (size, -1)),
-                invstd.unflatten(0, (size, -1))), (0, 0, 0)
+        output, mean, invstd = training_function().apply(
+            input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
+            param_to_channels(bias, in_dims[2], size), None, None, momentum, eps,
+            input_to_channels(residual, in_dims[7], size), relu)
+        return (channels_to_batch(output, size), params_to_batch(mean, size),
+                params_to_batch(invstd, size)), (0, 0, 0)
 
 
 class _BatchNormEval(torch.autograd.Function):
@@ -119,7 +94,6 @@ class _BatchNormEval(torch.autograd.Function):
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[6]
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         input, running_mean, running_var = ctx.saved_tensors[0], *ctx.saved_tensors[4:]
         acc = ops.acc_dtype(input.dtype)
@@ -130,12 +104,12 @@ class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, relu):
         size = info.batch_size
-        output = _BatchNormEval.apply(
-            _input_to_channels(input, in_dims[0], size), _param_to_channels(weight, in_dims[1], size),
-            _param_to_channels(bias, in_dims[2], size), _param_to_channels(running_mean, in_dims[3], size),
-            _param_to_channels(running_var, in_dims[4], size), eps, _input_to_channels(residual, in_dims[6], size),
+        output = eval_function().apply(
+            input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
+            param_to_channels(bias, in_dims[2], size), param_to_channels(running_mean, in_dims[3], size),
+            param_to_channels(running_var, in_dims[4], size), eps, input_to_channels(residual, in_dims[6], size),
             relu)
-        return _channels_to_batch(output, size), 0
+        return channels_to_batch(output, size), 0
 
 
 def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
@@ -144,18 +118,18 @@ def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_
     input, weight, output, mean, invstd = ctx.saved_tensors
     dims = [d for d in range(input.dim()) if d != 1]
     acc = mean.dtype
-    x_hat = (input.to(acc) - _channel_view(mean, input)) * _channel_view(invstd, input)
+    x_hat = (input.to(acc) - channel_view(mean, input)) * channel_view(invstd, input)
     tangent = torch.zeros_like(x_hat)
     if d_input is not None:
         dx = d_input.to(acc)
-        tangent = _channel_view(invstd, input) * (
+        tangent = channel_view(invstd, input) * (
             dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True))
         if weight is not None:
-            tangent = tangent * _channel_view(weight.to(acc), input)
+            tangent = tangent * channel_view(weight.to(acc), input)
     if d_weight is not None:
-        tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+        tangent = tangent + x_hat * channel_view(d_weight.to(acc), input)
     if d_bias is not None:
-        tangent = tangent + _channel_view(d_bias.to(acc), input)
+        tangent = tangent + channel_view(d_bias.to(acc), input)
     tangent = _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
     return tangent, None, None
 
@@ -165,17 +139,17 @@ def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, 
     (x - running_mean) * invstd * dw + db (the running statistics are constants)."""
     input, weight, output, running_mean, running_var = ctx.saved_tensors
     acc = ops.acc_dtype(input.dtype)
-    invstd = _channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
+    invstd = channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
     tangent = torch.zeros(input.shape, dtype=acc, device=input.device)
     if d_input is not None:
         tangent = d_input.to(acc) * invstd
         if weight is not None:
-            tangent = tangent * _channel_view(weight.to(acc), input)
+            tangent = tangent * channel_view(weight.to(acc), input)
     if d_weight is not None:
-        x_hat = (input.to(acc) - _channel_view(running_mean.to(acc), input)) * invstd
-        tangent = tangent + x_hat * _channel_view(d_weight.to(acc), input)
+        x_hat = (input.to(acc) - channel_view(running_mean.to(acc), input)) * invstd
+        tangent = tangent + x_hat * channel_view(d_weight.to(acc), input)
     if d_bias is not None:
-        tangent = tangent + _channel_view(d_bias.to(acc), input)
+        tangent = tangent + channel_view(d_bias.to(acc), input)
     return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
 
 
@@ -187,6 +161,11 @@ class _BatchNormTrainingForwardAD(_BatchNormTraining):
 
 class _BatchNormEvalForwardAD(_BatchNormEval):
     jvp = staticmethod(_eval_jvp)
+
+
+def training_function():
+    """The training autograd.Function to apply (with a jvp rule when forward-mode AD is active)."""
+    return _BatchNormTrainingForwardAD if forward_ad._current_level >= 0 else _BatchNormTraining
 
 
 def eval_function():
@@ -205,8 +184,7 @@ def check_eps(eps: float, training: bool) -> None:
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     check_eps(eps, training)
     if training:
-        function = _BatchNormTrainingForwardAD if forward_ad._current_level >= 0 else _BatchNormTraining
-        return function.apply(
+        return training_function().apply(
             input, weight, bias, running_mean, running_var, momentum, eps, residual, relu
         )[0]
     if running_mean is None or running_var is None:

@@ -1,0 +1,30 @@
+"""Reshapes between a tensor's layout and the per-channel view the ops and their derivatives use."""
+
+
+def channel_view(t, like):
+    """A per-channel (C,) tensor viewed to broadcast against ``like`` (N, C, *)."""
+    return None if t is None else t.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+# torch.func.vmap over B problems is one problem with B*C channels: an input-shaped (B, N, C, *) batch
+# becomes (N, B*C, *) and per-channel (B, C) tensors (B*C), so the kernels see no batch dimension at all.
+def input_to_channels(t, dim, size):
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.movedim(0, 1).flatten(1, 2)
+
+
+def param_to_channels(t, dim, size):
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.reshape(-1)
+
+
+def channels_to_batch(t, size):
+    return t.unflatten(1, (size, -1)).movedim(1, 0)
+
+
+def params_to_batch(t, size):
+    return t.unflatten(0, (size, -1))
