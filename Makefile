@@ -1,6 +1,7 @@
-# Two entry points for a fresh machine with nothing but Python:
-#   make test   - .venv with the pinned torch, build fusedbn, run the whole test suite
-#   make bench  - same set-up, then the benchmark against nn.BatchNorm2d
+# Entry points for a fresh machine with nothing but Python:
+#   make test      - .venv with the pinned torch, build fusedbn, run the whole test suite
+#   make bench     - same set-up, then the benchmark against nn.BatchNorm2d
+#   make examples  - same set-up, then the training examples that make examples/results
 # Both are idempotent: the venv is made once, ninja rebuilds only what changed.
 PYTHON ?= python3
 VENV := .venv
@@ -31,11 +32,11 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	mv $@.tmp $@
 	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
-.PHONY: test bench build clean fuzz
+.PHONY: test bench build clean fuzz examples
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib
+	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
@@ -53,6 +54,12 @@ fuzz: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 
 bench: build
 	PYTHONPATH=. $(PY) benchmarks/bench.py --quick
+
+# examples/results as committed: training curves, the learning-rate sweep, the loss landscape (CPU: minutes).
+examples: build
+	PYTHONPATH=. $(PY) examples/train.py
+	PYTHONPATH=. $(PY) examples/lr_sweep.py
+	PYTHONPATH=. $(PY) examples/landscape.py
 
 clean:
 	rm -rf build fusedbn/*.so
