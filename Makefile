@@ -58,6 +58,8 @@ bench: build
 # examples/results as committed: training curves, the learning-rate sweep, the loss landscape (CPU: minutes).
 examples: build
 	PYTHONPATH=. $(PY) examples/train.py
+	PYTHONPATH=. $(PY) examples/train.py --dtype float64 --norm fusedbn,torch
+	PYTHONPATH=. $(PY) examples/train.py --model mlp --lr 0.5
 	PYTHONPATH=. $(PY) examples/lr_sweep.py
 	PYTHONPATH=. $(PY) examples/landscape.py
 

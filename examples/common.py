@@ -209,7 +209,8 @@ def machine(device):
     cpuinfo = pathlib.Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
              if line.startswith("model name")]
-    return f"{names[0] if names else platform.machine()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{names[0] if names else platform.machine()} ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def save(stem, args, payload, figure, started):
@@ -233,7 +234,8 @@ def add_common_arguments(parser):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                         help="model and data (float64 shows fusedbn and torch agreeing to rounding over many steps)")
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: these models are too small to gain from more)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG (default: examples/results)")
 
 

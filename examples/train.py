@@ -71,7 +71,8 @@ def main(argv=None):
     difference = common.largest_loss_difference(runs)
     if difference is not None:
         print(f"largest |fusedbn - torch| training loss over {len(runs['torch']['loss'])} steps: {difference:.2e}")
-    common.save(f"train-{args.model}-{args.data}", args, {"runs": runs, "largest_loss_difference": difference},
+    stem = f"train-{args.model}-{args.data}" + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    common.save(stem, args, {"runs": runs, "largest_loss_difference": difference},
                 figure(runs, args), started)
     return 0
 

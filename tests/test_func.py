@@ -65,6 +65,7 @@ def test_grad_and_jacrev(device):
     _close(jacrev(per_channel["ours"])(w[0]), jacrev(per_channel["torch"])(w[0]))
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # e.g. vmap's "performance drop": no per-sample fallback
 def test_per_sample_gradients_with_functional_call(device):
     """The torch.func recipe: batch norm without running statistics, vmap(grad) over samples."""
     torch.manual_seed(0)
