@@ -1,6 +1,8 @@
 """Train a small network on scikit-learn's handwritten digits (or synthetic gratings) with fusedbn's
 BatchNorm, torch's nn.BatchNorm, or no normalisation, each from the same seed, and compare: accuracy per
 epoch, and the largest per-step difference between the fusedbn and torch losses (the two must train alike).
+That difference is set beside torch's own sensitivity to rounding: the difference between torch's run and
+torch's run from weights scaled by (1 + the dtype's epsilon).
 
     python examples/train.py                               # CNN on digits, fusedbn, torch and none
     python examples/train.py --model mlp --lr 0.5          # Ioffe & Szegedy's sigmoid MLP with BatchNorm1d
@@ -9,6 +11,8 @@ epoch, and the largest per-step difference between the fusedbn and torch losses 
 import argparse
 import sys
 import time
+
+import torch
 
 import common
 
@@ -47,6 +51,17 @@ def figure(runs, args):
     return fig
 
 
+def rounding_floor(torch_run, data, args):
+    """The largest loss difference between torch's run and the same run from weights scaled by (1 + eps):
+    how far rounding alone moves these curves."""
+    model = common.build(args.model, "torch", data, args.seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1 + torch.finfo(parameter.dtype).eps)
+    perturbed = common.train(model, data, args.lr, args.epochs, args.batch_size, args.seed, args.momentum)
+    return common.largest_loss_difference({"fusedbn": perturbed, "torch": torch_run})
+
+
 def main(argv=None):
     args = parse_args(argv)
     data = common.setup(args)
@@ -69,10 +84,14 @@ def main(argv=None):
             if runs[norm]["diverged"]:
                 progress.print(f"{norm:8} diverged (loss not finite) at step {len(runs[norm]['loss'])}")
     difference = common.largest_loss_difference(runs)
+    floor = None
     if difference is not None:
         print(f"largest |fusedbn - torch| training loss over {len(runs['torch']['loss'])} steps: {difference:.2e}")
+        floor = rounding_floor(runs["torch"], data, args)
+        print(f"largest |torch - torch from weights x (1 + eps)| over the same steps:  {floor:.2e}")
     stem = f"train-{args.model}-{args.data}" + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    common.save(stem, args, {"runs": runs, "largest_loss_difference": difference},
+    common.save(stem, args, {"runs": runs, "largest_loss_difference": difference,
+                                "torch_rounding_floor": floor},
                 figure(runs, args), started)
     return 0
 

@@ -43,6 +43,7 @@ def test_train(device, model, data, tmp_path, capsys):
     losses = runs["fusedbn"]["loss"]
     assert sum(losses[-5:]) < sum(losses[:5])  # it learns
     assert record["largest_loss_difference"] < 1e-9
+    assert record["torch_rounding_floor"] is not None
 
 
 def test_train_rejects_an_unknown_norm(capsys):
