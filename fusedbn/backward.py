@@ -17,6 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import ops
+from ._autograd import autograd_needed, cached_signature
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
 
@@ -106,6 +107,7 @@ def _backward_jvp(terms, training, d_grad_output, d_input, d_weight):
     return d_grad_input, d_grad_weight, t.channel_sum(d_g), d_g
 
 
+@cached_signature
 class BatchNormBackward(torch.autograd.Function):
     """(grad_input, grad_weight, grad_bias, grad_residual) of the fused ops, differentiable; outputs not
     asked for by ``output_mask`` / ``grad_residual`` are None."""
@@ -170,6 +172,9 @@ class _BatchNormBackwardForwardAD(BatchNormBackward):
 
 
 def batch_norm_backward(*args):
-    """``BatchNormBackward.apply`` (with its jvp rule when forward-mode AD is active)."""
+    """``BatchNormBackward.apply`` (with its jvp rule when forward-mode AD is active) where something will
+    differentiate the gradients (``create_graph=True``, torch.func); else the fused op alone."""
+    if not autograd_needed(*args[:5]):
+        return BatchNormBackward.forward(*args)
     function = _BatchNormBackwardForwardAD if forward_ad._current_level >= 0 else BatchNormBackward
     return function.apply(*args)

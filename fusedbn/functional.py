@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import ops
+from ._autograd import autograd_needed, cached_signature
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 from .backward import batch_norm_backward
 
@@ -36,6 +37,7 @@ def _tangent_through_epilogue(tangent, output, residual_tangent, relu):
     return torch.where(output > 0, tangent, 0) if relu else tangent
 
 
+@cached_signature
 class _BatchNormTraining(torch.autograd.Function):
     """Batch statistics; updates the running statistics in place when given. Returns (output, mean,
     invstd); the statistics are not differentiable."""
@@ -76,6 +78,7 @@ class _BatchNormTraining(torch.autograd.Function):
                 params_to_batch(invstd, size)), (0, 0, 0)
 
 
+@cached_signature
 class _BatchNormEval(torch.autograd.Function):
     """Running statistics: a per-channel affine map of the input."""
 
@@ -181,15 +184,30 @@ def check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    """(output, mean, invstd), through the autograd.Function only when something will differentiate it."""
+    args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+    if autograd_needed(input, weight, bias, residual):
+        return training_function().apply(*args)
+    return _BatchNormTraining.forward(*args)
+
+
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
+    """The output with running statistics, through the autograd.Function only when something will
+    differentiate it."""
+    args = (input, weight, bias, running_mean, running_var, eps, residual, relu)
+    if autograd_needed(input, weight, bias, residual):
+        return eval_function().apply(*args)
+    return _BatchNormEval.forward(*args)
+
+
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     check_eps(eps, training)
     if training:
-        return training_function().apply(
-            input, weight, bias, running_mean, running_var, momentum, eps, residual, relu
-        )[0]
+        return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)[0]
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-    return eval_function().apply(input, weight, bias, running_mean, running_var, eps, residual, relu)
+    return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
 
 
 def batch_norm(

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ._fx import module_call_counts, traced_copy
-from .functional import eval_function
+from .functional import batch_norm_eval
 
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
              nn.Linear: nn.BatchNorm1d}
@@ -107,8 +107,8 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        return eval_function().apply(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                                    None, False)
+        return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, None,
+                               False)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

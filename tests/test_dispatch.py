@@ -1,0 +1,40 @@
+"""The autograd.Functions are applied only where something will differentiate the call (fusedbn/_autograd.py):
+inference and first-order backward run the ops alone, and still give torch's results."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedbn
+from fusedbn import backward, functional
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the autograd.Function was applied")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch):
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device)
+    w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
+    stats = (torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
+    expected = F.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
+    for name in ("_BatchNormTraining", "_BatchNormEval", "_BatchNormTrainingForwardAD", "_BatchNormEvalForwardAD"):
+        monkeypatch.setattr(getattr(functional, name), "apply", _refuse)
+    with torch.no_grad():
+        actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w, None, training=training)
+    torch.testing.assert_close(actual, expected)
+    actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
+    torch.testing.assert_close(actual, expected)
+    with pytest.raises(AssertionError, match="was applied"):
+        fusedbn.batch_norm(x, *stats, w, None, training=training)
+
+
+def test_backward_function_only_for_gradients_of_gradients(device, monkeypatch):
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    y = fusedbn.batch_norm(x, None, None, training=True)
+    monkeypatch.setattr(backward.BatchNormBackward, "apply", _refuse)
+    (first,) = torch.autograd.grad(y.sin().sum(), x, retain_graph=True)
+    (expected,) = torch.autograd.grad(F.batch_norm(x, None, None, training=True).sin().sum(), x)
+    torch.testing.assert_close(first, expected)
+    with pytest.raises(AssertionError, match="was applied"):
+        torch.autograd.grad(y.sin().sum(), x, create_graph=True)
