@@ -1,5 +1,6 @@
 """What the example scripts share: the datasets, the models with a choice of normalisation layer, training
 and evaluation, progress, and where results go."""
+import argparse
 import json
 import math
 import pathlib
@@ -224,6 +225,18 @@ def save(stem, args, payload, figure, started):
     figure.savefig(out / f"{stem}.png", dpi=110, bbox_inches="tight")
     print(f"wrote {out / stem}.json and .png ({record['seconds']} s on {record['machine']})")
     return record
+
+
+def names(allowed):
+    """An argparse type: a comma-separated list of names, each one of `allowed`."""
+    def parse(text):
+        chosen = text.split(",")
+        unknown = sorted(set(chosen) - set(allowed))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (choose from {', '.join(allowed)})")
+        return chosen
+
+    return parse
 
 
 def add_common_arguments(parser):

@@ -217,16 +217,12 @@ def parse_args(argv=None):
     parser.add_argument("--every", type=int, default=2, help="probe the landscape every this many steps")
     parser.add_argument("--step-sizes", type=float, nargs="+",
                         help="the etas of w - eta g (default: 8 values from lr/2 to 4 lr, geometric)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", type=common.names(VARIANTS), default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
     parser.add_argument("--noise", type=float, default=1.0, help="strength of fusedbn+noise's noise")
     args = parser.parse_args(argv)
-    args.variants = args.variants.split(",")
     if args.steps < 1 or args.every < 1:
         parser.error("--steps and --every must be at least 1")
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        parser.error(f"unknown --variants {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     if args.step_sizes is None:
         args.step_sizes = [float(f"{args.lr * 2 ** (3 * i / 7 - 1):.4g}") for i in range(8)]
     return args

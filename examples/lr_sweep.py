@@ -21,12 +21,12 @@ def parse_args(argv=None):
                         help="LOW:HIGH:COUNT, COUNT learning rates log-spaced from LOW to HIGH (default 0.001:100:21)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--threshold", type=float, default=0.9, help="test accuracy that counts as trained")
-    parser.add_argument("--norm", default=",".join(common.NORMS), help="comma-separated: fusedbn, torch, none")
+    parser.add_argument("--norm", type=common.names(common.NORMS), default=",".join(common.NORMS),
+                        help="comma-separated: fusedbn, torch, none")
     args = parser.parse_args(argv)
     low, high, count = args.lrs.split(":")
     low, high, count = math.log10(float(low)), math.log10(float(high)), int(count)
     args.lr_values = [10 ** (low + (high - low) * i / max(count - 1, 1)) for i in range(count)]
-    args.norm = args.norm.split(",")
     return args
 
 

@@ -20,17 +20,12 @@ import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_arguments(parser)
-    parser.add_argument("--norm", default=",".join(common.NORMS),
+    parser.add_argument("--norm", type=common.names(common.NORMS), default=",".join(common.NORMS),
                         help="comma-separated normalisation layers to train with: fusedbn, torch, none")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=10)
-    args = parser.parse_args(argv)
-    args.norm = args.norm.split(",")
-    unknown = set(args.norm) - set(common.NORMS)
-    if unknown:
-        parser.error(f"unknown --norm {', '.join(sorted(unknown))} (choose from {', '.join(common.NORMS)})")
-    return args
+    return parser.parse_args(argv)
 
 
 def figure(runs, args):

@@ -46,10 +46,11 @@ def test_train(device, model, data, tmp_path, capsys):
     assert record["torch_rounding_floor"] is not None
 
 
-def test_train_rejects_an_unknown_norm(capsys):
+@pytest.mark.parametrize("script,option", [(train, "--norm"), (lr_sweep, "--norm"), (landscape, "--variants")])
+def test_unknown_names_are_refused(script, option, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--norm", "fusedbn,layer"])
-    assert "unknown --norm layer" in capsys.readouterr().err
+        script.main([option, "fusedbn,layer"])
+    assert f"argument {option}: unknown layer" in capsys.readouterr().err
 
 
 def test_lr_sweep(tmp_path, capsys):
