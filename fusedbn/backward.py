@@ -21,26 +21,17 @@ from ._autograd import autograd_needed, cached_signature
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
 
-class _Terms:
-    """The per-value quantities both derivatives use, in the statistics' dtype, broadcast over the input."""
+class ChannelTerms:
+    """x_hat, alpha and the per-channel reductions of one call, in the statistics' dtype, broadcast over the
+    input (N, C, *)."""
 
-    def __init__(self, grad_output, input, weight, bias, output, mean, invstd, relu):
+    def __init__(self, input, weight, mean, invstd):
         acc = mean.dtype
         self.dims = [d for d in range(input.dim()) if d != 1]
         self.x = input.to(acc)
         self.mean, self.invstd = channel_view(mean, input), channel_view(invstd, input)
         self.x_hat = (self.x - self.mean) * self.invstd
         self.alpha = self.invstd if weight is None else self.invstd * channel_view(weight.to(acc), input)
-        self.mask = None
-        if relu:  # the mask as the fused kernels take it (csrc/epilogue.h)
-            if output is None:
-                beta = 0 if bias is None else channel_view(bias.to(acc), input)
-                output = ((self.x - self.mean) * self.alpha + beta).to(input.dtype)
-            self.mask = output > 0
-        self.g = self.gate(grad_output.to(acc))
-
-    def gate(self, t):
-        return t if self.mask is None else torch.where(self.mask, t, 0)
 
     def channel_mean(self, t):
         return t.mean(self.dims, keepdim=True)
@@ -51,6 +42,23 @@ class _Terms:
     def project(self, v):
         """P(v): v without its channel mean and its component along x_hat."""
         return v - self.channel_mean(v) - self.x_hat * self.channel_mean(self.x_hat * v)
+
+
+class _Terms(ChannelTerms):
+    """ChannelTerms plus what the backward's derivatives need: relu's mask and g, dy gated by it."""
+
+    def __init__(self, grad_output, input, weight, bias, output, mean, invstd, relu):
+        super().__init__(input, weight, mean, invstd)
+        self.mask = None
+        if relu:  # the mask as the fused kernels take it (csrc/epilogue.h)
+            if output is None:
+                beta = 0 if bias is None else channel_view(bias.to(self.x.dtype), input)
+                output = ((self.x - self.mean) * self.alpha + beta).to(input.dtype)
+            self.mask = output > 0
+        self.g = self.gate(grad_output.to(self.x.dtype))
+
+    def gate(self, t):
+        return t if self.mask is None else torch.where(self.mask, t, 0)
 
 
 def _double_backward(terms, training, gg_input, gg_weight, gg_bias, gg_residual, needs):

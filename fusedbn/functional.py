@@ -9,7 +9,7 @@ from torch.autograd import forward_ad
 from . import ops
 from ._autograd import autograd_needed, cached_signature
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
-from .backward import batch_norm_backward
+from .backward import ChannelTerms, batch_norm_backward
 
 
 def _saved_for_relu_mask(bias, output, residual, relu):
@@ -99,9 +99,7 @@ class _BatchNormEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         input, running_mean, running_var = ctx.saved_tensors[0], *ctx.saved_tensors[4:]
-        acc = ops.acc_dtype(input.dtype)
-        invstd = torch.rsqrt(running_var.to(acc) + ctx.eps)
-        grads = _backward(ctx, grad_output, running_mean.to(acc), invstd, False)
+        grads = _backward(ctx, grad_output, *_running_statistics(ctx, input, running_mean, running_var), False)
         return *grads[:3], None, None, None, grads[3], None
 
     @staticmethod
@@ -115,45 +113,38 @@ class _BatchNormEval(torch.autograd.Function):
         return channels_to_batch(output, size), 0
 
 
-def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
-    """Forward-mode derivative of y = x_hat * w + b with batch statistics (means over all but C):
-    d x_hat = invstd * (dx - mean(dx) - x_hat * mean(dx * x_hat)); dy = d x_hat * w + x_hat * dw + db."""
-    input, weight, output, mean, invstd = ctx.saved_tensors
-    dims = [d for d in range(input.dim()) if d != 1]
-    acc = mean.dtype
-    x_hat = (input.to(acc) - channel_view(mean, input)) * channel_view(invstd, input)
-    tangent = torch.zeros_like(x_hat)
+def _jvp(ctx, input, weight, output, mean, invstd, training, d_input, d_weight, d_bias, d_residual):
+    """Forward-mode derivative of y = x_hat * w + b: dy = w * d x_hat + x_hat * dw + db, where
+    w * d x_hat = alpha * P(dx) under batch statistics (they move with x; P in fusedbn/backward.py) and
+    alpha * dx under running ones (constants), alpha = w * invstd."""
+    t = ChannelTerms(input, weight, mean, invstd)
+    acc = t.x.dtype
+    tangent = torch.zeros_like(t.x)
     if d_input is not None:
         dx = d_input.to(acc)
-        tangent = channel_view(invstd, input) * (
-            dx - dx.mean(dims, keepdim=True) - x_hat * (dx * x_hat).mean(dims, keepdim=True))
-        if weight is not None:
-            tangent = tangent * channel_view(weight.to(acc), input)
+        tangent = t.alpha * (t.project(dx) if training else dx)
     if d_weight is not None:
-        tangent = tangent + x_hat * channel_view(d_weight.to(acc), input)
-    if d_bias is not None:
-        tangent = tangent + channel_view(d_bias.to(acc), input)
-    tangent = _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
-    return tangent, None, None
-
-
-def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
-    """Forward-mode derivative of y = (x - running_mean) * invstd * w + b: dy = dx * invstd * w +
-    (x - running_mean) * invstd * dw + db (the running statistics are constants)."""
-    input, weight, output, running_mean, running_var = ctx.saved_tensors
-    acc = ops.acc_dtype(input.dtype)
-    invstd = channel_view(torch.rsqrt(running_var.to(acc) + ctx.eps), input)
-    tangent = torch.zeros(input.shape, dtype=acc, device=input.device)
-    if d_input is not None:
-        tangent = d_input.to(acc) * invstd
-        if weight is not None:
-            tangent = tangent * channel_view(weight.to(acc), input)
-    if d_weight is not None:
-        x_hat = (input.to(acc) - channel_view(running_mean.to(acc), input)) * invstd
-        tangent = tangent + x_hat * channel_view(d_weight.to(acc), input)
+        tangent = tangent + t.x_hat * channel_view(d_weight.to(acc), input)
     if d_bias is not None:
         tangent = tangent + channel_view(d_bias.to(acc), input)
     return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
+
+
+def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
+    input, weight, output, mean, invstd = ctx.saved_tensors
+    return _jvp(ctx, input, weight, output, mean, invstd, True, d_input, d_weight, d_bias, d_residual), None, None
+
+
+def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
+    input, weight, output, running_mean, running_var = ctx.saved_tensors
+    return _jvp(ctx, input, weight, output, *_running_statistics(ctx, input, running_mean, running_var), False,
+                d_input, d_weight, d_bias, d_residual)
+
+
+def _running_statistics(ctx, input, running_mean, running_var):
+    """(mean, invstd) of eval mode, in the statistics' dtype."""
+    acc = ops.acc_dtype(input.dtype)
+    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)
 
 
 # Forward-mode AD needs a jvp rule, but torch.compile cannot trace an autograd.Function that has one: the
