@@ -18,6 +18,7 @@ struct BackwardInputs {
   at::Tensor out;   // the forward's output in the same view, when relu's mask is read from it
   at::Tensor mean;  // per-channel statistics in the accumulation dtype, contiguous
   at::Tensor invstd;
+  std::optional<at::Tensor> weight, bias;  // as (C,) vectors (flat_channels)
   ChannelLayout layout;
   at::ScalarType acc;
   ReluMask mask;
@@ -37,6 +38,8 @@ inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::
   in.acc = at::toOpMathType(input.scalar_type());
   in.mean = mean.to(in.acc).contiguous();
   in.invstd = invstd.to(in.acc).contiguous();
+  in.weight = flat_channels(weight);
+  in.bias = flat_channels(bias);
   return in;
 }
 

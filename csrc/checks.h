@@ -1,9 +1,21 @@
-// Argument checks shared by every backend's ops. Messages follow torch's own batch_norm wording so a
-// user sees the same error with fusedbn as with nn.BatchNorm. Every check runs before anything is
-// written, so a rejected call leaves running statistics untouched.
+// Argument checks shared by every backend's ops and their meta kernels (csrc/meta_kernels.h), so a dry
+// run on the meta device or under FakeTensor tracing raises exactly what a real run raises. Messages
+// follow torch's batch_norm wording where it has one, exception types are torch's. Every check runs
+// before anything is written, so a rejected call leaves running statistics untouched.
+//
+// Sizes are read as SymInts (sym_size, sym_numel): under torch.compile with dynamic shapes the meta
+// kernels see symbolic sizes, and comparing them records a guard, as torch's own meta functions do.
+//
+// Per-channel tensors, as torch treats them:
+//  - weight and bias: any shape with C elements (torch reads them flattened); the ops flatten them
+//    (flat_channels) and return their gradients in their own shape;
+//  - running_mean, running_var and every statistic (mean, invstd, mean_dz, proj): 1-D of C elements
+//    (torch rejects any other shape in training and eval alike).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 #include <initializer_list>
@@ -15,18 +27,25 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 inline void check_input(const at::Tensor& input) {
   TORCH_CHECK_NOT_IMPLEMENTED(is_supported_float(input.scalar_type()),
                               "\"batch_norm\" not implemented for '", input.scalar_type(), "'");
-  TORCH_CHECK_INDEX(input.dim() >= 2, "Dimension out of range (expected input of at least 2 dims, got ",
-                    input.dim(), ")");
+  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected an input of at least 2 dims (N, C, *), got ", input.dim(),
+              " dims");
 }
 
-// A per-channel tensor (weight, bias, running stats, saved statistics): C elements, on the input's
-// device, of the input's dtype or float32 (the mixed-precision case nn.BatchNorm accepts).
-inline void check_channel_param(const at::Tensor& param, const char* name, const at::Tensor& input) {
-  const int64_t C = input.size(1);
-  TORCH_CHECK(param.numel() == C, name, " should contain ", C, " elements not ", param.numel());
+enum class ChannelTensor { kAffine, kStatistic };
+
+// A per-channel tensor: C elements (and 1-D for a statistic), on the input's device, of the input's dtype
+// or float32 (the mixed-precision case nn.BatchNorm accepts).
+inline void check_channel_param(const at::Tensor& param, const char* name, const at::Tensor& input,
+                                ChannelTensor kind = ChannelTensor::kStatistic) {
+  const c10::SymInt C = input.sym_size(1);
+  TORCH_CHECK(param.sym_numel() == C, name, " should contain ", C, " elements not ", param.sym_numel());
+  TORCH_CHECK(kind == ChannelTensor::kAffine || param.dim() == 1, name, " should be a 1-D tensor of ", C,
+              " elements, got shape ", param.sym_sizes());
   TORCH_CHECK(param.device() == input.device(),
               "Expected all tensors to be on the same device, but found at least two devices, ",
               input.device(), " and ", param.device(), "! (", name, ")");
@@ -37,12 +56,15 @@ inline void check_channel_param(const at::Tensor& param, const char* name, const
               (reduced_input ? " or Float" : ""), ", but ", name, " is ", dtype);
 }
 
-inline void check_optional_param(const std::optional<at::Tensor>& param, const char* name,
-                                 const at::Tensor& input) {
-  if (param.has_value() && param->defined()) check_channel_param(*param, name, input);
+inline void check_optional_param(const std::optional<at::Tensor>& param, const char* name, const at::Tensor& input,
+                                 ChannelTensor kind = ChannelTensor::kStatistic) {
+  if (has(param)) check_channel_param(*param, name, input, kind);
 }
 
-inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+// weight or bias as the (C,) vector the kernels index.
+inline std::optional<at::Tensor> flat_channels(const std::optional<at::Tensor>& param) {
+  return has(param) ? std::optional<at::Tensor>(param->reshape({-1})) : param;
+}
 
 // Parameters given together must agree on dtype, as nn.BatchNorm requires in mixed precision.
 inline void check_params_share_dtype(std::initializer_list<const std::optional<at::Tensor>*> params) {
@@ -56,17 +78,29 @@ inline void check_params_share_dtype(std::initializer_list<const std::optional<a
   }
 }
 
+// A running statistic the op updates in place: it must own each of its elements' memory (an expanded
+// tensor would have every channel's update land on one location) and must not require grad.
+inline void check_running_stat_writable(const at::Tensor& stat, const char* name) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && stat.requires_grad()),
+              "batch_norm is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+  if (stat.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return;  // parameters and buffers are static
+  TORCH_CHECK(at::has_internal_overlap(stat) != at::MemOverlap::Yes, name,
+              " has elements that share one memory location (an expanded tensor?), so the batch statistics "
+              "cannot be written into it; pass a tensor with memory of its own, e.g. ", name, ".clone()");
+}
+
 // Values per channel, N * prod(spatial).
-inline int64_t values_per_channel(const at::Tensor& input) {
-  int64_t count = input.size(0);
-  for (int64_t d = 2; d < input.dim(); ++d) count *= input.size(d);
+inline c10::SymInt values_per_channel(const at::Tensor& input) {
+  c10::SymInt count = input.sym_size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) count *= input.sym_size(d);
   return count;
 }
 
 // A tensor of the input's shape (grad_output, the residual, the op's output): same shape, dtype and device.
 inline void check_like_input(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK(t.sizes() == input.sizes(), name, " should have the input's shape ", input.sizes(), ", got ",
-              t.sizes());
+  TORCH_CHECK(t.sym_sizes() == input.sym_sizes(), name, " should have the input's shape ", input.sym_sizes(),
+              ", got ", t.sym_sizes());
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " should have dtype ", input.scalar_type(), ", got ",
               t.scalar_type());
   TORCH_CHECK(t.device() == input.device(),
@@ -78,22 +112,10 @@ inline void check_optional_like_input(const std::optional<at::Tensor>& t, const 
   if (has(t)) check_like_input(*t, name, input);
 }
 
-inline void check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                     const std::optional<at::Tensor>& bias,
-                                     const std::optional<at::Tensor>& running_mean,
-                                     const std::optional<at::Tensor>& running_var,
-                                     const std::optional<at::Tensor>& residual) {
-  check_input(input);
-  check_optional_like_input(residual, "residual", input);
-  check_optional_param(weight, "weight", input);
-  check_optional_param(bias, "bias", input);
-  check_optional_param(running_mean, "running_mean", input);
-  check_optional_param(running_var, "running_var", input);
-  check_params_share_dtype({&weight, &bias, &running_mean, &running_var});
-  TORCH_CHECK(has(running_mean) == has(running_var),
-              "running_mean and running_var must either both be None or neither be None");
-  TORCH_CHECK_VALUE(values_per_channel(input) != 1,
-                    "Expected more than 1 value per channel when training, got input size ", input.sizes());
+inline void check_affine(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& input) {
+  check_optional_param(weight, "weight", input, ChannelTensor::kAffine);
+  check_optional_param(bias, "bias", input, ChannelTensor::kAffine);
 }
 
 // torch.nn.functional.batch_norm's rule: eps > 0 in training, eps >= 0 with running statistics.
@@ -102,17 +124,40 @@ inline void check_eps(double eps, bool training) {
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
 }
 
-inline void check_forward_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                                    const at::Tensor& running_var, const std::optional<at::Tensor>& residual) {
+inline void check_forward_train_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& running_mean,
+                                     const std::optional<at::Tensor>& running_var,
+                                     const std::optional<at::Tensor>& residual, double eps) {
   check_input(input);
   check_optional_like_input(residual, "residual", input);
-  check_optional_param(weight, "weight", input);
-  check_optional_param(bias, "bias", input);
+  check_affine(weight, bias, input);
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var),
+                    "running_mean and running_var must either both be None or neither be None");
+  check_optional_param(running_mean, "running_mean", input);
+  check_optional_param(running_var, "running_var", input);
+  check_params_share_dtype({&weight, &bias, &running_mean, &running_var});
+  if (has(running_mean)) {
+    check_running_stat_writable(*running_mean, "running_mean");
+    check_running_stat_writable(*running_var, "running_var");
+  }
+  TORCH_CHECK_VALUE(values_per_channel(input) != 1,
+                    "Expected more than 1 value per channel when training, got input size ", input.sym_sizes());
+  check_eps(eps, true);
+}
+
+inline void check_forward_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                    const at::Tensor& running_var, const std::optional<at::Tensor>& residual,
+                                    double eps) {
+  check_input(input);
+  check_optional_like_input(residual, "residual", input);
+  check_affine(weight, bias, input);
   check_channel_param(running_mean, "running_mean", input);
   check_channel_param(running_var, "running_var", input);
   const std::optional<at::Tensor> rm = running_mean, rv = running_var;
   check_params_share_dtype({&weight, &bias, &rm, &rv});
+  check_eps(eps, false);
 }
 
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
@@ -122,10 +167,18 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_input(input);
   check_like_input(grad_output, "grad_output", input);
   check_optional_like_input(output, "output", input);
-  check_optional_param(weight, "weight", input);
-  check_optional_param(bias, "bias", input);
+  check_affine(weight, bias, input);
   check_channel_param(mean, "mean", input);
   check_channel_param(invstd, "invstd", input);
+}
+
+inline void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
+                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                      const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& proj,
+                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output) {
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output);
+  check_channel_param(mean_dz, "mean_dz", input);
+  check_channel_param(proj, "proj", input);
 }
 
 }  // namespace fusedbn

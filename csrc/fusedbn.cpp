@@ -1,7 +1,9 @@
 // The fusedbn library: its schemas (schemas.h); each backend registers its kernels with
-// TORCH_LIBRARY_IMPL in its own file (csrc/cpu/ops.cpp, csrc/cuda/ops.cu).
+// TORCH_LIBRARY_IMPL in its own file (csrc/cpu/ops.cpp, csrc/cuda/ops.cu); the meta kernels
+// (meta_kernels.h) are registered here.
 #include <Python.h>
 
+#include "meta_kernels.h"
 #include "schemas.h"
 
 // `import fusedbn._C` loads this library, which registers the ops with the dispatcher.
@@ -11,3 +13,5 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedbn, m) { fusedbn::define_schemas(m); }
+
+TORCH_LIBRARY_IMPL(fusedbn, Meta, m) { fusedbn::meta::register_kernels(m); }

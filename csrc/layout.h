@@ -5,10 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_strided.h>
-
-#include <vector>
+#include <ATen/ops/empty_like.h>
 
 namespace fusedbn {
 
@@ -54,20 +51,10 @@ inline at::Tensor to_layout(const at::Tensor& t, const ChannelLayout& layout) {
   return t.contiguous();
 }
 
-// A fresh (non-view) tensor shaped like `like`, laid out in the layout's view.
-inline at::Tensor empty_in_layout(const at::Tensor& like, const ChannelLayout& layout,
-                                  at::ScalarType dtype) {
-  auto options = like.options().dtype(dtype);
-  if (!layout.channels_last) return at::empty(like.sizes(), options);
-  std::vector<int64_t> strides(like.dim());
-  int64_t stride = like.size(1);  // C innermost, then the spatial dims in order, then N
-  strides[1] = 1;
-  for (int64_t d = like.dim() - 1; d >= 2; --d) {
-    strides[d] = stride;
-    stride *= like.size(d);
-  }
-  strides[0] = stride;
-  return at::empty_strided(like.sizes(), strides, options);
+// A fresh tensor with the strides of `dense` (one of the two views: dense_input's result), so every
+// output and gradient keeps the input's memory format, empty and size-1 dimensions included.
+inline at::Tensor empty_like_dense(const at::Tensor& dense, at::ScalarType dtype) {
+  return at::empty_like(dense, dense.options().dtype(dtype), at::MemoryFormat::Preserve);
 }
 
 }  // namespace fusedbn

@@ -3,7 +3,13 @@
 // A partial is (count n, mean, M2 = sum of squared deviations from mean). Two partials merge exactly
 // (Chan, Golub & LeVeque 1979):
 //   n = na + nb,  delta = mb - ma,  mean = ma + delta * nb / n,  M2 = M2a + M2b + delta^2 * na * nb / n
-// The 1 / max(1, n) guard makes empty partials (an empty block, an empty rank) harmless.
+// Written so that it never makes a NaN or an overflow the true result does not have:
+//  - an empty side (na or nb = 0) contributes exactly nothing, whatever its mean: the cross term is
+//    delta * (delta * (na * nb / n)), which is delta * 0 = 0 for any finite delta;
+//  - delta * (delta * f) with f = na * nb / n >= 1/2 overflows only where delta^2 * f does;
+//  - where delta itself is not finite (means of opposite sign near the range's end, or an infinite mean),
+//    the mean is the weighted sum ma * na/n + mb * nb/n, which is finite where the true mean is and
+//    inf (or NaN, for inf - inf) exactly where a plain sum of the values is.
 #pragma once
 
 #include <cstdint>
@@ -25,13 +31,23 @@ template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline WelfordPartial<acc_t> welford_merge(
     const WelfordPartial<acc_t>& a, const WelfordPartial<acc_t>& b) {
   const int64_t n = a.count + b.count;
-  const acc_t nb_over_n = static_cast<acc_t>(b.count) / static_cast<acc_t>(n > 0 ? n : 1);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n > 0 ? n : 1);
+  const acc_t nb_over_n = static_cast<acc_t>(b.count) * inv_n;
   const acc_t delta = b.mean - a.mean;
   WelfordPartial<acc_t> out{};
-  out.mean = a.mean + delta * nb_over_n;
-  out.m2 = a.m2 + b.m2 + delta * delta * static_cast<acc_t>(a.count) * nb_over_n;
+  out.mean = std::isfinite(delta) ? a.mean + delta * nb_over_n
+                                  : a.mean * (static_cast<acc_t>(a.count) * inv_n) + b.mean * nb_over_n;
+  out.m2 = a.m2 + b.m2 + delta * (delta * (static_cast<acc_t>(a.count) * nb_over_n));
   out.count = n;
   return out;
+}
+
+// The value every partial of a channel is shifted by before summing (its first value): means stay of the
+// order of the spread, so a channel with mean 1e4 and std 1 keeps full precision. A non-finite first value
+// would make every shifted value inf - inf; 0 stays finite.
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t channel_shift(acc_t first_value) {
+  return std::isfinite(first_value) ? first_value : acc_t(0);
 }
 
 // Biased variance (used to normalize) -> 1 / sqrt(var + eps).
@@ -45,6 +61,14 @@ FUSEDBN_HOST_DEVICE inline acc_t welford_invstd(const WelfordPartial<acc_t>& w, 
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t welford_unbiased_var(const WelfordPartial<acc_t>& w) {
   return w.m2 / static_cast<acc_t>(w.count > 1 ? w.count - 1 : 1);
+}
+
+// nn.BatchNorm's running-statistic update, (1 - momentum) * old + momentum * batch, in acc_t as torch's
+// kernels compute it (a momentum beyond acc_t's range becomes inf there too, and the result NaN).
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double momentum) {
+  const acc_t m = static_cast<acc_t>(momentum);
+  return (acc_t(1) - m) * old + m * batch;
 }
 
 }  // namespace fusedbn

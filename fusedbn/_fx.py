@@ -6,12 +6,26 @@ from collections import Counter
 from torch import fx, nn
 
 
-def traced_copy(model: nn.Module, caller: str, instead: str):
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, also keeping instances of ``leaves`` (e.g. fusedbn's modules) as module calls."""
+
+    def __init__(self, leaves: tuple) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def traced_copy(model: nn.Module, caller: str, instead: str, leaves: tuple = ()):
     """(a deep copy of ``model``, its ``torch.fx.GraphModule``), or (the copy, None) with a warning naming
-    ``caller`` and what it does ``instead`` when torch.fx cannot trace the model."""
+    ``caller`` and what it does ``instead`` when torch.fx cannot trace the model. Submodules that are
+    instances of ``leaves`` stay module calls, as torch.nn's own do."""
     model = copy.deepcopy(model)
     try:
-        return model, fx.symbolic_trace(model)
+        tracer = _Tracer(leaves)
+        graph = tracer.trace(model)
+        return model, fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as error:  # noqa: BLE001 - FX raises many kinds of errors for untraceable code
         warnings.warn(f"fusedbn.{caller}: torch.fx cannot trace {type(model).__name__} ({error}); {instead}",
                       stacklevel=3)

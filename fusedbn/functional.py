@@ -135,7 +135,11 @@ def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_
     return _jvp(ctx, input, weight, output, mean, invstd, True, d_input, d_weight, d_bias, d_residual), None, None
 
 
-def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
+def _eval_jvp(ctx, d_input, d_weight, d_bias, d_rm, d_rv, _d_eps, d_residual, _d_relu):
+    if (d_rm is not None or d_rv is not None) and any(
+            d is not None for d in (d_input, d_weight, d_bias, d_residual)):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
+                           "forward grad defined")
     input, weight, output, running_mean, running_var = ctx.saved_tensors
     return _jvp(ctx, input, weight, output, *_running_statistics(ctx, input, running_mean, running_var), False,
                 d_input, d_weight, d_bias, d_residual)
@@ -192,12 +196,44 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
     return _BatchNormEval.forward(*args)
 
 
+def _check_running_stats(running_mean, running_var, training):
+    """torch's checks that come before its kernel's (same exception types and wording)."""
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
+    if torch.is_grad_enabled():
+        for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
+            if stat is not None and stat.requires_grad:
+                raise RuntimeError(f"batch_norm is not differentiable with respect to argument '{name}'. This "
+                                   "input cannot have requires_grad True.")
+
+
+def _empty_batch(input, weight, bias, residual, relu):
+    """What torch's batch_norm returns for an input with no values, whatever the parameters' dtypes or
+    sizes: the input's copy scaled by weight[0] plus bias[0] (so gradients still flow to them, as zeros),
+    running statistics untouched."""
+    output = input.clone()
+    if weight is not None:
+        output = output * weight[0]
+    if bias is not None:
+        output = output + bias[0]
+    if residual is not None:
+        output = output + residual
+    return torch.relu(output) if relu else output
+
+
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     check_eps(eps, training)
+    if input.dim() < 2:  # the exception types torch.nn.functional.batch_norm raises
+        raise (IndexError if training else RuntimeError)(
+            f"batch_norm: expected an input of at least 2 dims (N, C, *), got {input.dim()} dims")
+    _check_running_stats(running_mean, running_var, training)
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias, residual, relu)
+    # Any shape with C elements, as torch reads weight and bias; autograd returns their gradients in it.
+    weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
+    bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
     if training:
         return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)[0]
-    if running_mean is None or running_var is None:
-        raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
     return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
 
 

@@ -5,26 +5,53 @@ from typing import List
 
 import torch
 from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ._fx import module_call_counts, traced_copy
 from .functional import batch_norm_eval
+from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
 
-_FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d,
-             nn.Linear: nn.BatchNorm1d}
+# The BatchNorm a layer folds into, and the dimensionality of the layer's output (batched, channels at dim 1)
+# for which that BatchNorm normalizes exactly the layer's output channels.
+_FOLDABLE = {nn.Linear: (nn.BatchNorm1d, 2), nn.Conv1d: (nn.BatchNorm1d, 3), nn.Conv2d: (nn.BatchNorm2d, 4),
+             nn.Conv3d: (nn.BatchNorm3d, 5)}
+_NOT_A_BATCH_NORM = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # a ReLU follows
 
 
 @dataclass
 class FoldReport:
-    """What ``fold_conv_bn`` did: the (layer, BatchNorm) pairs folded, by module name."""
+    """What ``fold_conv_bn`` did: the (layer, BatchNorm) pairs folded, by module name, and the
+    (layer, BatchNorm, reason) pairs left unfolded because folding them was not provably equivalent."""
 
     folded: List[tuple] = field(default_factory=list)
+    skipped: List[tuple] = field(default_factory=list)
     traced: bool = True
 
     def __str__(self) -> str:
         if not self.traced:
             return "not traceable by torch.fx: nothing folded"
-        return f"folded {len(self.folded)} BatchNorm layers: " + ", ".join(f"{bn} into {layer}"
-                                                                           for layer, bn in self.folded)
+        folded = ", ".join(f"{bn} into {layer}" for layer, bn in self.folded)
+        text = f"folded {len(self.folded)} BatchNorm layers" + (f": {folded}" if folded else "")
+        if self.skipped:
+            text += f"; skipped {len(self.skipped)}: " + ", ".join(f"{bn} after {layer} ({reason})"
+                                                                   for layer, bn, reason in self.skipped)
+        return text
+
+
+def _unprovable(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, source: fx.Node, shaped: bool):
+    """Why folding ``bn`` into ``layer`` (called at ``source``) is not provably equivalent, or None when it is.
+    BatchNorm2d/3d take only 4-D/5-D input, so a Conv2d/3d before one ran batched; BatchNorm1d takes (N, C)
+    and (N, C, L), so it normalizes the layer's output channels only for some shapes, seen with ``shaped``."""
+    bn_class, dims = _FOLDABLE[type(layer)]
+    if bn_class is not nn.BatchNorm1d:
+        return None
+    name = type(layer).__name__
+    if not shaped:
+        return f"BatchNorm1d takes 2-D or 3-D input: pass example_inputs to fold {name} -> BatchNorm1d"
+    shape = tuple(getattr(source.meta.get("tensor_meta"), "shape", ()))
+    if len(shape) == dims and shape[1] == bn.num_features:
+        return None
+    return f"{name} output {shape} is not {'(N, C)' if dims == 2 else '(N, C, L)'}: BatchNorm1d normalizes dim 1"
 
 
 def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -42,15 +69,26 @@ def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
 
 
-def fold_conv_bn(model: nn.Module):
+def fold_conv_bn(model: nn.Module, example_inputs=None):
     """Returns ``(folded, report)``: a ``torch.fx`` copy of ``model`` in which every BatchNorm in eval mode
-    with running statistics that directly follows a Conv1d/2d/3d or Linear (of matching dimensionality,
-    called once, its output used by nothing else) is folded into that layer's weight and bias and
-    removed. Training-mode BatchNorm and shared layers are left alone; ``model`` itself is not changed.
+    with running statistics (torch's or fusedbn's) that directly follows a Conv1d/2d/3d or Linear (of
+    matching dimensionality, called once, its output used by nothing else) is folded into that layer's
+    weight and bias and removed, where that is provably equivalent. Training-mode BatchNorm and shared
+    layers are left alone; ``model`` itself is not changed.
+
+    Conv2d/3d -> BatchNorm2d/3d always fold. Linear/Conv1d -> BatchNorm1d fold only given
+    ``example_inputs`` (a tuple of inputs to ``model``, or one tensor), through which the traced copy is run
+    once in eval mode (no grad, parameters and buffers unchanged) to see the layer's output shape: they fold
+    where it is (N, C) for Linear, (N, C, L) for Conv1d, i.e. where BatchNorm1d normalizes the layer's
+    output channels (not so for a Linear on (N, L, F) or an unbatched Conv1d). The folded model is then
+    equivalent for inputs of those shapes. Pairs not folded for this are listed in ``report.skipped``.
+
     A model torch.fx cannot trace is returned as an unfolded copy, with a warning."""
-    model, gm = traced_copy(model, "fold_conv_bn", "nothing folded")
+    model, gm = traced_copy(model, "fold_conv_bn", "nothing folded", leaves=(nn.modules.batchnorm._BatchNorm,))
     if gm is None:
         return model, FoldReport(traced=False)
+    if example_inputs is not None:
+        _propagate_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
     modules = dict(gm.named_modules())
     calls = module_call_counts(gm)
     report = FoldReport()
@@ -58,13 +96,17 @@ def fold_conv_bn(model: nn.Module):
         if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
             continue
         bn, source = modules[node.target], node.args[0]
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None
-                or source.op != "call_module" or len(source.users) != 1 or calls[source.target] != 1
-                or calls[node.target] != 1):
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, _NOT_A_BATCH_NORM)
+                or bn.training or bn.running_mean is None or source.op != "call_module"
+                or len(source.users) != 1 or calls[source.target] != 1 or calls[node.target] != 1):
             continue
         layer = modules[source.target]
-        expected = _FOLDABLE.get(type(layer))
-        if expected is None or not isinstance(bn, expected) or layer.weight.shape[0] != bn.num_features:
+        if (type(layer) not in _FOLDABLE or not isinstance(bn, _FOLDABLE[type(layer)][0])
+                or layer.weight.shape[0] != bn.num_features):
+            continue
+        reason = _unprovable(layer, bn, source, example_inputs is not None)
+        if reason is not None:
+            report.skipped.append((source.target, node.target, reason))
             continue
         _fold_into(layer, bn)
         node.replace_all_uses_with(source)
@@ -74,6 +116,19 @@ def fold_conv_bn(model: nn.Module):
     gm.recompile()
     gm.delete_all_unused_submodules()
     return gm, report
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
+    """Records each node's output shape in ``node.meta["tensor_meta"]``, running ``gm`` once in eval mode
+    without grad; its modules' training flags are restored after, and eval mode changes no buffer."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -45,12 +45,22 @@ class _BatchNorm(_FusedForward):
         return self._fused_forward(input, None, False)
 
 
+def _check_addable(input: Tensor, residual: Tensor) -> None:
+    """Raises what ``bn(input) + residual`` would raise (shapes that do not broadcast, another device),
+    where it would."""
+    torch.broadcast_shapes(input.shape, residual.shape)
+    if residual.device != input.device and not (residual.dim() == 0 and residual.device.type == "cpu"):
+        raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{input.device} and {residual.device}! (residual)")
+
+
 class _BatchNormReLU(_FusedForward):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """``relu(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
         or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
+            _check_addable(input, residual)  # before the BatchNorm updates its statistics
             return torch.relu(self._fused_forward(input, None, False) + residual)
         return self._fused_forward(input, residual, True)
 

@@ -11,8 +11,6 @@ HAS_SIMT = importlib.util.find_spec("fusedbn._simt") is not None
 if HAS_SIMT:
     import fusedbn._simt  # noqa: F401  (registers torch.ops.fusedbn_simt)
 
-    fusedbn.ops.register_fake_kernels("fusedbn_simt")
-
 # Where a test runs. A device joins the whole suite by being added here.
 #   cpu  - the C++ CPU kernels
 #   simt - the CUDA kernel source run on CPU tensors by the SIMT emulator (test-only fusedbn._simt,

@@ -59,13 +59,97 @@ def test_fold_leaves_training_and_shared_layers_alone():
 
     net = _randomize_statistics(Net()).eval()
     net.bn_train.train()
-    folded, report = fusedbn.fold_conv_bn(net)
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = fusedbn.fold_conv_bn(net, example_inputs=(x,))
     assert report.folded == [("linear", "bn1d")]
+    # The shape propagation ran in eval mode: the training BatchNorm is still training, its statistics unmoved.
+    assert folded.bn_train.training
+    torch.testing.assert_close(folded.bn_train.running_mean, net.bn_train.running_mean, rtol=0, atol=0)
     net.bn_train.eval()
     folded.bn_train.eval()
-    x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert_close(folded(x), net(x), torch.float32)
+
+
+BATCH_NORM_1D = [pytest.param(nn.BatchNorm1d, id="torch"), pytest.param(fusedbn.FusedBatchNorm1d, id="fusedbn")]
+
+
+def _fold_and_compare(model, x, **kwargs):
+    """fold_conv_bn(model, **kwargs), its report, and its output on ``x`` checked against ``model``'s."""
+    folded, report = fusedbn.fold_conv_bn(model, **kwargs)
+    with torch.no_grad():
+        assert_close(folded(x), model(x), torch.float32, str(report))
+    return folded, report
+
+
+@pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
+def test_fold_keeps_linear_bn1d_on_3d_input(bn_class):
+    """On (N, L, F) the Linear's features are the last dim while BatchNorm1d normalizes dim 1 (L): not folded."""
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Linear(5, 5), bn_class(5))).eval()
+    x = torch.randn(4, 5, 5)
+    folded, report = _fold_and_compare(model, x, example_inputs=(x,))
+    assert report.folded == []
+    assert [(layer, bn) for layer, bn, _ in report.skipped] == [("0", "1")]
+    assert "(4, 5, 5)" in report.skipped[0][2] and "skipped 1" in str(report)
+    assert isinstance(folded.get_submodule("1"), bn_class)
+
+
+@pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
+def test_fold_linear_bn1d_on_2d_input(bn_class):
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Linear(6, 5), bn_class(5), nn.ReLU())).eval()
+    x = torch.randn(4, 6)
+    folded, report = _fold_and_compare(model, x, example_inputs=x)  # one tensor, not a tuple
+    assert report.folded == [("0", "1")] and report.skipped == []
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+
+
+@pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
+def test_fold_conv1d_bn1d_batched_only(bn_class):
+    """Conv1d on (N, C, L) folds; on unbatched (C, L) its 2-D output makes BatchNorm1d normalize over L."""
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), bn_class(4))).eval()
+    batched = torch.randn(2, 3, 7)
+    folded, report = _fold_and_compare(model, batched, example_inputs=(batched,))
+    assert report.folded == [("0", "1")] and report.skipped == []
+    unbatched = torch.randn(3, 4)
+    folded, report = _fold_and_compare(model, unbatched, example_inputs=(unbatched,))
+    assert report.folded == [] and [(layer, bn) for layer, bn, _ in report.skipped] == [("0", "1")]
+
+
+@pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
+def test_fold_without_example_inputs_skips_bn1d(bn_class):
+    """Without example inputs only Conv2d/3d -> BatchNorm2d/3d are provably equivalent (those BatchNorms take
+    only batched input); Linear/Conv1d -> BatchNorm1d are skipped with the reason in the report."""
+    bn2d_class = nn.BatchNorm2d if bn_class is nn.BatchNorm1d else fusedbn.FusedBatchNorm2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2d, self.bn2d = nn.Conv2d(3, 4, 3), bn2d_class(4)
+            self.conv1d, self.bn_conv1d = nn.Conv1d(4, 4, 1), bn_class(4)
+            self.linear, self.bn_linear = nn.Linear(4, 4), bn_class(4)
+
+        def forward(self, x):
+            y = self.bn_conv1d(self.conv1d(self.bn2d(self.conv2d(x)).flatten(2)))
+            return self.bn_linear(self.linear(y.mean(dim=2)))
+
+    torch.manual_seed(0)
+    net = _randomize_statistics(Net()).eval()
+    folded, report = _fold_and_compare(net, torch.randn(2, 3, 6, 6))
+    assert report.folded == [("conv2d", "bn2d")]
+    assert [(layer, bn) for layer, bn, _ in report.skipped] == [("conv1d", "bn_conv1d"), ("linear", "bn_linear")]
+    assert all("example_inputs" in reason for _, _, reason in report.skipped)
+    assert "pass example_inputs to fold Linear -> BatchNorm1d" in str(report)
+
+
+def test_fold_leaves_batch_norm_relu_alone():
+    """A FusedBatchNormReLU2d is a BatchNorm2d followed by a ReLU: removing it would drop the ReLU."""
+    torch.manual_seed(0)
+    model = _randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 1), fusedbn.FusedBatchNormReLU2d(4))).eval()
+    _, report = _fold_and_compare(model, torch.randn(2, 3, 5, 5))
+    assert report.traced and report.folded == [] and report.skipped == []
 
 
 def test_fold_warns_when_fx_cannot_trace():

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -43,7 +45,7 @@ void with_flag(bool b, F&& f) {
 // y = relu?((x - mean) * alpha + beta [+ residual]) per channel, in `layout`.
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
                  const Tensor& beta, const OptTensor& residual = std::nullopt, bool relu = false) {
-  Tensor y = empty_in_layout(x, layout, x.scalar_type());
+  Tensor y = empty_like_dense(x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -63,28 +65,95 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
   return y;
 }
 
-// Per-channel Welford moments of x in `layout`, the parts merged in a fixed order: f(c, total) for each c.
+// Calls f(value) for every value of channel c, in memory order.
+template <typename scalar_t, typename F>
+void for_each_value_of_channel(const scalar_t* x, const ChannelLayout& layout, int64_t c, F&& f) {
+  if (layout.channels_last) {
+    for (int64_t r = 0; r < layout.rows(); ++r) f(x[r * layout.C + c]);
+  } else {
+    for (int64_t n = 0; n < layout.N; ++n) {
+      const scalar_t* run = x + (n * layout.C + c) * layout.S;
+      for (int64_t s = 0; s < layout.S; ++s) f(run[s]);
+    }
+  }
+}
+
+// Channel c's moments in float64 by two plain passes: for a float32 (or half) channel whose float32 moments
+// overflowed (M2 of values near 1e30), as torch's CPU kernels, which accumulate float32 in float64, do not.
+template <typename scalar_t>
+WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const ChannelLayout& layout, int64_t c) {
+  const double shift = channel_shift(static_cast<double>(layout.channels_last ? x[c] : x[c * layout.S]));
+  const int64_t count = layout.count_per_channel();
+  double sum = 0, m2 = 0;
+  for_each_value_of_channel(x, layout, c, [&](scalar_t v) { sum += static_cast<double>(v) - shift; });
+  const double mean = sum / static_cast<double>(count);
+  for_each_value_of_channel(x, layout, c, [&](scalar_t v) {
+    const double d = (static_cast<double>(v) - shift) - mean;
+    m2 += d * d;
+  });
+  return {shift + mean, m2, count};
+}
+
+// Per-channel Welford moments of x in `layout`: f(c, total) for each c, total a WelfordPartial of the
+// accumulation type, or of double where that overflowed. All partials of a channel are about one shift
+// (its first value, channel_shift) and the parts merge pairwise, in an order fixed by the shape.
 template <typename scalar_t, typename F>
 void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = layout.C, parts = num_parts(layout);
+  const scalar_t* data = x.const_data_ptr<scalar_t>();
+  std::vector<acc_t> shifts(C, acc_t(0));
+  if (layout.count_per_channel() > 0) {
+    for (int64_t c = 0; c < C; ++c) {
+      shifts[c] = channel_shift(static_cast<acc_t>(data[layout.channels_last ? c : c * layout.S]));
+    }
+  }
   std::vector<WelfordPartial<acc_t>> partials(parts * C);
   parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
-    tile_welford<scalar_t, acc_t, decltype(stride)::value>(x.const_data_ptr<scalar_t>(), tile, C, partials.data());
+    tile_welford<scalar_t, acc_t, decltype(stride)::value>(data, shifts.data(), tile, C, partials.data());
   });
+  merge_rows_pairwise(partials.data(), parts, C, welford_merge<acc_t>);
   for (int64_t c = 0; c < C; ++c) {
-    WelfordPartial<acc_t> total{};
-    for (int64_t p = 0; p < parts; ++p) total = welford_merge(total, partials[p * C + c]);
-    f(c, total);
+    WelfordPartial<acc_t> total = partials[c];
+    total.mean += shifts[c];
+    if (!std::is_same_v<acc_t, double> && !(std::isfinite(total.mean) && std::isfinite(total.m2))) {
+      f(c, channel_moments_in_double(data, layout, c));
+    } else {
+      f(c, total);
+    }
   }
+}
+
+// The one place the CPU ops write state: both running statistics, from the batch's mean and unbiased
+// variance, after every check. Under one lock, so calls from several threads on the same buffers leave
+// what some serial order of them would; below autograd and ADInplaceOrView, so buffers made under
+// torch.inference_mode() are updated as torch's BatchNorm updates them.
+void update_running_stats(const Tensor& running_mean, const Tensor& running_var, const Tensor& mean,
+                          const Tensor& unbiased_var, double momentum) {
+  static std::mutex update_lock;
+  const std::lock_guard<std::mutex> lock(update_lock);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  Tensor new_mean = running_mean.to(mean.scalar_type()).contiguous(), new_var = running_var.to(mean.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm", [&] {
+    scalar_t* rm = new_mean.mutable_data_ptr<scalar_t>();
+    scalar_t* rv = new_var.mutable_data_ptr<scalar_t>();
+    const scalar_t* batch_mean = mean.const_data_ptr<scalar_t>();
+    const scalar_t* batch_var = unbiased_var.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < mean.numel(); ++c) {
+      rm[c] = running_update(rm[c], batch_mean[c], momentum);
+      rv[c] = running_update(rv[c], batch_var[c], momentum);
+    }
+  });
+  running_mean.copy_(new_mean);
+  running_var.copy_(new_var);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight,
                                                  const OptTensor& bias, const OptTensor& running_mean,
                                                  const OptTensor& running_var, double momentum,
                                                  double eps, const OptTensor& residual, bool relu) {
-  check_forward_train_args(input, weight, bias, running_mean, running_var, residual);
-  check_eps(eps, true);
+  check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C, count = layout.count_per_channel();
@@ -98,22 +167,19 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
     acc_t* var_out = unbiased_var.mutable_data_ptr<acc_t>();
-    for_each_channel_moments<scalar_t>(x, layout, [&](int64_t c, const WelfordPartial<acc_t>& total) {
-      mean_out[c] = total.mean;
-      invstd_out[c] = welford_invstd(total, eps);
-      var_out[c] = welford_unbiased_var(total);
+    for_each_channel_moments<scalar_t>(x, layout, [&](int64_t c, const auto& total) {
+      mean_out[c] = static_cast<acc_t>(total.mean);
+      invstd_out[c] = static_cast<acc_t>(welford_invstd(total, eps));
+      var_out[c] = static_cast<acc_t>(welford_unbiased_var(total));
     });
   });
 
-  const Tensor alpha = weight_or_ones(weight, C, acc_options) * invstd;
-  const Tensor beta = has(bias) ? as_acc(*bias, acc) : at::zeros({C}, acc_options);
+  const Tensor alpha = weight_or_ones(w, C, acc_options) * invstd;
+  const Tensor beta = has(b) ? as_acc(*b, acc) : at::zeros({C}, acc_options);
   Tensor y = normalize(x, layout, mean, alpha, beta, residual, relu);
 
   // An empty batch leaves the running statistics as they were (as nn.BatchNorm does).
-  if (has(running_mean) && count > 0) {
-    running_mean->copy_(running_mean->to(acc).mul_(1 - momentum).add_(mean, momentum));
-    running_var->copy_(running_var->to(acc).mul_(1 - momentum).add_(unbiased_var, momentum));
-  }
+  if (has(running_mean) && count > 0) update_running_stats(*running_mean, *running_var, mean, unbiased_var, momentum);
   return {y, mean, invstd};
 }
 
@@ -127,9 +193,9 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
-    for_each_channel_moments<scalar_t>(x, layout, [&](int64_t c, const WelfordPartial<acc_t>& total) {
-      mean_out[c] = total.mean;
-      m2_out[c] = total.m2;
+    for_each_channel_moments<scalar_t>(x, layout, [&](int64_t c, const auto& total) {
+      mean_out[c] = static_cast<acc_t>(total.mean);
+      m2_out[c] = static_cast<acc_t>(total.m2);
     });
   });
   return {mean, m2};
@@ -138,15 +204,15 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps,
                     const OptTensor& residual, bool relu) {
-  check_forward_eval_args(input, weight, bias, running_mean, running_var, residual);
-  check_eps(eps, false);
+  check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc);
   const Tensor invstd = (running_var.to(acc) + eps).rsqrt();
-  const Tensor alpha = weight_or_ones(weight, layout.C, acc_options) * invstd;
-  const Tensor beta = has(bias) ? as_acc(*bias, acc) : at::zeros({layout.C}, acc_options);
+  const Tensor alpha = weight_or_ones(w, layout.C, acc_options) * invstd;
+  const Tensor beta = has(b) ? as_acc(*b, acc) : at::zeros({layout.C}, acc_options);
   return normalize(x, layout, as_acc(running_mean, acc), alpha, beta, residual, relu);
 }
 
@@ -175,18 +241,17 @@ void with_grad_source(const BackwardInputs& in, const Tensor& a, const Tensor& b
 }
 
 // a = w * invstd (also the forward's alpha, which relu's recomputed mask needs) and beta = bias.
-std::tuple<Tensor, Tensor> backward_coefficients(const BackwardInputs& in, const OptTensor& weight,
-                                                 const OptTensor& bias) {
+std::tuple<Tensor, Tensor> backward_coefficients(const BackwardInputs& in) {
   const auto acc_options = in.x.options().dtype(in.acc);
-  return {weight_or_ones(weight, in.layout.C, acc_options) * in.invstd,
-          has(bias) ? as_acc(*bias, in.acc) : at::zeros({in.layout.C}, acc_options)};
+  return {weight_or_ones(in.weight, in.layout.C, acc_options) * in.invstd,
+          has(in.bias) ? as_acc(*in.bias, in.acc) : at::zeros({in.layout.C}, acc_options)};
 }
 
 // sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output.
 std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& a, const Tensor& beta) {
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
-  Tensor sum_dz = at::zeros({C}, acc_options), sum_dz_xmu = at::zeros({C}, acc_options);
+  Tensor sum_dz = at::empty({C}, acc_options), sum_dz_xmu = at::empty({C}, acc_options);
   with_grad_source(in, a, beta, [&](auto scalar_tag, auto mask_tag, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -197,14 +262,10 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
           source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz.data(),
           part_dz_xmu.data());
     });
-    acc_t* out_dz = sum_dz.mutable_data_ptr<acc_t>();
-    acc_t* out_dz_xmu = sum_dz_xmu.mutable_data_ptr<acc_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t p = 0; p < parts; ++p) {
-        out_dz[c] += part_dz[p * C + c];
-        out_dz_xmu[c] += part_dz_xmu[p * C + c];
-      }
-    }
+    merge_rows_pairwise(part_dz.data(), parts, C, plus<acc_t>);
+    merge_rows_pairwise(part_dz_xmu.data(), parts, C, plus<acc_t>);
+    std::copy(part_dz.begin(), part_dz.begin() + C, sum_dz.mutable_data_ptr<acc_t>());
+    std::copy(part_dz_xmu.begin(), part_dz_xmu.begin() + C, sum_dz_xmu.mutable_data_ptr<acc_t>());
   });
   return {sum_dz, sum_dz_xmu};
 }
@@ -212,7 +273,7 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
 // dx = (dz - mean_dz - (x - mean) * proj) * a per value, and grad_residual = dz when it is defined.
 Tensor dx_pass(const BackwardInputs& in, const Tensor& a, const Tensor& beta, const Tensor& mean_dz,
                const Tensor& proj, const Tensor& grad_residual) {
-  Tensor grad_input = empty_in_layout(in.x, in.layout, in.x.scalar_type());
+  Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
   with_grad_source(in, a, beta, [&](auto scalar_tag, auto mask_tag, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -242,12 +303,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
-  const auto [a, beta] = backward_coefficients(in, weight, bias);
+  const auto [a, beta] = backward_coefficients(in);
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
   const auto [sum_dz, sum_dz_xmu] =
       need_sums ? channel_grad_sums(in, a, beta) : std::make_tuple(Tensor(), Tensor());
   Tensor grad_input;
-  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
+  Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (!training && in.mask == ReluMask::kNone && !want_grad_residual) {
     // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
     if (output_mask[0]) {
@@ -272,7 +333,7 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
                                      const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
                                      const OptTensor& output, bool relu) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
-  const auto [a, beta] = backward_coefficients(in, weight, bias);
+  const auto [a, beta] = backward_coefficients(in);
   return channel_grad_sums(in, a, beta);
 }
 
@@ -280,11 +341,10 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           bool relu, bool want_grad_residual) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
-  check_channel_param(mean_dz, "mean_dz", input);
-  check_channel_param(proj, "proj", input);
-  const auto [a, beta] = backward_coefficients(in, weight, bias);
-  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
+  const auto [a, beta] = backward_coefficients(in);
+  Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   Tensor grad_input = dx_pass(in, a, beta, as_acc(mean_dz, in.acc), as_acc(proj, in.acc), grad_residual);
   return {grad_input, grad_residual};
 }

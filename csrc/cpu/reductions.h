@@ -1,5 +1,12 @@
 // Per-tile reductions of the CPU kernels. Each tile writes its own slot of a [parts, C] partial buffer;
-// the caller merges the parts in a fixed order.
+// the caller merges the parts pairwise (merge_rows_pairwise).
+//
+// Accuracy: no float accumulator takes a long sequential stream. Values are summed in short blocks (at
+// most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of one run), and the blocks'
+// results, the chunks' and the parts' are merged pairwise, so rounding error grows like
+// kMaxBlockRows + log2(count), in both layouts alike. Welford partials are all about one shift per
+// channel (channel_shift, welford.h) and stay about it until the channel's total, so a mean of 1e4 next
+// to a spread of 1 loses nothing to the merges.
 #pragma once
 
 #include <algorithm>
@@ -11,27 +18,43 @@
 
 namespace fusedbn::cpu {
 
-// Values per block in the reductions: a block is read twice (sum, then squared deviations), so it must
-// stay in L1/L2 between the two reads; memory then sees one read per value. Channels-last blocks take at
-// least kMinBlockRows rows, so the per-column merge after each block stays a small fraction of the work
-// when C is large.
+// Values per block of a channels-last tile (a block is read twice by tile_welford, so it must stay in
+// L1/L2 between the reads), within [kMinBlockRows, kMaxBlockRows] rows: at least a few rows so the
+// per-column merge after each block stays a small fraction of the work when C is large, at most a
+// short sequential sum per column.
 constexpr int64_t kBlockValues = 4096;
-constexpr int64_t kMinBlockRows = 16;
+constexpr int64_t kMinBlockRows = 8;
+constexpr int64_t kMaxBlockRows = 64;
 
 inline int64_t block_rows_for(int64_t width) {
-  return std::max<int64_t>(kMinBlockRows, kBlockValues / std::max<int64_t>(1, width));
+  return std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, width), kMinBlockRows, kMaxBlockRows);
 }
 
-// Sum of v[0..n) by pairwise (tree) summation, whose rounding error grows like log(n) rather than n.
-// Overwrites v.
+// Merges rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise (a tree of
+// depth log2(n)); the result lands in row 0. Overwrites rows.
+template <typename T, typename Merge>
+void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
+  while (n > 1) {
+    const int64_t half = n / 2, upper = n - half;
+    for (int64_t i = 0; i < half; ++i) {
+      T* __restrict__ into = rows + i * width;
+      const T* __restrict__ from = rows + (upper + i) * width;
+      for (int64_t j = 0; j < width; ++j) into[j] = merge(into[j], from[j]);
+    }
+    n = upper;
+  }
+}
+
+template <typename acc_t>
+acc_t plus(acc_t a, acc_t b) {
+  return a + b;
+}
+
+// Sum of v[0..n) by pairwise summation. Overwrites v.
 template <typename acc_t>
 acc_t pairwise_sum(acc_t* v, int64_t n) {
   if (n == 0) return acc_t(0);
-  while (n > 1) {
-    const int64_t half = n / 2, upper = n - half;
-    for (int64_t i = 0; i < half; ++i) v[i] += v[upper + i];
-    n = upper;
-  }
+  merge_rows_pairwise(v, n, 1, plus<acc_t>);
   return v[0];
 }
 
@@ -39,7 +62,7 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
 // without being allowed to reassociate a single float sum.
 constexpr int kLanes = 64;
 
-// sum of f(j) over j in [0, n) (f gives acc_t), in kLanes accumulators combined pairwise.
+// sum of f(j) over j in [0, n) (f gives acc_t), n <= kBlockValues, in kLanes accumulators combined pairwise.
 template <typename acc_t, typename F>
 acc_t run_sum(int64_t n, F f) {
   acc_t lanes[kLanes] = {};
@@ -51,54 +74,65 @@ acc_t run_sum(int64_t n, F f) {
   return pairwise_sum(lanes, kLanes);
 }
 
-// Welford statistics of one tile, without a division per value. Channels-last, and channels-first runs
-// shorter than kLongRun: for each block of rows, per-column block mean and M2 about it (two passes over the
-// cached block), then a Chan merge into the running column state; all columns have the same count, so the
-// merge weights are shared scalars. Long channels-first runs reduce run by run.
-// Values are shifted by the tile's first row (one shift per channel) before summing, so a channel whose
-// mean is large next to its spread (mean 1e4, std 1) loses no precision to the sums.
+// Calls chunk(row_offset, s0, n) for each chunk of at most kBlockValues values of each of the tile's
+// rows (long channels-first runs), in memory order: chunks_in(tile) calls.
+template <typename F>
+void for_each_chunk(const Tile& tile, F chunk) {
+  for (int64_t r = 0; r < tile.rows; ++r) {
+    for (int64_t s0 = 0; s0 < tile.width; s0 += kBlockValues) {
+      chunk(tile.offset + r * tile.ld + s0, std::min(kBlockValues, tile.width - s0));
+    }
+  }
+}
+
+inline int64_t chunks_in(const Tile& tile) { return tile.rows * ((tile.width + kBlockValues - 1) / kBlockValues); }
+
+// Welford statistics of one tile about the per-channel shifts, without a division per value.
+// Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
+// chunk, and the chunks merge pairwise. Channels-last, and channels-first runs shorter than kLongRun: for
+// each block of rows, per-column block mean and M2 about it (two passes over the cached block), the
+// blocks merged pairwise (all columns of a block have the same count). Short channels-first runs then
+// fold their W columns into the one channel.
 template <typename scalar_t, typename acc_t, int kChannelStride>
-void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, WelfordPartial<acc_t>* partials) {
+void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile, int64_t C,
+                  WelfordPartial<acc_t>* partials) {
+  using Partial = WelfordPartial<acc_t>;
   const int64_t W = tile.width;
-  WelfordPartial<acc_t>* out = partials + tile.part * C + tile.channel;
+  Partial* out = partials + tile.part * C + tile.channel;
   if (tile.rows == 0 || W == 0) {  // an empty batch: empty partials, harmless to merge
-    std::fill(out, out + (kChannelStride == 1 ? W : 1), WelfordPartial<acc_t>{});
+    std::fill(out, out + (kChannelStride == 1 ? W : 1), Partial{});
     return;
   }
   if (kChannelStride == 0 && W >= kLongRun) {
-    // One channel, long runs: each run of S values, in cache-sized chunks, gives a (count, mean, M2) by
-    // two passes over the chunk (shifted by the tile's first value), merged into the channel's partial.
-    const acc_t shift = static_cast<acc_t>(x[tile.offset]);
-    WelfordPartial<acc_t> total{};
-    for (int64_t r = 0; r < tile.rows; ++r) {
-      const scalar_t* row = x + tile.offset + r * tile.ld;
-      for (int64_t s0 = 0; s0 < W; s0 += kBlockValues) {
-        const int64_t n = std::min(kBlockValues, W - s0);
-        const scalar_t* chunk = row + s0;
-        const acc_t chunk_mean =
-            run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift; }) / static_cast<acc_t>(n);
-        const acc_t chunk_m2 = run_sum<acc_t>(n, [&](int64_t j) {
-          const acc_t d = (static_cast<acc_t>(chunk[j]) - shift) - chunk_mean;
-          return d * d;
-        });
-        total = welford_merge(total, WelfordPartial<acc_t>{chunk_mean, chunk_m2, n});
-      }
-    }
-    *out = WelfordPartial<acc_t>{shift + total.mean, total.m2, total.count};
+    const acc_t shift = shifts[tile.channel];
+    std::vector<Partial> chunk_partials(chunks_in(tile));
+    Partial* next = chunk_partials.data();
+    for_each_chunk(tile, [&](int64_t offset, int64_t n) {
+      const scalar_t* chunk = x + offset;
+      const acc_t chunk_mean =
+          run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift; }) / static_cast<acc_t>(n);
+      const acc_t chunk_m2 = run_sum<acc_t>(n, [&](int64_t j) {
+        const acc_t d = (static_cast<acc_t>(chunk[j]) - shift) - chunk_mean;
+        return d * d;
+      });
+      *next++ = Partial{chunk_mean, chunk_m2, n};
+    });
+    merge_rows_pairwise(chunk_partials.data(), static_cast<int64_t>(chunk_partials.size()), 1,
+                        welford_merge<acc_t>);
+    *out = chunk_partials[0];
     return;
   }
-  std::vector<acc_t> shift_buf(W), mean_buf(W, acc_t(0)), m2_buf(W, acc_t(0)), block_mean_buf(W), block_m2_buf(W);
+  const int64_t block_rows = block_rows_for(W);
+  const int64_t blocks = (tile.rows + block_rows - 1) / block_rows;
+  std::vector<Partial> block_partials(blocks * W);
+  std::vector<acc_t> shift_buf(W), block_mean_buf(W), block_m2_buf(W);
   // Restrict-qualified views so the compiler vectorizes the column loops.
   acc_t* __restrict__ shift = shift_buf.data();
-  acc_t* __restrict__ mean = mean_buf.data();
-  acc_t* __restrict__ m2 = m2_buf.data();
   acc_t* __restrict__ block_mean = block_mean_buf.data();
   acc_t* __restrict__ block_m2 = block_m2_buf.data();
-  for (int64_t j = 0; j < W; ++j) shift[j] = static_cast<acc_t>(x[tile.offset + j * kChannelStride]);
-  const int64_t block_rows = block_rows_for(W);
-  int64_t seen = 0;
-  for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
-    const int64_t nb = std::min(block_rows, tile.rows - r0);
+  for (int64_t j = 0; j < W; ++j) shift[j] = shifts[tile.channel + j * kChannelStride];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
     std::fill(block_mean, block_mean + W, acc_t(0));
     std::fill(block_m2, block_m2 + W, acc_t(0));
     for (int64_t r = r0; r < r0 + nb; ++r) {
@@ -114,32 +148,31 @@ void tile_welford(const scalar_t* __restrict__ x, const Tile& tile, int64_t C, W
         block_m2[j] += d * d;
       }
     }
-    const acc_t nb_over_n = static_cast<acc_t>(nb) / static_cast<acc_t>(seen + nb);
-    const acc_t cross = static_cast<acc_t>(seen) * nb_over_n;
-    for (int64_t j = 0; j < W; ++j) {
-      const acc_t delta = block_mean[j] - mean[j];
-      mean[j] += delta * nb_over_n;
-      m2[j] += block_m2[j] + delta * delta * cross;
-    }
-    seen += nb;
+    Partial* dst = block_partials.data() + b * W;
+    for (int64_t j = 0; j < W; ++j) dst[j] = Partial{block_mean[j], block_m2[j], nb};
   }
+  merge_rows_pairwise(block_partials.data(), blocks, W, welford_merge<acc_t>);
+  const Partial* columns = block_partials.data();
   if constexpr (kChannelStride == 1) {
-    for (int64_t j = 0; j < W; ++j) out[j] = WelfordPartial<acc_t>{shift[j] + mean[j], m2[j], seen};
+    std::copy(columns, columns + W, out);
   } else {
-    // Short runs of one channel (one shift): its W columns have `seen` values each, so
+    // Short runs of one channel: its W columns have `seen` values each, so
     // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    std::copy(mean, mean + W, block_mean);
+    const int64_t seen = columns[0].count;
+    for (int64_t j = 0; j < W; ++j) block_mean[j] = columns[j].mean;
     const acc_t channel_mean = pairwise_sum(block_mean, W) / static_cast<acc_t>(W);
-    for (int64_t j = 0; j < W; ++j) block_m2[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
-    const acc_t channel_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(block_m2, W);
-    *out = WelfordPartial<acc_t>{shift[0] + channel_mean, channel_m2, seen * W};
+    for (int64_t j = 0; j < W; ++j) {
+      block_mean[j] = columns[j].m2;
+      block_m2[j] = (columns[j].mean - channel_mean) * (columns[j].mean - channel_mean);
+    }
+    const acc_t channel_m2 = pairwise_sum(block_mean, W) + static_cast<acc_t>(seen) * pairwise_sum(block_m2, W);
+    *out = Partial{channel_mean, channel_m2, seen * W};
   }
 }
 
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
-// read through relu's mask (grad_through_relu, epilogue.h). Channels-first: lane sums per run.
-// Channels-last: per block of rows into columns, then blocks into the tile's columns, so no single float
-// accumulator takes more than a few thousand terms.
+// read through relu's mask (grad_through_relu, epilogue.h). Long channels-first runs: lane sums per chunk,
+// chunks summed pairwise. Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
 template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                     const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
@@ -156,30 +189,26 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
   if (kChannelStride == 0 && W >= kLongRun) {
-    // One channel, long runs: lane sums over each run (the second pass re-reads the run from cache).
+    // The second lane sum re-reads the chunk from cache.
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
-    acc_t total_dz = 0, total_dz_xmu = 0;
-    for (int64_t r = 0; r < tile.rows; ++r) {
-      const int64_t base = tile.offset + r * tile.ld;
-      total_dz += run_sum<acc_t>(W, [&](int64_t j) { return dz_at(base + j, c); });
-      total_dz_xmu += run_sum<acc_t>(
-          W, [&](int64_t j) { return dz_at(base + j, c) * (static_cast<acc_t>(x[base + j]) - mu); });
-    }
-    sum_dz[slot] = total_dz;
-    sum_dz_xmu[slot] = total_dz_xmu;
+    std::vector<acc_t> chunk_dz(chunks_in(tile)), chunk_dz_xmu(chunk_dz.size());
+    int64_t k = 0;
+    for_each_chunk(tile, [&](int64_t offset, int64_t n) {
+      chunk_dz[k] = run_sum<acc_t>(n, [&](int64_t j) { return dz_at(offset + j, c); });
+      chunk_dz_xmu[k++] = run_sum<acc_t>(
+          n, [&](int64_t j) { return dz_at(offset + j, c) * (static_cast<acc_t>(x[offset + j]) - mu); });
+    });
+    sum_dz[slot] = pairwise_sum(chunk_dz.data(), k);
+    sum_dz_xmu[slot] = pairwise_sum(chunk_dz_xmu.data(), k);
     return;
   }
-  std::vector<acc_t> col_dz_buf(W, acc_t(0)), col_dz_xmu_buf(W, acc_t(0)), block_dz_buf(W), block_dz_xmu_buf(W);
-  acc_t* __restrict__ col_dz = col_dz_buf.data();
-  acc_t* __restrict__ col_dz_xmu = col_dz_xmu_buf.data();
-  acc_t* __restrict__ block_dz = block_dz_buf.data();
-  acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data();
-  const int64_t block_rows = block_rows_for(W);
-  for (int64_t r0 = 0; r0 < tile.rows; r0 += block_rows) {
-    std::fill(block_dz, block_dz + W, acc_t(0));
-    std::fill(block_dz_xmu, block_dz_xmu + W, acc_t(0));
-    for (int64_t r = r0; r < std::min(tile.rows, r0 + block_rows); ++r) {
+  const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
+  std::vector<acc_t> block_dz_buf(blocks * W, acc_t(0)), block_dz_xmu_buf(blocks * W, acc_t(0));
+  for (int64_t b = 0; b < blocks; ++b) {
+    acc_t* __restrict__ block_dz = block_dz_buf.data() + b * W;
+    acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data() + b * W;
+    for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
         const int64_t c = tile.channel + j * kChannelStride;
@@ -188,11 +217,11 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
         block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[c]);
       }
     }
-    for (int64_t j = 0; j < W; ++j) {
-      col_dz[j] += block_dz[j];
-      col_dz_xmu[j] += block_dz_xmu[j];
-    }
   }
+  merge_rows_pairwise(block_dz_buf.data(), blocks, W, plus<acc_t>);
+  merge_rows_pairwise(block_dz_xmu_buf.data(), blocks, W, plus<acc_t>);
+  acc_t* col_dz = block_dz_buf.data();
+  acc_t* col_dz_xmu = block_dz_xmu_buf.data();
   if constexpr (kChannelStride == 1) {
     std::copy(col_dz, col_dz + W, sum_dz + slot);
     std::copy(col_dz_xmu, col_dz_xmu + W, sum_dz_xmu + slot);

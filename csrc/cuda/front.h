@@ -173,7 +173,7 @@ constexpr int vec_width() {
 template <typename Context>
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
                  const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt, bool relu = false) {
-  Tensor y = empty_in_layout(x, layout, x.scalar_type());
+  Tensor y = empty_like_dense(x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -191,19 +191,19 @@ template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
                                                  double momentum, double eps, const OptTensor& residual, bool relu) {
-  check_forward_train_args(input, weight, bias, running_mean, running_var, residual);
-  check_eps(eps, true);
+  check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
   const Context ctx(input);
   // The statistics kernel indexes per-channel tensors by channel and updates the running statistics in
-  // place: strided ones are read from contiguous copies, and the running statistics copied back.
-  const OptTensor w = contiguous(weight), b = contiguous(bias);
+  // place (the kernel is the one place they are written): strided ones are read from contiguous copies,
+  // and the running statistics copied back.
+  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
   const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C;
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor mean = at::empty({C}, acc_options), invstd = at::empty({C}, acc_options);
-  if (C == 0) return {empty_in_layout(x, layout, x.scalar_type()), mean, invstd};
+  if (C == 0) return {empty_like_dense(x, x.scalar_type()), mean, invstd};
   Tensor alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
   const auto param_dtype = dtype_of_first({&weight, &bias, &running_mean, &running_var});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
@@ -220,6 +220,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
     });
   });
+  // Below autograd and ADInplaceOrView, so buffers made under torch.inference_mode() are updated too.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   for (const auto& [given, used] : {std::pair{&running_mean, &rm}, std::pair{&running_var, &rv}}) {
     if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
   }
@@ -229,17 +231,17 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
 template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps, const OptTensor& residual, bool relu) {
-  check_forward_eval_args(input, weight, bias, running_mean, running_var, residual);
-  check_eps(eps, false);
+  check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Context ctx(input);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const auto acc = at::toOpMathType(input.scalar_type());
   // Per-channel coefficients: C values, a few tiny launches.
   Tensor alpha = running_var.to(acc).add(eps).rsqrt();
-  if (has(weight)) alpha = alpha.mul(weight->to(acc));
+  if (has(w)) alpha = alpha.mul(w->to(acc));
   alpha = alpha.contiguous();
-  const Tensor beta = has(bias) ? bias->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
+  const Tensor beta = has(b) ? b->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
   return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, relu);
 }
 
@@ -249,10 +251,9 @@ struct BackwardCoefficients {
   Tensor a, beta;
 };
 
-inline BackwardCoefficients backward_coefficients(const BackwardInputs& in, const OptTensor& weight,
-                                                  const OptTensor& bias) {
-  return {has(weight) ? weight->to(in.acc).mul(in.invstd).contiguous() : in.invstd,
-          has(bias) ? bias->to(in.acc).contiguous() : Tensor()};
+inline BackwardCoefficients backward_coefficients(const BackwardInputs& in) {
+  return {has(in.weight) ? in.weight->to(in.acc).mul(in.invstd).contiguous() : in.invstd,
+          has(in.bias) ? in.bias->to(in.acc).contiguous() : Tensor()};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -285,7 +286,7 @@ void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std
 template <typename Context>
 Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
                const Tensor& grad_residual, const Context& ctx) {
-  Tensor grad_input = empty_in_layout(in.x, in.layout, in.x.scalar_type());
+  Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardElemtOp<scalar_t, acc_t> op{
@@ -316,12 +317,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
-  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
+  Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (C == 0) {
-    return {output_mask[0] ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
+    return {output_mask[0] ? empty_like_dense(in.x, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
             grad_residual};
   }
-  const BackwardCoefficients k = backward_coefficients(in, weight, bias);
+  const BackwardCoefficients k = backward_coefficients(in);
   // Training: the reduction's finisher fills these; eval statistics: zero, so dx = a * dz.
   const Tensor mean_dz = at::zeros({C}, acc_options), proj = at::zeros({C}, acc_options);
   if ((training && output_mask[0]) || output_mask[1] || output_mask[2]) {
@@ -377,7 +378,7 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
   if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
-  grad_reduction(in, backward_coefficients(in, weight, bias), std::nullopt, ctx, [&](auto scalar_tag, auto) {
+  grad_reduction(in, backward_coefficients(in), std::nullopt, ctx, [&](auto scalar_tag, auto) {
     using acc_t = at::opmath_type<decltype(scalar_tag)>;
     return SumsFinisher<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
   });
@@ -389,13 +390,12 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           bool relu, bool want_grad_residual) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
-  check_channel_param(mean_dz, "mean_dz", input);
-  check_channel_param(proj, "proj", input);
   const Context ctx(input);
-  Tensor grad_residual = want_grad_residual ? empty_in_layout(in.x, in.layout, input.scalar_type()) : Tensor();
-  if (in.layout.C == 0) return {empty_in_layout(in.x, in.layout, input.scalar_type()), grad_residual};
-  const Tensor grad_input = dx_pass(in, backward_coefficients(in, weight, bias), mean_dz.to(in.acc).contiguous(),
+  Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
+  if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};
+  const Tensor grad_input = dx_pass(in, backward_coefficients(in), mean_dz.to(in.acc).contiguous(),
                                     proj.to(in.acc).contiguous(), grad_residual, ctx);
   return {grad_input, grad_residual};
 }

@@ -85,9 +85,10 @@ __device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const
 //                        consecutive channels c, c+1, ... stored contiguously at `offset`.
 // `result(c, total)` turns a channel's merged total into what the finisher needs.
 
-// Welford statistics of values shifted by the channel's first value K (every thread and block of the
-// channel uses the same K, so the partials merge exactly): means stay of the order of the spread, and a
-// channel with mean 1e4 and std 1 keeps full precision. x == nullptr marks an empty batch.
+// Welford statistics of values shifted by the channel's first value K (channel_shift, welford.h; every
+// thread and block of the channel uses the same K, so the partials merge exactly): means stay of the
+// order of the spread, and a channel with mean 1e4 and std 1 keeps full precision. x == nullptr marks an
+// empty batch.
 template <typename scalar_t, typename acc_t>
 struct WelfordReducer {
   using State = WelfordPartial<acc_t>;
@@ -138,7 +139,7 @@ struct WelfordReducer {
   };
 
   __device__ __forceinline__ acc_t shift_of(int64_t c) const {
-    return x ? static_cast<acc_t>(x[c * channel_stride]) : acc_t(0);
+    return x ? channel_shift(static_cast<acc_t>(x[c * channel_stride])) : acc_t(0);
   }
   __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
   template <int kVec>
@@ -270,10 +271,9 @@ struct StatsFinisher {
     alpha[c] = (weight ? static_cast<acc_t>(weight[c]) : acc_t(1)) * istd;
     beta[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
     if (running_mean && total.count > 0) {
-      const acc_t m = static_cast<acc_t>(momentum);
-      running_mean[c] = static_cast<param_t>((acc_t(1) - m) * static_cast<acc_t>(running_mean[c]) + m * total.mean);
-      running_var[c] = static_cast<param_t>((acc_t(1) - m) * static_cast<acc_t>(running_var[c]) +
-                                            m * welford_unbiased_var(total));
+      running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), total.mean, momentum));
+      running_var[c] =
+          static_cast<param_t>(running_update(static_cast<acc_t>(running_var[c]), welford_unbiased_var(total), momentum));
     }
   }
 };

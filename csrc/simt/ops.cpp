@@ -5,6 +5,7 @@
 
 #include "../cuda/launch.h"  // with FUSEDBN_SIMT: the emulator's launch
 #include "../cuda/front.h"
+#include "../meta_kernels.h"
 #include "../schemas.h"
 
 namespace fusedbn::cuda {
@@ -22,6 +23,8 @@ struct SimtContext {
 }  // namespace
 
 TORCH_LIBRARY(fusedbn_simt, m) { define_schemas(m); }
+
+TORCH_LIBRARY_IMPL(fusedbn_simt, Meta, m) { meta::register_kernels(m); }
 
 TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) {
   m.impl("forward_train", &forward_train<SimtContext>);
