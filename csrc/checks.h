@@ -78,12 +78,17 @@ inline void check_params_share_dtype(std::initializer_list<const std::optional<a
   }
 }
 
-// A running statistic the op updates in place: it must own each of its elements' memory (an expanded
-// tensor would have every channel's update land on one location) and must not require grad.
-inline void check_running_stat_writable(const at::Tensor& stat, const char* name) {
+// A running statistic must not require grad (torch's rule, in training and eval alike).
+inline void check_running_stat_constant(const at::Tensor& stat, const char* name) {
   TORCH_CHECK(!(c10::GradMode::is_enabled() && stat.requires_grad()),
               "batch_norm is not differentiable with respect to argument '", name,
               "'. This input cannot have requires_grad True.");
+}
+
+// A running statistic the op updates in place: also, it must own each of its elements' memory (an
+// expanded tensor would have every channel's update land on one location).
+inline void check_running_stat_writable(const at::Tensor& stat, const char* name) {
+  check_running_stat_constant(stat, name);
   if (stat.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return;  // parameters and buffers are static
   TORCH_CHECK(at::has_internal_overlap(stat) != at::MemOverlap::Yes, name,
               " has elements that share one memory location (an expanded tensor?), so the batch statistics "
@@ -155,6 +160,8 @@ inline void check_forward_eval_args(const at::Tensor& input, const std::optional
   check_affine(weight, bias, input);
   check_channel_param(running_mean, "running_mean", input);
   check_channel_param(running_var, "running_var", input);
+  check_running_stat_constant(running_mean, "running_mean");
+  check_running_stat_constant(running_var, "running_var");
   const std::optional<at::Tensor> rm = running_mean, rv = running_var;
   check_params_share_dtype({&weight, &bias, &rm, &rv});
   check_eps(eps, false);

@@ -51,8 +51,9 @@ inline at::Tensor to_layout(const at::Tensor& t, const ChannelLayout& layout) {
   return t.contiguous();
 }
 
-// A fresh tensor with the strides of `dense` (one of the two views: dense_input's result), so every
-// output and gradient keeps the input's memory format, empty and size-1 dimensions included.
+// A fresh tensor with the strides of `dense` (one of the two views: dense_input's result), so outputs and
+// gradients keep the input's memory format, empty tensors included, and the kernels can write them in the
+// input's order.
 inline at::Tensor empty_like_dense(const at::Tensor& dense, at::ScalarType dtype) {
   return at::empty_like(dense, dense.options().dtype(dtype), at::MemoryFormat::Preserve);
 }

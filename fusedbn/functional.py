@@ -196,6 +196,11 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
     return _BatchNormEval.forward(*args)
 
 
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+                torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}
+
+
 def _check_running_stats(running_mean, running_var, training):
     """torch's checks that come before its kernel's (same exception types and wording)."""
     if not training and (running_mean is None or running_var is None):
@@ -223,12 +228,17 @@ def _empty_batch(input, weight, bias, residual, relu):
 
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
     check_eps(eps, training)
-    if input.dim() < 2:  # the exception types torch.nn.functional.batch_norm raises
-        raise (IndexError if training else RuntimeError)(
+    if input.dim() < 2:
+        # torch.nn.functional.batch_norm's exception types: IndexError where it indexes the missing dims (a
+        # 0-d input in training, or nothing per-channel to check against), else RuntimeError.
+        indexes = (training and input.dim() == 0) or all(t is None for t in (running_mean, running_var, weight, bias))
+        raise (IndexError if indexes else RuntimeError)(
             f"batch_norm: expected an input of at least 2 dims (N, C, *), got {input.dim()} dims")
     _check_running_stats(running_mean, running_var, training)
     if input.numel() == 0:
         return _empty_batch(input, weight, bias, residual, relu)
+    if input.dtype not in _SUPPORTED_DTYPES:  # the ops raise it too, but FakeTensor tracing would retype it
+        raise NotImplementedError(f'"batch_norm" not implemented for \'{_DTYPE_NAMES.get(input.dtype, input.dtype)}\'')
     # Any shape with C elements, as torch reads weight and bias; autograd returns their gradients in it.
     weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias

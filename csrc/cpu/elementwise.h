@@ -56,10 +56,11 @@ inline scalar_t output_at(const scalar_t* __restrict__ out, int64_t i) {
   }
 }
 
-// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] (training; eval statistics pass mean_dz = proj
-// = 0), and dz itself into grad_residual when asked. Subtracting before scaling by a = w * invstd avoids
-// the cancellation between a*dz and a*mean_dz when invstd is large.
-template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask, bool kWriteDz>
+// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] (kCentered: training), dz * a[c] under eval
+// statistics (x does not enter: a NaN input keeps a finite gradient, as in torch), and dz itself into
+// grad_residual when asked. Subtracting before scaling by a = w * invstd avoids the cancellation between
+// a*dz and a*mean_dz when invstd is large.
+template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask, bool kWriteDz, bool kCentered>
 void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual,
                          const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_dz,
@@ -78,7 +79,11 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
       const acc_t dz = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), mean[c],
                                                 kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
                                                 kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
-      dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (xv - mean[c]) * proj[c]) * a[c]);
+      if constexpr (kCentered) {
+        dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (xv - mean[c]) * proj[c]) * a[c]);
+      } else {
+        dx[i] = static_cast<scalar_t>(dz * a[c]);
+      }
       if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
     }
   }

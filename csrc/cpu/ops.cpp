@@ -270,7 +270,8 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
   return {sum_dz, sum_dz_xmu};
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * a per value, and grad_residual = dz when it is defined.
+// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: mean_dz and proj
+// undefined), and grad_residual = dz when it is defined.
 Tensor dx_pass(const BackwardInputs& in, const Tensor& a, const Tensor& beta, const Tensor& mean_dz,
                const Tensor& proj, const Tensor& grad_residual) {
   Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
@@ -278,13 +279,15 @@ Tensor dx_pass(const BackwardInputs& in, const Tensor& a, const Tensor& beta, co
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(grad_residual.defined(), [&](auto write_dz) {
-      parallel_for_elementwise_tiles(in.layout, [&](const Tile& tile, auto stride) {
-        tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(mask_tag)::value,
-                            decltype(write_dz)::value>(
-            source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-            grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-            in.mean.const_data_ptr<acc_t>(), mean_dz.const_data_ptr<acc_t>(), proj.const_data_ptr<acc_t>(),
-            a.const_data_ptr<acc_t>(), tile);
+      with_flag(mean_dz.defined(), [&](auto centered) {
+        parallel_for_elementwise_tiles(in.layout, [&](const Tile& tile, auto stride) {
+          tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(mask_tag)::value,
+                              decltype(write_dz)::value, decltype(centered)::value>(
+              source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+              grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+              in.mean.const_data_ptr<acc_t>(), centered ? mean_dz.const_data_ptr<acc_t>() : nullptr,
+              centered ? proj.const_data_ptr<acc_t>() : nullptr, a.const_data_ptr<acc_t>(), tile);
+        });
       });
     });
   });
@@ -317,10 +320,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     }
   } else if (output_mask[0] || want_grad_residual) {
     const double inv_m = 1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel()));
-    const Tensor zeros = at::zeros({C}, acc_options);
     grad_input = training ? dx_pass(in, a, beta, sum_dz * inv_m, in.invstd * in.invstd * sum_dz_xmu * inv_m,
                                     grad_residual)
-                          : dx_pass(in, a, beta, zeros, zeros, grad_residual);
+                          : dx_pass(in, a, beta, Tensor(), Tensor(), grad_residual);
   }
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   return {output_mask[0] ? grad_input : Tensor(),

@@ -282,7 +282,8 @@ void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std
   });
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * a per value, and grad_residual = dz when it is defined.
+// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: mean_dz and proj
+// undefined), and grad_residual = dz when it is defined.
 template <typename Context>
 Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
                const Tensor& grad_residual, const Context& ctx) {
@@ -292,7 +293,9 @@ Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Te
     const BackwardElemtOp<scalar_t, acc_t> op{
         in.dy.const_data_ptr<scalar_t>(),  in.x.const_data_ptr<scalar_t>(),  grad_input.mutable_data_ptr<scalar_t>(),
         grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-        in.mean.const_data_ptr<acc_t>(),   mean_dz.const_data_ptr<acc_t>(),  proj.const_data_ptr<acc_t>(),
+        in.mean.const_data_ptr<acc_t>(),
+        mean_dz.defined() ? mean_dz.const_data_ptr<acc_t>() : nullptr,
+        proj.defined() ? proj.const_data_ptr<acc_t>() : nullptr,
         k.a.const_data_ptr<acc_t>(),       relu_gate<scalar_t, acc_t>(in, k)};
     launch_elementwise<vec_width<scalar_t>()>(
         in.layout, op, in.x.numel(),
@@ -323,8 +326,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
             grad_residual};
   }
   const BackwardCoefficients k = backward_coefficients(in);
-  // Training: the reduction's finisher fills these; eval statistics: zero, so dx = a * dz.
-  const Tensor mean_dz = at::zeros({C}, acc_options), proj = at::zeros({C}, acc_options);
+  // Training: the reduction's finisher fills these; eval statistics: none, dx = a * dz.
+  const Tensor mean_dz = training ? at::zeros({C}, acc_options) : Tensor();
+  const Tensor proj = training ? at::zeros({C}, acc_options) : Tensor();
   if ((training && output_mask[0]) || output_mask[1] || output_mask[2]) {
     grad_reduction(in, k, param_dtype, ctx, [&](auto scalar_tag, auto param_tag) {
       using acc_t = at::opmath_type<decltype(scalar_tag)>;

@@ -501,8 +501,9 @@ struct NormalizeOp {
   }
 };
 
-// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] with dz from the gate (eval statistics pass
-// mean_dz = proj = 0), and dz itself into grad_residual when that is not null. a = w * invstd is also the
+// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] with dz from the gate; under eval statistics
+// (mean_dz and proj null) dx = dz * a[c], which x does not enter (a NaN input keeps a finite gradient, as
+// in torch). dz itself goes into grad_residual when that is not null. a = w * invstd is also the
 // forward's alpha, which the gate's kFromInput mask needs with beta.
 template <typename scalar_t, typename acc_t>
 struct BackwardElemtOp {
@@ -520,7 +521,7 @@ struct BackwardElemtOp {
     acc_t mean, mean_dz, proj, a, beta;
   };
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
-    return Coeffs{mean[c], mean_dz[c], proj[c], a[c], gate.beta_of(c)};
+    return Coeffs{mean[c], mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0), a[c], gate.beta_of(c)};
   }
 
   template <int kVec>
@@ -533,7 +534,8 @@ struct BackwardElemtOp {
     for (int k = 0; k < kVec; ++k) {
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
       const acc_t dz = gate(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].a, co[k].beta);
-      out.val[k] = static_cast<scalar_t>((dz - co[k].mean_dz - (xk - co[k].mean) * co[k].proj) * co[k].a);
+      const acc_t centered = mean_dz ? dz - co[k].mean_dz - (xk - co[k].mean) * co[k].proj : dz;
+      out.val[k] = static_cast<scalar_t>(centered * co[k].a);
       dz_out.val[k] = static_cast<scalar_t>(dz);
     }
     store_vec<kVec>(dx + offset, out);
