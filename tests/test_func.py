@@ -118,3 +118,21 @@ def test_forward_mode_ad_and_jacfwd(device, training, with_relu):
         dual = torch.autograd.forward_ad.make_dual(x, tangents[0])
         tangent = torch.autograd.forward_ad.unpack_dual(ours(dual, w, b, r)).tangent
     _close(tangent, expected)
+
+
+@pytest.mark.parametrize("stat", ["running_mean", "running_var"])
+def test_forward_mode_ad_rejects_running_statistic_tangents_in_eval(device, stat):
+    """torch raises where a running statistic carries a tangent beside a differentiable input in eval (they
+    are constants there), and accepts it in training (it only feeds the in-place update)."""
+    from torch.func import jvp
+
+    x = torch.randn(4, 3, 2, 2, device=device)
+    stats = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
+    for fn in (F.batch_norm, fusedbn.batch_norm):
+        def with_tangent(x, s, training):
+            kwargs = dict(stats, **{stat: s})
+            return fn(x, kwargs["running_mean"].clone(), kwargs["running_var"].clone(), training=training)
+
+        with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+            jvp(lambda x, s: with_tangent(x, s, False), (x, stats[stat]), (x, torch.ones(3, device=device)))
+        jvp(lambda x, s: with_tangent(x, s, True), (x, stats[stat]), (x, torch.ones(3, device=device)))
