@@ -27,18 +27,25 @@ struct WelfordPartial {
   int64_t count;
 };
 
+// The Chan merge of side b's (mean, M2) into side a's, given nb / n and na * nb / n (shared by every
+// column of a block on the CPU, where the columns merge in vectorized loops).
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline void chan_merge_into(acc_t& mean, acc_t& m2, acc_t mean_b, acc_t m2_b, acc_t nb_over_n,
+                                                acc_t na_nb_over_n) {
+  const acc_t delta = mean_b - mean;
+  mean += delta * nb_over_n;
+  m2 += m2_b + delta * (delta * na_nb_over_n);
+}
+
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline WelfordPartial<acc_t> welford_merge(
     const WelfordPartial<acc_t>& a, const WelfordPartial<acc_t>& b) {
   const int64_t n = a.count + b.count;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n > 0 ? n : 1);
   const acc_t nb_over_n = static_cast<acc_t>(b.count) * inv_n;
-  const acc_t delta = b.mean - a.mean;
-  WelfordPartial<acc_t> out{};
-  out.mean = std::isfinite(delta) ? a.mean + delta * nb_over_n
-                                  : a.mean * (static_cast<acc_t>(a.count) * inv_n) + b.mean * nb_over_n;
-  out.m2 = a.m2 + b.m2 + delta * (delta * (static_cast<acc_t>(a.count) * nb_over_n));
-  out.count = n;
+  WelfordPartial<acc_t> out{a.mean, a.m2, n};
+  chan_merge_into(out.mean, out.m2, b.mean, b.m2, nb_over_n, static_cast<acc_t>(a.count) * nb_over_n);
+  if (!std::isfinite(b.mean - a.mean)) out.mean = a.mean * (static_cast<acc_t>(a.count) * inv_n) + b.mean * nb_over_n;
   return out;
 }
 

@@ -78,8 +78,10 @@ void for_each_value_of_channel(const scalar_t* x, const ChannelLayout& layout, i
   }
 }
 
-// Channel c's moments in float64 by two plain passes: for a float32 (or half) channel whose float32 moments
-// overflowed (M2 of values near 1e30), as torch's CPU kernels, which accumulate float32 in float64, do not.
+// Channel c's moments in float64 by two plain passes, for a channel whose merged moments came out
+// non-finite: exactly what a plain sum gives where values are infinite or NaN (torch's CPU kernels sum),
+// and finite where float32 moments overflowed (M2 of values near 1e30; torch's CPU kernels accumulate
+// float32 in float64 too). The merges before it may then use the plain Chan formula (chan_merge_into).
 template <typename scalar_t>
 WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const ChannelLayout& layout, int64_t c) {
   const double shift = channel_shift(static_cast<double>(layout.channels_last ? x[c] : x[c * layout.S]));
@@ -95,7 +97,7 @@ WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const Channe
 }
 
 // Per-channel Welford moments of x in `layout`: f(c, total) for each c, total a WelfordPartial of the
-// accumulation type, or of double where that overflowed. All partials of a channel are about one shift
+// accumulation type, or of double where that came out non-finite (channel_moments_in_double). All partials of a channel are about one shift
 // (its first value, channel_shift) and the parts merge pairwise, in an order fixed by the shape.
 template <typename scalar_t, typename F>
 void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& f) {
@@ -116,7 +118,7 @@ void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& 
   for (int64_t c = 0; c < C; ++c) {
     WelfordPartial<acc_t> total = partials[c];
     total.mean += shifts[c];
-    if (!std::is_same_v<acc_t, double> && !(std::isfinite(total.mean) && std::isfinite(total.m2))) {
+    if (!(std::isfinite(total.mean) && std::isfinite(total.m2))) {
       f(c, channel_moments_in_double(data, layout, c));
     } else {
       f(c, total);

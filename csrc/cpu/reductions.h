@@ -23,11 +23,16 @@ namespace fusedbn::cpu {
 // per-column merge after each block stays a small fraction of the work when C is large, at most a
 // short sequential sum per column.
 constexpr int64_t kBlockValues = 4096;
-constexpr int64_t kMinBlockRows = 8;
+constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kMaxBlockRows = 64;
 
 inline int64_t block_rows_for(int64_t width) {
   return std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, width), kMinBlockRows, kMaxBlockRows);
+}
+
+template <typename acc_t>
+acc_t plus(const acc_t& a, const acc_t& b) {
+  return a + b;
 }
 
 // Merges rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise (a tree of
@@ -45,11 +50,6 @@ void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
   }
 }
 
-template <typename acc_t>
-acc_t plus(acc_t a, acc_t b) {
-  return a + b;
-}
-
 // Sum of v[0..n) by pairwise summation. Overwrites v.
 template <typename acc_t>
 acc_t pairwise_sum(acc_t* v, int64_t n) {
@@ -57,6 +57,27 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
   merge_rows_pairwise(v, n, 1, plus<acc_t>);
   return v[0];
 }
+
+// A stream of partials merged as the leaves of a balanced binary tree, left to right, in O(log n) space
+// (a binary counter: the k-th push merges the subtrees its trailing one bits complete).
+template <typename T, T (*kMerge)(const T&, const T&)>
+class PairwiseStream {
+ public:
+  void push(T value) {
+    for (int64_t pushed = count_++; pushed & 1; pushed >>= 1) value = kMerge(levels_[--depth_], value);
+    levels_[depth_++] = value;
+  }
+  T total() const {  // requires at least one push
+    T value = levels_[depth_ - 1];
+    for (int d = depth_ - 2; d >= 0; --d) value = kMerge(levels_[d], value);
+    return value;
+  }
+
+ private:
+  T levels_[64];
+  int depth_ = 0;
+  int64_t count_ = 0;
+};
 
 // Independent accumulators for a reduction over one contiguous run: the compiler vectorizes across them
 // without being allowed to reassociate a single float sum.
@@ -74,8 +95,8 @@ acc_t run_sum(int64_t n, F f) {
   return pairwise_sum(lanes, kLanes);
 }
 
-// Calls chunk(row_offset, s0, n) for each chunk of at most kBlockValues values of each of the tile's
-// rows (long channels-first runs), in memory order: chunks_in(tile) calls.
+// Calls chunk(offset, n) for each chunk of at most kBlockValues values of each of the tile's rows (long
+// channels-first runs), in memory order.
 template <typename F>
 void for_each_chunk(const Tile& tile, F chunk) {
   for (int64_t r = 0; r < tile.rows; ++r) {
@@ -85,14 +106,13 @@ void for_each_chunk(const Tile& tile, F chunk) {
   }
 }
 
-inline int64_t chunks_in(const Tile& tile) { return tile.rows * ((tile.width + kBlockValues - 1) / kBlockValues); }
-
 // Welford statistics of one tile about the per-channel shifts, without a division per value.
 // Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
 // chunk, and the chunks merge pairwise. Channels-last, and channels-first runs shorter than kLongRun: for
 // each block of rows, per-column block mean and M2 about it (two passes over the cached block), the
-// blocks merged pairwise (all columns of a block have the same count). Short channels-first runs then
-// fold their W columns into the one channel.
+// blocks merged pairwise, column loops vectorized (all columns of a block have the same count, so the
+// merge weights are shared scalars; a non-finite total is recomputed by the caller). Short channels-first
+// runs then fold their W columns into the one channel.
 template <typename scalar_t, typename acc_t, int kChannelStride>
 void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile, int64_t C,
                   WelfordPartial<acc_t>* partials) {
@@ -105,8 +125,7 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   }
   if (kChannelStride == 0 && W >= kLongRun) {
     const acc_t shift = shifts[tile.channel];
-    std::vector<Partial> chunk_partials(chunks_in(tile));
-    Partial* next = chunk_partials.data();
+    PairwiseStream<Partial, welford_merge<acc_t>> chunks;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
       const scalar_t* chunk = x + offset;
       const acc_t chunk_mean =
@@ -115,26 +134,24 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
         const acc_t d = (static_cast<acc_t>(chunk[j]) - shift) - chunk_mean;
         return d * d;
       });
-      *next++ = Partial{chunk_mean, chunk_m2, n};
+      chunks.push(Partial{chunk_mean, chunk_m2, n});
     });
-    merge_rows_pairwise(chunk_partials.data(), static_cast<int64_t>(chunk_partials.size()), 1,
-                        welford_merge<acc_t>);
-    *out = chunk_partials[0];
+    *out = chunks.total();
     return;
   }
   const int64_t block_rows = block_rows_for(W);
   const int64_t blocks = (tile.rows + block_rows - 1) / block_rows;
-  std::vector<Partial> block_partials(blocks * W);
-  std::vector<acc_t> shift_buf(W), block_mean_buf(W), block_m2_buf(W);
-  // Restrict-qualified views so the compiler vectorizes the column loops.
+  // Per block: its row count, and per column its mean and M2 (row b of the two [blocks, W] buffers).
+  std::vector<int64_t> counts(blocks);
+  std::vector<acc_t> shift_buf(W), means_buf(blocks * W, acc_t(0)), m2s_buf(blocks * W, acc_t(0));
   acc_t* __restrict__ shift = shift_buf.data();
-  acc_t* __restrict__ block_mean = block_mean_buf.data();
-  acc_t* __restrict__ block_m2 = block_m2_buf.data();
   for (int64_t j = 0; j < W; ++j) shift[j] = shifts[tile.channel + j * kChannelStride];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
-    std::fill(block_mean, block_mean + W, acc_t(0));
-    std::fill(block_m2, block_m2 + W, acc_t(0));
+    counts[b] = nb;
+    // Restrict-qualified views so the compiler vectorizes the column loops.
+    acc_t* __restrict__ block_mean = means_buf.data() + b * W;
+    acc_t* __restrict__ block_m2 = m2s_buf.data() + b * W;
     for (int64_t r = r0; r < r0 + nb; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]) - shift[j];
@@ -148,24 +165,35 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
         block_m2[j] += d * d;
       }
     }
-    Partial* dst = block_partials.data() + b * W;
-    for (int64_t j = 0; j < W; ++j) dst[j] = Partial{block_mean[j], block_m2[j], nb};
   }
-  merge_rows_pairwise(block_partials.data(), blocks, W, welford_merge<acc_t>);
-  const Partial* columns = block_partials.data();
+  // The blocks merged pairwise, as merge_rows_pairwise does, row i taking row upper + i.
+  for (int64_t n = blocks; n > 1;) {
+    const int64_t half = n / 2, upper = n - half;
+    for (int64_t i = 0; i < half; ++i) {
+      const acc_t na = static_cast<acc_t>(counts[i]), nb = static_cast<acc_t>(counts[upper + i]);
+      const acc_t nb_over_n = nb / (na + nb), na_nb_over_n = na * nb_over_n;
+      acc_t* __restrict__ mean = means_buf.data() + i * W;
+      acc_t* __restrict__ m2 = m2s_buf.data() + i * W;
+      const acc_t* __restrict__ mean_b = means_buf.data() + (upper + i) * W;
+      const acc_t* __restrict__ m2_b = m2s_buf.data() + (upper + i) * W;
+      for (int64_t j = 0; j < W; ++j) chan_merge_into(mean[j], m2[j], mean_b[j], m2_b[j], nb_over_n, na_nb_over_n);
+      counts[i] += counts[upper + i];
+    }
+    n = upper;
+  }
+  acc_t* mean = means_buf.data();
+  acc_t* m2 = m2s_buf.data();
+  const int64_t seen = counts[0];
   if constexpr (kChannelStride == 1) {
-    std::copy(columns, columns + W, out);
+    for (int64_t j = 0; j < W; ++j) out[j] = Partial{mean[j], m2[j], seen};
   } else {
     // Short runs of one channel: its W columns have `seen` values each, so
     // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    const int64_t seen = columns[0].count;
-    for (int64_t j = 0; j < W; ++j) block_mean[j] = columns[j].mean;
-    const acc_t channel_mean = pairwise_sum(block_mean, W) / static_cast<acc_t>(W);
-    for (int64_t j = 0; j < W; ++j) {
-      block_mean[j] = columns[j].m2;
-      block_m2[j] = (columns[j].mean - channel_mean) * (columns[j].mean - channel_mean);
-    }
-    const acc_t channel_m2 = pairwise_sum(block_mean, W) + static_cast<acc_t>(seen) * pairwise_sum(block_m2, W);
+    std::vector<acc_t> spread(W);
+    std::copy(mean, mean + W, spread.begin());
+    const acc_t channel_mean = pairwise_sum(spread.data(), W) / static_cast<acc_t>(W);
+    for (int64_t j = 0; j < W; ++j) spread[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
+    const acc_t channel_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(spread.data(), W);
     *out = Partial{channel_mean, channel_m2, seen * W};
   }
 }
@@ -192,15 +220,14 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     // The second lane sum re-reads the chunk from cache.
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
-    std::vector<acc_t> chunk_dz(chunks_in(tile)), chunk_dz_xmu(chunk_dz.size());
-    int64_t k = 0;
+    PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
-      chunk_dz[k] = run_sum<acc_t>(n, [&](int64_t j) { return dz_at(offset + j, c); });
-      chunk_dz_xmu[k++] = run_sum<acc_t>(
-          n, [&](int64_t j) { return dz_at(offset + j, c) * (static_cast<acc_t>(x[offset + j]) - mu); });
+      total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return dz_at(offset + j, c); }));
+      total_dz_xmu.push(run_sum<acc_t>(
+          n, [&](int64_t j) { return dz_at(offset + j, c) * (static_cast<acc_t>(x[offset + j]) - mu); }));
     });
-    sum_dz[slot] = pairwise_sum(chunk_dz.data(), k);
-    sum_dz_xmu[slot] = pairwise_sum(chunk_dz_xmu.data(), k);
+    sum_dz[slot] = total_dz.total();
+    sum_dz_xmu[slot] = total_dz_xmu.total();
     return;
   }
   const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
