@@ -135,11 +135,7 @@ def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_
     return _jvp(ctx, input, weight, output, mean, invstd, True, d_input, d_weight, d_bias, d_residual), None, None
 
 
-def _eval_jvp(ctx, d_input, d_weight, d_bias, d_rm, d_rv, _d_eps, d_residual, _d_relu):
-    if (d_rm is not None or d_rv is not None) and any(
-            d is not None for d in (d_input, d_weight, d_bias, d_residual)):
-        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
-                           "forward grad defined")
+def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
     input, weight, output, running_mean, running_var = ctx.saved_tensors
     return _jvp(ctx, input, weight, output, *_running_statistics(ctx, input, running_mean, running_var), False,
                 d_input, d_weight, d_bias, d_residual)
@@ -187,9 +183,18 @@ def batch_norm_training(input, weight, bias, running_mean, running_var, momentum
     return _BatchNormTraining.forward(*args)
 
 
+def _has_tangent(*tensors):
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
     """The output with running statistics, through the autograd.Function only when something will
     differentiate it."""
+    # torch's rule, checked here: the jvp rule cannot, as autograd hands it zeros for tangent-less inputs.
+    if (forward_ad._current_level >= 0 and _has_tangent(running_mean, running_var)
+            and _has_tangent(input, weight, bias, residual)):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
+                           "forward grad defined")
     args = (input, weight, bias, running_mean, running_var, eps, residual, relu)
     if autograd_needed(input, weight, bias, residual):
         return eval_function().apply(*args)

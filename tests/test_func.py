@@ -123,16 +123,23 @@ def test_forward_mode_ad_and_jacfwd(device, training, with_relu):
 @pytest.mark.parametrize("stat", ["running_mean", "running_var"])
 def test_forward_mode_ad_rejects_running_statistic_tangents_in_eval(device, stat):
     """torch raises where a running statistic carries a tangent beside a differentiable input in eval (they
-    are constants there), and accepts it in training (it only feeds the in-place update)."""
+    are constants there), and accepts it in training (it only feeds the in-place update); through
+    torch.autograd.forward_ad and torch.func.jvp."""
+    import torch.autograd.forward_ad as fwAD
     from torch.func import jvp
 
     x = torch.randn(4, 3, 2, 2, device=device)
-    stats = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
     for fn in (F.batch_norm, fusedbn.batch_norm):
-        def with_tangent(x, s, training):
-            kwargs = dict(stats, **{stat: s})
-            return fn(x, kwargs["running_mean"].clone(), kwargs["running_var"].clone(), training=training)
-
+        for training in (False, True):
+            stats = dict(running_mean=torch.zeros(3, device=device), running_var=torch.ones(3, device=device))
+            with fwAD.dual_level():
+                stats[stat] = fwAD.make_dual(stats[stat], torch.ones(3, device=device))
+                dual_x = fwAD.make_dual(x, torch.ones_like(x))
+                if training:
+                    fn(dual_x, stats["running_mean"], stats["running_var"], training=True)
+                else:
+                    with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
+                        fn(dual_x, stats["running_mean"], stats["running_var"], training=False)
+        rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
         with pytest.raises(RuntimeError, match="not differentiable wrt running_mean and running_var"):
-            jvp(lambda x, s: with_tangent(x, s, False), (x, stats[stat]), (x, torch.ones(3, device=device)))
-        jvp(lambda x, s: with_tangent(x, s, True), (x, stats[stat]), (x, torch.ones(3, device=device)))
+            jvp(lambda x, m: fn(x, m, rv, training=False), (x, rm), (x, torch.ones(3, device=device)))
