@@ -39,6 +39,9 @@ def _entry(rank, world, port, backend, ops_library, check, args):
             torch.cuda.set_device(rank)
         check(rank, world, device, *args)
     finally:
+        # Objects of the check left in reference cycles (DistributedDataParallel's reducer, a traceback) still
+        # hold the process group: collected after destroy_process_group, at exit, they make gloo abort.
+        gc.collect()
         dist.destroy_process_group()
 
 
