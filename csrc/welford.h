@@ -4,8 +4,9 @@
 // (Chan, Golub & LeVeque 1979):
 //   n = na + nb,  delta = mb - ma,  mean = ma + delta * nb / n,  M2 = M2a + M2b + delta^2 * na * nb / n
 // Written so that it never makes a NaN or an overflow the true result does not have:
-//  - an empty side (na or nb = 0) contributes exactly nothing, whatever its mean: the cross term is
-//    delta * (delta * (na * nb / n)), which is delta * 0 = 0 for any finite delta;
+//  - an empty side (na or nb = 0) contributes exactly nothing: the cross term is
+//    delta * (delta * (na * nb / n)), which is delta * 0 = 0 for any finite delta (an infinite mean makes
+//    it NaN, where M2 is NaN anyway);
 //  - delta * (delta * f) with f = na * nb / n >= 1/2 overflows only where delta^2 * f does;
 //  - where delta itself is not finite (means of opposite sign near the range's end, or an infinite mean),
 //    the mean is the weighted sum ma * na/n + mb * nb/n, which is finite where the true mean is and
@@ -70,8 +71,9 @@ FUSEDBN_HOST_DEVICE inline acc_t welford_unbiased_var(const WelfordPartial<acc_t
   return w.m2 / static_cast<acc_t>(w.count > 1 ? w.count - 1 : 1);
 }
 
-// nn.BatchNorm's running-statistic update, (1 - momentum) * old + momentum * batch, in acc_t as torch's
-// kernels compute it (a momentum beyond acc_t's range becomes inf there too, and the result NaN).
+// nn.BatchNorm's running-statistic update, (1 - momentum) * old + momentum * batch, in acc_t (torch's CPU
+// kernel computes it in float64: the two may differ in the last bit; a momentum beyond float32's range
+// makes the update NaN in both).
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double momentum) {
   const acc_t m = static_cast<acc_t>(momentum);

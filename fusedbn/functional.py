@@ -239,9 +239,9 @@ def _apply(input, running_mean, running_var, weight, bias, training, momentum, e
         indexes = (training and input.dim() == 0) or all(t is None for t in (running_mean, running_var, weight, bias))
         raise (IndexError if indexes else RuntimeError)(
             f"batch_norm: expected an input of at least 2 dims (N, C, *), got {input.dim()} dims")
-    _check_running_stats(running_mean, running_var, training)
     if input.numel() == 0:
         return _empty_batch(input, weight, bias, residual, relu)
+    _check_running_stats(running_mean, running_var, training)
     if input.dtype not in _SUPPORTED_DTYPES:  # the ops raise it too, but FakeTensor tracing would retype it
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_DTYPE_NAMES.get(input.dtype, input.dtype)}\'')
     # Any shape with C elements, as torch reads weight and bias; autograd returns their gradients in it.

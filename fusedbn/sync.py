@@ -9,7 +9,8 @@ A rank that rejects its arguments still sends its row, with a nonzero code namin
 so every rank raises (none is left waiting in a collective, none updates its state). Backward: each
 process reduces sum(dy) and sum(dy * (x - mean)), one ``all_reduce`` sums them, and the elementwise pass
 uses the global sums. Counts travel inside the packed tensor (float64, exact); the host reads the codes
-and counts once per step, except under CUDA graph capture (replays run no Python), where only the local
+and counts once per step (twice without weight, bias and running statistics: a first gather agrees on
+the channel count), except under CUDA graph capture (replays run no Python), where only the local
 checks raise, so a training step stays capturable. Running statistics (and num_batches_tracked) are
 written last, in one place, once nothing can fail.
 """

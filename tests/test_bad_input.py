@@ -346,3 +346,43 @@ def test_parameters_of_any_shape(device, shape, training):
         torch.testing.assert_close(ours, flat, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(y, F.batch_norm(x, rm.clone(), rv.clone(), w, b, training=training))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 1024), (0, 3, 4, 4), (2, 3, 0, 1024)])
+def test_ops_on_empty_batches_return_zero_gradient_sums(device, shape):
+    """The ops themselves on a batch with no values: parameter gradients are empty sums (zeros, as torch's),
+    also for runs long enough to take the chunked reduction."""
+    x = torch.randn(shape, device=device)
+    mean, invstd = torch.zeros(3, device=device), torch.ones(3, device=device)
+    for _ in range(2):  # a second call would see whatever the first left on the stack
+        sum_dz, sum_dz_xmu = fusedbn.ops.grad_sums(x, x, None, mean, invstd)
+        _, grad_weight, grad_bias, _ = fusedbn.ops.backward(x, x, torch.ones(3, device=device), mean, invstd, True,
+                                                            [True, True, True])
+        for t in (sum_dz, sum_dz_xmu, grad_weight, grad_bias):
+            assert torch.equal(t, torch.zeros(3, device=device))
+
+
+def test_empty_batch_needs_nothing_else_like_torch():
+    """torch returns an empty batch's clone before it looks at the running statistics."""
+    x = torch.randn(0, 3, 4)
+    for fn in (F.batch_norm, fusedbn.batch_norm):
+        assert fn(x, None, None, training=False).shape == x.shape
+        assert fn(x, torch.zeros(3), torch.ones(3, requires_grad=True), training=True).shape == x.shape
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape,memory_format", [((2, 3, 1, 1), torch.channels_last), ((16, 1, 4, 1), None),
+                                                 ((4, 3, 5, 5), torch.channels_last), ((4, 3, 5), None)])
+def test_meta_backward_describes_the_real_one(shape, memory_format, training, relu):
+    """The backward's meta kernel gives each gradient the real kernel's strides, size-1 dims included."""
+    x = torch.randn(shape)
+    if memory_format is not None:
+        x = x.to(memory_format=memory_format)
+    dy = torch.randn(shape)  # channels-first, whatever x is
+    w, mean, invstd = torch.rand(shape[1]) + 0.5, torch.zeros(shape[1]), torch.ones(shape[1])
+    options = ([True, True, True], None, None, relu, True)  # output_mask, bias, output, relu, grad_residual
+    real = fusedbn.ops.backward(dy, x, w, mean, invstd, training, *options)
+    meta = fusedbn.ops.backward(*(t.to("meta") for t in (dy, x, w, mean, invstd)), training, *options)
+    for r, m in zip(real, meta):
+        assert r.shape == m.shape and r.dtype == m.dtype and r.stride() == m.stride()

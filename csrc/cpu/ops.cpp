@@ -42,10 +42,12 @@ void with_flag(bool b, F&& f) {
   }
 }
 
-// y = relu?((x - mean) * alpha + beta [+ residual]) per channel, in `layout`.
+// y = relu?((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
+// (x's when undefined; another tensor in the same view may differ on size-1 dims).
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const OptTensor& residual = std::nullopt, bool relu = false) {
-  Tensor y = empty_like_dense(x, x.scalar_type());
+                 const Tensor& beta, const OptTensor& residual = std::nullopt, bool relu = false,
+                 const Tensor& like = Tensor()) {
+  Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -115,15 +117,19 @@ void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& 
     tile_welford<scalar_t, acc_t, decltype(stride)::value>(data, shifts.data(), tile, C, partials.data());
   });
   merge_rows_pairwise(partials.data(), parts, C, welford_merge<acc_t>);
+  std::vector<int64_t> non_finite;
   for (int64_t c = 0; c < C; ++c) {
     WelfordPartial<acc_t> total = partials[c];
     total.mean += shifts[c];
-    if (!(std::isfinite(total.mean) && std::isfinite(total.m2))) {
-      f(c, channel_moments_in_double(data, layout, c));
-    } else {
+    if (std::isfinite(total.mean) && std::isfinite(total.m2)) {
       f(c, total);
+    } else {
+      non_finite.push_back(c);
     }
   }
+  at::parallel_for(0, static_cast<int64_t>(non_finite.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(non_finite[i], channel_moments_in_double(data, layout, non_finite[i]));
+  });
 }
 
 // The one place the CPU ops write state: both running statistics, from the batch's mean and unbiased
@@ -318,7 +324,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
     if (output_mask[0]) {
       const Tensor zeros = at::zeros({C}, acc_options);
-      grad_input = normalize(in.dy, in.layout, zeros, a, zeros);
+      grad_input = normalize(in.dy, in.layout, zeros, a, zeros, std::nullopt, false, in.x);
     }
   } else if (output_mask[0] || want_grad_residual) {
     const double inv_m = 1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel()));

@@ -67,7 +67,8 @@ class PairwiseStream {
     for (int64_t pushed = count_++; pushed & 1; pushed >>= 1) value = kMerge(levels_[--depth_], value);
     levels_[depth_++] = value;
   }
-  T total() const {  // requires at least one push
+  T total() const {  // T{} for an empty stream
+    if (depth_ == 0) return T{};
     T value = levels_[depth_ - 1];
     for (int d = depth_ - 2; d >= 0; --d) value = kMerge(levels_[d], value);
     return value;

@@ -169,11 +169,13 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// y = relu?((x - mean) * alpha + beta [+ residual]) per channel.
+// y = relu?((x - mean) * alpha + beta [+ residual]) per channel, with the strides of `like` (x's when
+// undefined; another tensor in the same view may differ on size-1 dims).
 template <typename Context>
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt, bool relu = false) {
-  Tensor y = empty_like_dense(x, x.scalar_type());
+                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt, bool relu = false,
+                 const Tensor& like = Tensor()) {
+  Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -346,7 +348,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
     if (output_mask[0]) {
       const Tensor zeros = at::zeros({C}, acc_options);
-      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx);
+      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx, std::nullopt, false, in.x);
     }
   } else if (output_mask[0] || want_grad_residual) {
     grad_input = dx_pass(in, k, mean_dz, proj, grad_residual, ctx);
