@@ -5,10 +5,14 @@ FUSEDBN_SIMT=1 also builds fusedbn._simt, the test-only library that runs the CU
 CPU under the SIMT emulator (csrc/simt); `make test` sets it.
 FUSEDBN_CPU_ARCH=native (or any -march value) tunes the CPU kernels for one machine (the Makefile's local
 build does); unset, the build is portable (baseline x86-64 / aarch64 instructions).
+The CPU kernels' at::parallel_for uses torch's parallel backend: with OpenMP (torch's Linux wheels), it is
+inlined into our code and runs in parallel only if compiled with -fopenmp, which every build path here
+adds (it then shares the OpenMP runtime torch loaded, so torch.set_num_threads applies).
 TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 and sm_90 are built.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -41,19 +45,34 @@ def want_cuda():
     return not reasons
 
 
+def openmp_flags():
+    """The compiler and linker flag that makes at::parallel_for parallel where torch's backend is OpenMP."""
+    import torch
+
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []  # the native thread pool (or TBB): at::parallel_for calls into libtorch, no flag needed
+    if sys.platform == "darwin":
+        print("fusedbn: torch uses OpenMP, but Apple's compiler has no -fopenmp: the CPU kernels run on one thread")
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] + openmp_flags()
     if os.environ.get("FUSEDBN_CPU_ARCH"):
         cxx_flags.append(f"-march={os.environ['FUSEDBN_CPU_ARCH']}")
+    link_flags = openmp_flags()
     cpp_sources = ["csrc/fusedbn.cpp"] + sources("csrc/cpu/*.cpp")
     if not want_cuda():
-        return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
+                                          extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     print(f"fusedbn: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return cpp_extension.CUDAExtension(
         "fusedbn._C",
         cpp_sources + sources("csrc/cuda/*.cpp") + sources("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_link_args=link_flags,
     )
 
 

@@ -8,6 +8,8 @@
 #include <array>
 #include <cmath>
 #include <mutex>
+#include <set>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -359,9 +361,25 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   return {grad_input, grad_residual};
 }
 
+// Diagnostic (tests only): how many distinct threads ran the tiles of the reduction over `input`, through
+// the same parallel_for_tiles the ops use; more than one wherever the build is parallel and torch has
+// several threads.
+int64_t reduction_threads(const Tensor& input) {
+  std::mutex lock;
+  std::set<std::thread::id> threads;
+  parallel_for_tiles(channel_layout(dense_input(input)), [&](const Tile&, auto) {
+    const std::lock_guard<std::mutex> guard(lock);
+    threads.insert(std::this_thread::get_id());
+  });
+  return static_cast<int64_t>(threads.size());
+}
+
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(fusedbn, m) { m.def("_reduction_threads(Tensor input) -> int"); }
+
 TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
+  m.impl("_reduction_threads", &reduction_threads);
   m.impl("forward_train", &forward_train);
   m.impl("forward_eval", &forward_eval);
   m.impl("backward", &backward);
