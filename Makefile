@@ -52,8 +52,9 @@ fuzz: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
 	FUSEDBN_FUZZ_EXAMPLES=20 $(PY) -m pytest tests/test_fuzz.py -s
 
+# A summary line per row (fusedbn/torch, % of roofline, spread); the full table in bench-table.txt.
 bench: build
-	PYTHONPATH=. $(PY) benchmarks/bench.py --quick
+	PYTHONPATH=. $(PY) benchmarks/bench.py --quick --full-table bench-table.txt
 
 # examples/results as committed: training curves, the learning-rate sweep, the loss landscape (CPU: minutes).
 examples: build

@@ -12,6 +12,7 @@ eval 2, training forward+backward 8) at the bandwidth of a plain copy measured i
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -58,6 +59,8 @@ def parse_args(argv=None):
                         help="instead of the sweep: a training step of FusedSyncBatchNorm in N gloo processes "
                         "(CPU), each on a batch of the given shape, against nn.BatchNorm2d alone in each")
     parser.add_argument("--quick", action="store_true", help="the small preset and short runs")
+    parser.add_argument("--full-table", metavar="PATH",
+                        help="write the full table to PATH and print a summary line per row instead (make bench)")
     parser.add_argument("--min-run-time", type=float, help="seconds per measurement, all rounds together "
                         "(default 0.5, 0.05 with --quick)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds, best kept (default 3, 2 with --quick)")
@@ -139,7 +142,7 @@ def main(argv=None):
     if args.distributed:
         return run_distributed(args)
     meta = dict(bench_lib.environment(args.device), passes={w: WORKLOADS[w].passes for w in args.workload},
-                copy_passes=COPY_PASSES,
+                copy_passes=COPY_PASSES, unsteady_copy=bench_lib.UNSTEADY_COPY,
                 anchors=[a.name for a in args.anchors], ours=[o.name for o in OURS],
                 contenders={c.name: c.description for c in args.anchors + OURS},
                 argv=sys.argv[1:] if argv is None else list(argv))
@@ -166,7 +169,12 @@ def main(argv=None):
             if args.json:  # after every shape, so that a run cut short keeps what it measured
                 report.write_json(args.json, meta, rows)
     print()
-    report.print_table(rows, meta)
+    if args.full_table:
+        Path(args.full_table).write_text("\n".join(report.header_lines(meta) + [""] + report.plain_table(rows, meta))
+                                         + "\n")
+        print("\n".join(report.summary_lines(rows, meta) + [f"(full table: {args.full_table})"]))
+    else:
+        report.print_table(rows, meta)
     if args.csv:
         report.write_csv(args.csv, rows)
     if args.plot:

@@ -166,19 +166,24 @@ def tensor_bytes(setup, passes):
     return passes * math.prod(setup.shape) * setup.dtype.itemsize
 
 
+# A row is flagged unsteady where the plain copy's time moved by more than this fraction between rounds:
+# the machine's load changed under the measurement (a shared machine once showed a copy at 0.8 GB/s).
+UNSTEADY_COPY = 0.25
+
+
 def interleaved_medians(fns, min_run_time, rounds):
-    """Median time of each callable from Timer.blocked_autorange, measured in interleaved rounds (a, b, c,
-    a, b, c, ...) with each one's best round kept, so a burst of load on the machine hits every contender
-    alike and is filtered out. Timer synchronises CUDA itself."""
+    """(best, spread) per callable: the median time from Timer.blocked_autorange, measured in interleaved
+    rounds (a, b, c, a, b, c, ...) with each one's best round kept, so a burst of load on the machine hits
+    every contender alike and is filtered out; and (slowest round - best) / best. Timer synchronises CUDA."""
     for fn in fns:
         fn()  # warm-up: lazy initialisation, compilation, the allocator's first blocks
     # Timer runs on one thread unless told otherwise; time what the process is set to use.
     timers = [benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for fn in fns]
-    best = [math.inf] * len(fns)
+    medians = [[] for _ in fns]
     for _ in range(rounds):
         for i, timer in enumerate(timers):
-            best[i] = min(best[i], timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
-    return best
+            medians[i].append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return [min(m) for m in medians], [max(m) / min(m) - 1 for m in medians]
 
 
 def runner(module, x, grad, mode, residual=None):
@@ -321,7 +326,7 @@ def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time
     # faults of first touching fresh memory, which are no property of the memory system.
     copy_out = torch.empty_like(x)
     names = [c.name for c in anchors + ours]
-    times = interleaved_medians(
+    times, spreads = interleaved_medians(
         [lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode, residual) for n in names],
         min_run_time, rounds)
     copy_s, times = times[0], dict(zip(names, times[1:]))
@@ -330,9 +335,11 @@ def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time
     row = dict(workload=setup.workload.name, shape=list(setup.shape), layout=setup.layout,
                dtype=dtype_name(setup.dtype), param_dtype=dtype_name(setup.param_dtype), mode=mode,
                passes=passes(setup, mode), bytes=nbytes,
-               copy_s=copy_s, copy_gbps=copy_bandwidth / 1e9)
-    for name, seconds in times.items():
+               copy_s=copy_s, copy_gbps=copy_bandwidth / 1e9, copy_spread=spreads[0],
+               unsteady=spreads[0] > UNSTEADY_COPY)
+    for name, seconds, spread in zip(names, times.values(), spreads[1:]):
         row[f"{name}_s"] = seconds
+        row[f"{name}_spread"] = spread
         row[f"{name}_gbps"] = nbytes / seconds / 1e9
         row[f"{name}_roofline"] = nbytes / seconds / copy_bandwidth
     for mine in ours:

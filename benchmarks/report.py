@@ -40,6 +40,9 @@ def header_lines(meta):
         + " = time over time (< 1: ours faster)",
         "peak MiB (training step): " + ("peak allocated during forward+backward" if meta["device"].startswith("cuda")
                                         else "bytes saved for backward, each storage once"),
+        "spread % = the slowest round's median over the best's, largest of the contenders; "
+        f"'unsteady': the copy's time moved by more than {meta['unsteady_copy']:.0%} between rounds "
+        "(the machine's load changed: rerun before believing the row)",
     ]
 
 
@@ -62,7 +65,24 @@ def columns(meta):
     cols += [(f"{mine}/{anchor}", _cell(f"{mine}_over_{anchor}", ".2f"))
              for mine in meta["ours"] for anchor in meta["anchors"]]
     cols += [(f"{name} peak MiB", _cell(f"{name}_peak_bytes", ".1f", 2 ** -20)) for name in names]
+    cols += [("spread %", lambda r: format(100 * max(r[f"{name}_spread"] for name in names), ".0f")),
+             ("", lambda r: "unsteady" if r["unsteady"] else "")]
     return cols
+
+
+def summary_lines(rows, meta):
+    """One line per row: the workload, shape, layout, dtype and mode, each of ours over each anchor, and our
+    fraction of the roofline, with the row's spread (and its flag)."""
+    names = meta["anchors"] + meta["ours"]
+    lines = []
+    for row in rows:
+        ratios = [f"{mine}/{anchor} {row[f'{mine}_over_{anchor}']:.2f}" for mine in meta["ours"]
+                  for anchor in meta["anchors"]]
+        roofs = [f"{mine} {100 * row[f'{mine}_roofline']:.0f}% of roofline" for mine in meta["ours"]]
+        spread = max(row[f"{name}_spread"] for name in names)
+        lines.append([row["workload"], shape_str(row["shape"]), row["layout"], row["dtype"], row["mode"],
+                      *ratios, *roofs, f"spread {100 * spread:.0f}%", "unsteady" if row["unsteady"] else ""])
+    return aligned(lines)
 
 
 def aligned(lines):

@@ -121,11 +121,12 @@ def main(argv=None):
     for task, run in tasks.items():
         for model in models.values():
             model.train(task == "training step")
-        times = bench_lib.interleaved_medians([functools.partial(run, name) for name in models], args.min_run_time,
-                                              args.rounds)
-        timings.append([task, *(f"{t * 1e3:.2f}" for t in times), f"{times[1] / times[0]:.3f}"])
-    print("\nfloat32, median time (interleaved rounds, best kept):")
-    print("\n".join(aligned([["", "torch ms", "fusedbn ms", "fusedbn/torch"]] + timings)))
+        times, spreads = bench_lib.interleaved_medians([functools.partial(run, name) for name in models],
+                                                       args.min_run_time, args.rounds)
+        timings.append([task, *(f"{t * 1e3:.2f}" for t in times), f"{times[1] / times[0]:.3f}",
+                        f"{100 * max(spreads):.0f}"])
+    print("\nfloat32, median time (interleaved rounds, best kept; spread: slowest round over the best):")
+    print("\n".join(aligned([["", "torch ms", "fusedbn ms", "fusedbn/torch", "spread %"]] + timings)))
     return 0
 
 

@@ -161,14 +161,43 @@ def test_outputs(tmp_path, capsys):
     rows = data["rows"]
     assert len(rows) == 12 and [r["mode"] for r in rows[:3]] == list(MODES)
     assert set(rows[0]) == {"workload", "shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "copy_s",
-                            "copy_gbps", "torch_s", "torch_gbps", "torch_roofline", "fusedbn_s", "fusedbn_gbps",
-                            "fusedbn_roofline", "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
+                            "copy_gbps", "copy_spread", "unsteady", "torch_s", "torch_spread", "torch_gbps",
+                            "torch_roofline", "fusedbn_s", "fusedbn_spread", "fusedbn_gbps", "fusedbn_roofline",
+                            "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
     assert all((r["fusedbn_peak_bytes"] is not None) == (r["mode"] == "train-fwd-bwd") for r in rows)
 
     csv_lines = paths["csv"].read_text().splitlines()
     assert csv_lines[0].split(",") == list(rows[0]) and len(csv_lines) == 13
     assert csv_lines[1].startswith("bn,2x3x4x5,NCHW,float32,float32,train-fwd,3,")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spread_and_unsteady_rows(monkeypatch):
+    """Each figure's spread is its slowest round over its best; a copy that moved by more than
+    UNSTEADY_COPY between rounds flags the row."""
+    best, spreads = bench_lib.interleaved_medians([lambda: None, lambda: sum(range(100))], 0.002, 2)
+    assert all(t > 0 for t in best) and all(s >= 0 for s in spreads)
+    # The copy's rounds 50 % apart, the contender's 10 %.
+    monkeypatch.setattr(bench_lib, "interleaved_medians", lambda fns, *_: ([1e-3, 2e-3], [0.5, 0.1]))
+    setup = bench_lib.Setup((2, 3, 4, 5), "NCHW", torch.float32, torch.float32, "cpu", WORKLOADS["bn"])
+    x, grad, residual = setup.make_tensors()
+    anchor = bench.ANCHORS["eager"]
+    modules = bench_lib.build_modules(setup, [anchor], residual)
+    row = bench_lib.measure(setup, modules, [anchor], [], x, grad, residual, "eval", 0.001, 2)
+    assert row["copy_spread"] == 0.5 and row["unsteady"] and row["torch_spread"] == 0.1
+    monkeypatch.setattr(bench_lib, "interleaved_medians", lambda fns, *_: ([1e-3, 2e-3], [0.1, 0.1]))
+    assert not bench_lib.measure(setup, modules, [anchor], [], x, grad, residual, "eval", 0.001, 2)["unsteady"]
+
+
+def test_full_table_file_and_summary(tmp_path, capsys):
+    path = tmp_path / "table.txt"
+    assert bench.main(FAST + ["--layout", "nchw", "--full-table", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = out[out.index("") + 1:]
+    assert summary[-1] == f"(full table: {path})" and len(summary) == 1 + 3 * len(TINY.split(";"))
+    assert all("fusedbn/torch" in line and "% of roofline" in line and "spread" in line for line in summary[:-1])
+    table = path.read_text().splitlines()
+    assert table[0].startswith("fusedbn benchmark on ") and any("spread %" in line for line in table)
 
 
 def test_quick_run_end_to_end(tmp_path):
