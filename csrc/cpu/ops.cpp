@@ -114,15 +114,18 @@ void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& 
       shifts[c] = channel_shift(static_cast<acc_t>(data[layout.channels_last ? c : c * layout.S]));
     }
   }
-  std::vector<WelfordPartial<acc_t>> partials(parts * C);
+  // Every tile of part p covers the same rows, so the part's count is the same for all its channels.
+  PartMoments<acc_t> partials(parts, C);
+  for (int64_t p = 0; p < parts; ++p) {
+    partials.counts[p] = rows_in_part(layout, p) * (layout.channels_last ? 1 : layout.S);
+  }
   parallel_for_tiles(layout, [&](const Tile& tile, auto stride) {
-    tile_welford<scalar_t, acc_t, decltype(stride)::value>(data, shifts.data(), tile, C, partials.data());
+    tile_welford<scalar_t, acc_t, decltype(stride)::value>(data, shifts.data(), tile, partials);
   });
-  merge_rows_pairwise(partials.data(), parts, C, welford_merge<acc_t>);
+  partials.merge_pairwise();
   std::vector<int64_t> non_finite;
   for (int64_t c = 0; c < C; ++c) {
-    WelfordPartial<acc_t> total = partials[c];
-    total.mean += shifts[c];
+    const WelfordPartial<acc_t> total{shifts[c] + partials.means[c], partials.m2s[c], partials.counts[0]};
     if (std::isfinite(total.mean) && std::isfinite(total.m2)) {
       f(c, total);
     } else {

@@ -107,37 +107,73 @@ void for_each_chunk(const Tile& tile, F chunk) {
   }
 }
 
-// Welford statistics of one tile about the per-channel shifts, without a division per value.
+// Merges n blocks of Welford moments of `width` columns (block i: means[i * width ...], m2s likewise, and
+// counts[i] values in each of its columns) pairwise, as merge_rows_pairwise does, into block 0, in
+// vectorized column loops: the merge weights are the blocks' counts, shared by their columns. A non-finite
+// result is recomputed by the caller (for_each_channel_moments), so the plain Chan formula serves.
+template <typename acc_t>
+void merge_moment_blocks(int64_t* counts, acc_t* means, acc_t* m2s, int64_t n, int64_t width) {
+  while (n > 1) {
+    const int64_t half = n / 2, upper = n - half;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t total = counts[i] + counts[upper + i];
+      const acc_t nb_over_n = total > 0 ? static_cast<acc_t>(counts[upper + i]) / static_cast<acc_t>(total) : 0;
+      const acc_t na_nb_over_n = static_cast<acc_t>(counts[i]) * nb_over_n;
+      acc_t* __restrict__ into_mean = means + i * width;
+      acc_t* __restrict__ into_m2 = m2s + i * width;
+      const acc_t* __restrict__ from_mean = means + (upper + i) * width;
+      const acc_t* __restrict__ from_m2 = m2s + (upper + i) * width;
+      for (int64_t j = 0; j < width; ++j) {
+        chan_merge_into(into_mean[j], into_m2[j], from_mean[j], from_m2[j], nb_over_n, na_nb_over_n);
+      }
+      counts[i] = total;
+    }
+    n = upper;
+  }
+}
+
+// The parts of a reduction: per part p, the (mean, M2) of each channel about its shift, [parts, C], and the
+// count of values behind each (the same for every channel: all tiles of a part cover the same rows).
+template <typename acc_t>
+struct PartMoments {
+  int64_t channels;
+  std::vector<int64_t> counts;
+  std::vector<acc_t> means, m2s;
+
+  PartMoments(int64_t parts, int64_t channels)
+      : channels(channels), counts(parts, 0), means(parts * channels, acc_t(0)), m2s(parts * channels, acc_t(0)) {}
+  void merge_pairwise() {
+    merge_moment_blocks(counts.data(), means.data(), m2s.data(), static_cast<int64_t>(counts.size()), channels);
+  }
+};
+
+// Welford statistics of one tile about the per-channel shifts, into its part's slots of `parts` (the caller
+// sets the parts' counts), without a division per value.
 // Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
 // chunk, and the chunks merge pairwise. Channels-last, and channels-first runs shorter than kLongRun: for
 // each block of rows, per-column block mean and M2 about it (two passes over the cached block), the
-// blocks merged pairwise, column loops vectorized (all columns of a block have the same count, so the
-// merge weights are shared scalars; a non-finite total is recomputed by the caller). Short channels-first
-// runs then fold their W columns into the one channel.
+// blocks merged pairwise. Short channels-first runs then fold their W columns into the one channel.
 template <typename scalar_t, typename acc_t, int kChannelStride>
-void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile, int64_t C,
-                  WelfordPartial<acc_t>* partials) {
-  using Partial = WelfordPartial<acc_t>;
+void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile,
+                  PartMoments<acc_t>& parts) {
   const int64_t W = tile.width;
-  Partial* out = partials + tile.part * C + tile.channel;
-  if (tile.rows == 0 || W == 0) {  // an empty batch: empty partials, harmless to merge
-    std::fill(out, out + (kChannelStride == 1 ? W : 1), Partial{});
-    return;
-  }
+  if (tile.rows == 0 || W == 0) return;  // an empty batch: the parts stay empty (zeros)
+  const acc_t* __restrict__ shift = shifts + tile.channel;  // column j's: shift[j * kChannelStride]
   if (kChannelStride == 0 && W >= kLongRun) {
-    const acc_t shift = shifts[tile.channel];
-    PairwiseStream<Partial, welford_merge<acc_t>> chunks;
+    PairwiseStream<WelfordPartial<acc_t>, welford_merge<acc_t>> chunks;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
       const scalar_t* chunk = x + offset;
       const acc_t chunk_mean =
-          run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift; }) / static_cast<acc_t>(n);
+          run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift[0]; }) / static_cast<acc_t>(n);
       const acc_t chunk_m2 = run_sum<acc_t>(n, [&](int64_t j) {
-        const acc_t d = (static_cast<acc_t>(chunk[j]) - shift) - chunk_mean;
+        const acc_t d = (static_cast<acc_t>(chunk[j]) - shift[0]) - chunk_mean;
         return d * d;
       });
-      chunks.push(Partial{chunk_mean, chunk_m2, n});
+      chunks.push(WelfordPartial<acc_t>{chunk_mean, chunk_m2, n});
     });
-    *out = chunks.total();
+    const WelfordPartial<acc_t> total = chunks.total();
+    parts.means[tile.part * parts.channels + tile.channel] = total.mean;
+    parts.m2s[tile.part * parts.channels + tile.channel] = total.m2;
     return;
   }
   const int64_t block_rows = block_rows_for(W);
@@ -145,8 +181,8 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   // Per block: its row count, and per column its mean and M2 (row b of the two [blocks, W] buffers).
   std::vector<int64_t> counts(blocks);
   std::vector<acc_t> shift_buf(W), means_buf(blocks * W, acc_t(0)), m2s_buf(blocks * W, acc_t(0));
-  acc_t* __restrict__ shift = shift_buf.data();
-  for (int64_t j = 0; j < W; ++j) shift[j] = shifts[tile.channel + j * kChannelStride];
+  acc_t* __restrict__ column_shift = shift_buf.data();
+  for (int64_t j = 0; j < W; ++j) column_shift[j] = shift[j * kChannelStride];
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
     counts[b] = nb;
@@ -155,47 +191,35 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
     acc_t* __restrict__ block_m2 = m2s_buf.data() + b * W;
     for (int64_t r = r0; r < r0 + nb; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
-      for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]) - shift[j];
+      for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]) - column_shift[j];
     }
     const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
     for (int64_t j = 0; j < W; ++j) block_mean[j] *= inv_nb;
     for (int64_t r = r0; r < r0 + nb; ++r) {
       const scalar_t* row = x + tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
-        const acc_t d = (static_cast<acc_t>(row[j]) - shift[j]) - block_mean[j];
+        const acc_t d = (static_cast<acc_t>(row[j]) - column_shift[j]) - block_mean[j];
         block_m2[j] += d * d;
       }
     }
   }
-  // The blocks merged pairwise, as merge_rows_pairwise does, row i taking row upper + i.
-  for (int64_t n = blocks; n > 1;) {
-    const int64_t half = n / 2, upper = n - half;
-    for (int64_t i = 0; i < half; ++i) {
-      const acc_t na = static_cast<acc_t>(counts[i]), nb = static_cast<acc_t>(counts[upper + i]);
-      const acc_t nb_over_n = nb / (na + nb), na_nb_over_n = na * nb_over_n;
-      acc_t* __restrict__ mean = means_buf.data() + i * W;
-      acc_t* __restrict__ m2 = m2s_buf.data() + i * W;
-      const acc_t* __restrict__ mean_b = means_buf.data() + (upper + i) * W;
-      const acc_t* __restrict__ m2_b = m2s_buf.data() + (upper + i) * W;
-      for (int64_t j = 0; j < W; ++j) chan_merge_into(mean[j], m2[j], mean_b[j], m2_b[j], nb_over_n, na_nb_over_n);
-      counts[i] += counts[upper + i];
-    }
-    n = upper;
-  }
+  merge_moment_blocks(counts.data(), means_buf.data(), m2s_buf.data(), blocks, W);
   acc_t* mean = means_buf.data();
   acc_t* m2 = m2s_buf.data();
-  const int64_t seen = counts[0];
+  acc_t* out_mean = parts.means.data() + tile.part * parts.channels + tile.channel;
+  acc_t* out_m2 = parts.m2s.data() + tile.part * parts.channels + tile.channel;
   if constexpr (kChannelStride == 1) {
-    for (int64_t j = 0; j < W; ++j) out[j] = Partial{mean[j], m2[j], seen};
+    std::copy(mean, mean + W, out_mean);
+    std::copy(m2, m2 + W, out_m2);
   } else {
     // Short runs of one channel: its W columns have `seen` values each, so
     // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    std::vector<acc_t> spread(W);
-    std::copy(mean, mean + W, spread.begin());
+    const int64_t seen = counts[0];
+    std::vector<acc_t> spread(mean, mean + W);
     const acc_t channel_mean = pairwise_sum(spread.data(), W) / static_cast<acc_t>(W);
     for (int64_t j = 0; j < W; ++j) spread[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
-    const acc_t channel_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(spread.data(), W);
-    *out = Partial{channel_mean, channel_m2, seen * W};
+    *out_mean = channel_mean;
+    *out_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(spread.data(), W);
   }
 }
 

@@ -49,6 +49,12 @@ inline int64_t num_parts(const ChannelLayout& layout) {
   return std::max<int64_t>(1, (rows + per_part - 1) / per_part);
 }
 
+// Rows of the layout's view in part p (the last part may be short; an empty batch has one empty part).
+inline int64_t rows_in_part(const ChannelLayout& layout, int64_t p) {
+  const int64_t per_part = rows_per_part(layout);
+  return std::max<int64_t>(0, std::min(layout.rows(), (p + 1) * per_part) - p * per_part);
+}
+
 // Calls body(tile, channel_stride) for every tile, in parallel. channel_stride is a compile-time
 // std::integral_constant (0 or 1) so the inner loops index per-channel arrays without a branch.
 template <typename Body>
