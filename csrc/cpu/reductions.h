@@ -1,5 +1,6 @@
-// Per-tile reductions of the CPU kernels. Each tile writes its own slot of a [parts, C] partial buffer;
-// the caller merges the parts pairwise (merge_rows_pairwise).
+// Per-tile reductions of the CPU kernels. Each tile writes its own slots of a [parts, C] partial buffer
+// (PartMoments for the statistics, plain sums for the gradients); the caller merges the parts pairwise
+// (merge_moment_blocks, merge_rows_pairwise).
 //
 // Accuracy: no float accumulator takes a long sequential stream. Values are summed in short blocks (at
 // most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of one run), and the blocks'
@@ -18,10 +19,10 @@
 
 namespace fusedbn::cpu {
 
-// Values per block of a channels-last tile (a block is read twice by tile_welford, so it must stay in
-// L1/L2 between the reads), within [kMinBlockRows, kMaxBlockRows] rows: at least a few rows so the
-// per-column merge after each block stays a small fraction of the work when C is large, at most a
-// short sequential sum per column.
+// Values per block of rows of a tile (a block is read twice by tile_welford, so it must stay in L1/L2
+// between the reads), within [kMinBlockRows, kMaxBlockRows] rows: enough rows that the per-column merge
+// after each block stays a small fraction of the work when C is large, few enough that each column's
+// sequential sum stays short. The gradient sums take blocks of kMinBlockRows rows.
 constexpr int64_t kBlockValues = 4096;
 constexpr int64_t kMinBlockRows = 16;
 constexpr int64_t kMaxBlockRows = 64;
