@@ -87,8 +87,8 @@ void for_each_value_of_channel(const scalar_t* x, const ChannelLayout& layout, i
 // and finite where float32 moments overflowed (M2 of values near 1e30; torch's CPU kernels accumulate
 // float32 in float64 too). The merges before it may then use the plain Chan formula (chan_merge_into).
 template <typename scalar_t>
-WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const ChannelLayout& layout, int64_t c) {
-  const double shift = channel_shift(static_cast<double>(layout.channels_last ? x[c] : x[c * layout.S]));
+WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const ChannelLayout& layout, int64_t c,
+                                                 double shift) {
   const int64_t count = layout.count_per_channel();
   double sum = 0, m2 = 0;
   for_each_value_of_channel(x, layout, c, [&](scalar_t v) { sum += static_cast<double>(v) - shift; });
@@ -101,8 +101,9 @@ WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const Channe
 }
 
 // Per-channel Welford moments of x in `layout`: f(c, total) for each c, total a WelfordPartial of the
-// accumulation type, or of double where that came out non-finite (channel_moments_in_double). All partials of a channel are about one shift
-// (its first value, channel_shift) and the parts merge pairwise, in an order fixed by the shape.
+// accumulation type, or of double where that came out non-finite (channel_moments_in_double). All
+// partials of a channel are about one shift (its first value, channel_shift) and the parts merge
+// pairwise, in an order fixed by the shape.
 template <typename scalar_t, typename F>
 void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -133,7 +134,10 @@ void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& 
     }
   }
   at::parallel_for(0, static_cast<int64_t>(non_finite.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(non_finite[i], channel_moments_in_double(data, layout, non_finite[i]));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = non_finite[i];
+      f(c, channel_moments_in_double(data, layout, c, static_cast<double>(shifts[c])));
+    }
   });
 }
 
@@ -146,7 +150,8 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
   static std::mutex update_lock;
   const std::lock_guard<std::mutex> lock(update_lock);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  Tensor new_mean = running_mean.to(mean.scalar_type()).contiguous(), new_var = running_var.to(mean.scalar_type()).contiguous();
+  Tensor new_mean = running_mean.to(mean.scalar_type()).contiguous();
+  Tensor new_var = running_var.to(mean.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm", [&] {
     scalar_t* rm = new_mean.mutable_data_ptr<scalar_t>();
     scalar_t* rv = new_var.mutable_data_ptr<scalar_t>();

@@ -36,19 +36,26 @@ acc_t plus(const acc_t& a, const acc_t& b) {
   return a + b;
 }
 
-// Merges rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise (a tree of
-// depth log2(n)); the result lands in row 0. Overwrites rows.
-template <typename T, typename Merge>
-void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
+// The pairwise (tree) order in which n rows merge into row 0, depth log2(n): merge_row(into, from) takes
+// row `from` into row `into`, level by level.
+template <typename MergeRow>
+void merge_pairwise(int64_t n, MergeRow merge_row) {
   while (n > 1) {
     const int64_t half = n / 2, upper = n - half;
-    for (int64_t i = 0; i < half; ++i) {
-      T* __restrict__ into = rows + i * width;
-      const T* __restrict__ from = rows + (upper + i) * width;
-      for (int64_t j = 0; j < width; ++j) into[j] = merge(into[j], from[j]);
-    }
+    for (int64_t i = 0; i < half; ++i) merge_row(i, upper + i);
     n = upper;
   }
+}
+
+// Merges rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise; the result
+// lands in row 0. Overwrites rows.
+template <typename T, typename Merge>
+void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
+  merge_pairwise(n, [&](int64_t i, int64_t k) {
+    T* __restrict__ into = rows + i * width;
+    const T* __restrict__ from = rows + k * width;
+    for (int64_t j = 0; j < width; ++j) into[j] = merge(into[j], from[j]);
+  });
 }
 
 // Sum of v[0..n) by pairwise summation. Overwrites v.
@@ -109,28 +116,24 @@ void for_each_chunk(const Tile& tile, F chunk) {
 }
 
 // Merges n blocks of Welford moments of `width` columns (block i: means[i * width ...], m2s likewise, and
-// counts[i] values in each of its columns) pairwise, as merge_rows_pairwise does, into block 0, in
-// vectorized column loops: the merge weights are the blocks' counts, shared by their columns. A non-finite
-// result is recomputed by the caller (for_each_channel_moments), so the plain Chan formula serves.
+// counts[i] values in each of its columns) pairwise into block 0, in vectorized column loops: the merge
+// weights are the blocks' counts, shared by their columns. A non-finite result is recomputed by the
+// caller (for_each_channel_moments), so the plain Chan formula serves.
 template <typename acc_t>
 void merge_moment_blocks(int64_t* counts, acc_t* means, acc_t* m2s, int64_t n, int64_t width) {
-  while (n > 1) {
-    const int64_t half = n / 2, upper = n - half;
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t total = counts[i] + counts[upper + i];
-      const acc_t nb_over_n = total > 0 ? static_cast<acc_t>(counts[upper + i]) / static_cast<acc_t>(total) : 0;
-      const acc_t na_nb_over_n = static_cast<acc_t>(counts[i]) * nb_over_n;
-      acc_t* __restrict__ into_mean = means + i * width;
-      acc_t* __restrict__ into_m2 = m2s + i * width;
-      const acc_t* __restrict__ from_mean = means + (upper + i) * width;
-      const acc_t* __restrict__ from_m2 = m2s + (upper + i) * width;
-      for (int64_t j = 0; j < width; ++j) {
-        chan_merge_into(into_mean[j], into_m2[j], from_mean[j], from_m2[j], nb_over_n, na_nb_over_n);
-      }
-      counts[i] = total;
+  merge_pairwise(n, [&](int64_t i, int64_t k) {
+    const int64_t total = counts[i] + counts[k];
+    const acc_t nb_over_n = total > 0 ? static_cast<acc_t>(counts[k]) / static_cast<acc_t>(total) : 0;
+    const acc_t na_nb_over_n = static_cast<acc_t>(counts[i]) * nb_over_n;
+    acc_t* __restrict__ into_mean = means + i * width;
+    acc_t* __restrict__ into_m2 = m2s + i * width;
+    const acc_t* __restrict__ from_mean = means + k * width;
+    const acc_t* __restrict__ from_m2 = m2s + k * width;
+    for (int64_t j = 0; j < width; ++j) {
+      chan_merge_into(into_mean[j], into_m2[j], from_mean[j], from_m2[j], nb_over_n, na_nb_over_n);
     }
-    n = upper;
-  }
+    counts[i] = total;
+  });
 }
 
 // The parts of a reduction: per part p, the (mean, M2) of each channel about its shift, [parts, C], and the

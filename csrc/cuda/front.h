@@ -222,10 +222,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
     });
   });
-  // Below autograd and ADInplaceOrView, so buffers made under torch.inference_mode() are updated too.
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  for (const auto& [given, used] : {std::pair{&running_mean, &rm}, std::pair{&running_var, &rv}}) {
-    if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
+  {
+    // Below autograd and ADInplaceOrView, so buffers made under torch.inference_mode() are updated too.
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (const auto& [given, used] : {std::pair{&running_mean, &rm}, std::pair{&running_var, &rv}}) {
+      if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
+    }
   }
   return {normalize(x, layout, mean, alpha, beta, ctx, residual, relu), mean, invstd};
 }
