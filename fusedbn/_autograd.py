@@ -8,7 +8,7 @@ from torch.autograd import forward_ad
 
 def autograd_needed(*tensors) -> bool:
     """Whether something will differentiate this call: a tensor that requires grad while grad mode is on,
-    forward-mode AD, a torch.func transform, or torch.compile tracing (which expects the Function).
+    forward-mode AD, a torch.func transform, or torch.export tracing (which expects the Function).
     Otherwise the op runs alone: torch binds an autograd.Function's arguments with inspect.signature on
     every call, tens of microseconds of host time, more than the kernel takes at small sizes."""
     if torch.compiler.is_compiling() or forward_ad._current_level >= 0:

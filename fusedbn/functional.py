@@ -3,6 +3,7 @@ optional residual added, then ReLU, in one op), and their autograd wiring."""
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
@@ -231,7 +232,26 @@ def _empty_batch(input, weight, bias, residual, relu):
     return torch.relu(output) if relu else output
 
 
+def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+    """The same computation in torch's own ops, for torch.compile: inductor lowers torch's batch_norm into the
+    code it generates and fuses it with the convolution epilogues, activations and adds around it, where a
+    custom op is opaque to it (it can fuse nothing into or around one)."""
+    output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        output = output + residual
+    return torch.relu(output) if relu else output
+
+
+def compiling_to_torch_ops() -> bool:
+    """Whether torch.compile is tracing: it gets the graph torch's BatchNorm would give it, so a model
+    compiles to what the same model with nn.BatchNorm*d compiles to. torch.export (deployment, where nothing
+    fuses around an op) keeps the fusedbn ops."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+    if compiling_to_torch_ops():
+        return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
     check_eps(eps, training)
     if input.dim() < 2:
         # torch.nn.functional.batch_norm's exception types: IndexError where it indexes the missing dims (a

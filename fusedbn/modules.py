@@ -10,11 +10,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .functional import _apply
+from .functional import _apply, compiling_to_torch_ops
 
 
 class _FusedForward:
     def _fused_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+        if compiling_to_torch_ops():  # torch's own forward, line for line (momentum=None included)
+            output = nn.modules.batchnorm._BatchNorm.forward(self, input)
+            output = output if residual is None else output + residual
+            return torch.relu(output) if relu else output
         self._check_input_dim(input)
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum

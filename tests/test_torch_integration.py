@@ -1,4 +1,5 @@
-"""The ops pass torch.library.opcheck, and models using fusedbn compile with torch.compile(fullgraph=True)."""
+"""The ops pass torch.library.opcheck; models using fusedbn compile with torch.compile(fullgraph=True) to torch's
+graph, and torch.export keeps the fusedbn ops."""
 import copy
 
 import pytest
@@ -58,13 +59,21 @@ def test_opcheck(device, layout, dtype, param_dtype):
         torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
 
 
+class _TorchBatchNormReLU2d(nn.BatchNorm2d):
+    """What FusedBatchNormReLU2d computes, in torch's modules (same parameters and buffers)."""
+
+    def forward(self, input, residual):
+        return torch.relu(super().forward(input) + residual)
+
+
 class _Net(nn.Module):
-    def __init__(self):
+    def __init__(self, bn2d=fusedbn.FusedBatchNorm2d, bn_relu2d=fusedbn.FusedBatchNormReLU2d,
+                 bn1d=fusedbn.FusedBatchNorm1d):
         super().__init__()
         self.conv = nn.Conv2d(3, 6, 3)
-        self.bn = fusedbn.FusedBatchNorm2d(6)
-        self.bn_relu = fusedbn.FusedBatchNormReLU2d(6)
-        self.bn1d = fusedbn.FusedBatchNorm1d(6)
+        self.bn = bn2d(6)
+        self.bn_relu = bn_relu2d(6)
+        self.bn1d = bn1d(6)
 
     def forward(self, x):
         y = self.conv(x)
@@ -72,23 +81,55 @@ class _Net(nn.Module):
         return self.bn1d(y.mean(dim=(2, 3)))
 
 
+def _torch_net():
+    return _Net(nn.BatchNorm2d, _TorchBatchNormReLU2d, nn.BatchNorm1d)
+
+
+class _GraphRecorder:
+    """A torch.compile backend that runs the graph dynamo hands it (through aot_eager) and keeps the ops
+    AOT autograd traced, forward and backward."""
+
+    def __init__(self):
+        self.targets = set()
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        def record(graph, _inputs):
+            self.targets |= {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+            return graph
+
+        return aot_autograd(fw_compiler=record, bw_compiler=record)(gm, example_inputs)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_compile_fullgraph_matches_eager(device, training):
+def test_compile_gives_torchs_graph(device, training):
+    """Under torch.compile, a fusedbn model compiles to exactly what the same model with nn.BatchNorm*d
+    compiles to (inductor can then fuse it with its neighbours): the same outputs, gradients and state,
+    bit for bit, and no fusedbn op in the graphs; eager fusedbn agrees with both to float64 rounding."""
     torch.manual_seed(0)
     eager = _Net().to(device).double().train(training)
-    compiled_model = _Net().to(device).double().train(training)
-    compiled_model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True)
+    ours, theirs = _Net().to(device).double(), _torch_net().to(device).double()
+    for model in (ours, theirs):
+        model.load_state_dict(eager.state_dict())
+        model.train(training)
+    recorder = _GraphRecorder()
+    compiled_ours = torch.compile(ours, backend=recorder, fullgraph=True)
+    compiled_theirs = torch.compile(theirs, backend="aot_eager", fullgraph=True)
     for step in range(2):
         x = torch.randn(4, 3, 8, 8, device=device, dtype=torch.float64)
-        y_eager, y_compiled = eager(x), compiled(x)
-        torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
-        y_eager.square().sum().backward()
-        y_compiled.square().sum().backward()
-        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
-    for (name, a), b in zip(eager.state_dict().items(), compiled_model.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        outputs = [model(x) for model in (compiled_ours, compiled_theirs, eager)]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+        torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-12, atol=1e-12)
+        for y in outputs:
+            y.square().sum().backward()
+        for (name, p), q, e in zip(ours.named_parameters(), theirs.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-10, msg=name)
+    for (name, a), b, e in zip(ours.state_dict().items(), theirs.state_dict().values(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+    assert recorder.targets and not any("fusedbn" in t for t in recorder.targets), recorder.targets
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
