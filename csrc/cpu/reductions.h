@@ -268,9 +268,13 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
       const int64_t base = tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
         const int64_t c = tile.channel + j * kChannelStride;
-        const acc_t g = dz_at(base + j, c);
+        const int64_t i = base + j;
+        const acc_t xv = static_cast<acc_t>(x[i]);
+        const acc_t g = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), mean[c],
+                                                 kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
+                                                 kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
         block_dz[j] += g;
-        block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - mean[c]);
+        block_dz_xmu[j] += g * (xv - mean[c]);
       }
     }
   }
