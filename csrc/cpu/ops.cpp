@@ -280,8 +280,8 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
           source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz.data(),
           part_dz_xmu.data());
     });
-    merge_rows_pairwise(part_dz.data(), parts, C, plus<acc_t>);
-    merge_rows_pairwise(part_dz_xmu.data(), parts, C, plus<acc_t>);
+    sum_rows_pairwise(part_dz.data(), parts, C);
+    sum_rows_pairwise(part_dz_xmu.data(), parts, C);
     std::copy(part_dz.begin(), part_dz.begin() + C, sum_dz.mutable_data_ptr<acc_t>());
     std::copy(part_dz_xmu.begin(), part_dz_xmu.begin() + C, sum_dz_xmu.mutable_data_ptr<acc_t>());
   });

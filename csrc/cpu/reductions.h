@@ -1,6 +1,6 @@
 // Per-tile reductions of the CPU kernels. Each tile writes its own slots of a [parts, C] partial buffer
 // (PartMoments for the statistics, plain sums for the gradients); the caller merges the parts pairwise
-// (merge_moment_blocks, merge_rows_pairwise).
+// (merge_moment_blocks, sum_rows_pairwise).
 //
 // Accuracy: no float accumulator takes a long sequential stream. Values are summed in short blocks (at
 // most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of one run), and the blocks'
@@ -47,14 +47,14 @@ void merge_pairwise(int64_t n, MergeRow merge_row) {
   }
 }
 
-// Merges rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise; the result
+// Sums rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise; the result
 // lands in row 0. Overwrites rows.
-template <typename T, typename Merge>
-void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
+template <typename T>
+void sum_rows_pairwise(T* rows, int64_t n, int64_t width) {
   merge_pairwise(n, [&](int64_t i, int64_t k) {
     T* __restrict__ into = rows + i * width;
     const T* __restrict__ from = rows + k * width;
-    for (int64_t j = 0; j < width; ++j) into[j] = merge(into[j], from[j]);
+    for (int64_t j = 0; j < width; ++j) into[j] += from[j];
   });
 }
 
@@ -62,7 +62,7 @@ void merge_rows_pairwise(T* rows, int64_t n, int64_t width, Merge merge) {
 template <typename acc_t>
 acc_t pairwise_sum(acc_t* v, int64_t n) {
   if (n == 0) return acc_t(0);
-  merge_rows_pairwise(v, n, 1, plus<acc_t>);
+  sum_rows_pairwise(v, n, 1);
   return v[0];
 }
 
@@ -278,8 +278,8 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
       }
     }
   }
-  merge_rows_pairwise(block_dz_buf.data(), blocks, W, plus<acc_t>);
-  merge_rows_pairwise(block_dz_xmu_buf.data(), blocks, W, plus<acc_t>);
+  sum_rows_pairwise(block_dz_buf.data(), blocks, W);
+  sum_rows_pairwise(block_dz_xmu_buf.data(), blocks, W);
   acc_t* col_dz = block_dz_buf.data();
   acc_t* col_dz_xmu = block_dz_xmu_buf.data();
   if constexpr (kChannelStride == 1) {
