@@ -14,7 +14,8 @@ MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fu
            3: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
 
 # (module dims, input shape): m = 2 values per channel, odd spatial sizes, C = 1, C = 1000, N = 1, and
-# shapes large enough to split a channel over several row parts and several cache blocks.
+# shapes large enough to split a channel over several row parts and several cache blocks (or, for short
+# channels-first runs, the channels over several tiles).
 # Every dtype with parameters of the same dtype, and half/bfloat16 input with float32 parameters (mixed precision).
 DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 
@@ -29,6 +30,7 @@ SHAPES = [
     (2, (4, 6, 9, 11)),
     (2, (2, 1000, 2, 1)),
     (2, (20, 2, 64, 64)),
+    (2, (70, 45, 7, 7)),  # short channels-first runs: tiles of 41 channels, a short last one, 3 row parts
     (3, (2, 3, 3, 4, 5)),
     (3, (1, 2, 2, 3, 3)),
 ]

@@ -66,6 +66,27 @@ acc_t pairwise_sum(acc_t* v, int64_t n) {
   return v[0];
 }
 
+// v holds `channels` rows of `span` values (a tile's per-column results, channel by channel); returns them
+// as `span` rows of `channels`, so sums over each channel's columns run across channels in vector lanes.
+template <typename acc_t>
+std::vector<acc_t> columns_by_position(const acc_t* v, int64_t channels, int64_t span) {
+  std::vector<acc_t> t(channels * span);
+  for (int64_t k = 0; k < channels; ++k) {
+    for (int64_t j = 0; j < span; ++j) t[j * channels + k] = v[k * span + j];
+  }
+  return t;
+}
+
+// out[k] = sum over j of rows[j * channels + k], j < span: sequential sums of at most kShortRun values.
+template <typename acc_t>
+void sum_position_rows(const acc_t* rows, int64_t channels, int64_t span, acc_t* __restrict__ out) {
+  std::fill(out, out + channels, acc_t(0));
+  for (int64_t j = 0; j < span; ++j) {
+    const acc_t* __restrict__ row = rows + j * channels;
+    for (int64_t k = 0; k < channels; ++k) out[k] += row[k];
+  }
+}
+
 // A stream of partials merged as the leaves of a balanced binary tree, left to right, in O(log n) space
 // (a binary counter: the k-th push merges the subtrees its trailing one bits complete).
 template <typename T, T (*kMerge)(const T&, const T&)>
@@ -154,16 +175,16 @@ struct PartMoments {
 // Welford statistics of one tile about the per-channel shifts, into its part's slots of `parts` (the caller
 // sets the parts' counts), without a division per value.
 // Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
-// chunk, and the chunks merge pairwise. Channels-last, and channels-first runs shorter than kLongRun: for
-// each block of rows, per-column block mean and M2 about it (two passes over the cached block), the
-// blocks merged pairwise. Short channels-first runs then fold their W columns into the one channel.
-template <typename scalar_t, typename acc_t, int kChannelStride>
+// chunk, and the chunks merge pairwise. Otherwise: for each block of rows, per-column block mean and M2
+// about it (two passes over the cached block), the blocks merged pairwise; channels-first tiles then fold
+// each channel's S columns into the channel.
+template <typename scalar_t, typename acc_t, int kMultiChannel>
 void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile,
                   PartMoments<acc_t>& parts) {
   const int64_t W = tile.width;
   if (tile.rows == 0 || W == 0) return;  // an empty batch: the parts stay empty (zeros)
-  const acc_t* __restrict__ shift = shifts + tile.channel;  // column j's: shift[j * kChannelStride]
-  if (kChannelStride == 0 && W >= kLongRun) {
+  const acc_t* __restrict__ shift = shifts + tile.channel;
+  if (kMultiChannel == 0 && W >= kLongRun) {
     PairwiseStream<WelfordPartial<acc_t>, welford_merge<acc_t>> chunks;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
       const scalar_t* chunk = x + offset;
@@ -186,7 +207,8 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   std::vector<int64_t> counts(blocks);
   std::vector<acc_t> shift_buf(W), means_buf(blocks * W, acc_t(0)), m2s_buf(blocks * W, acc_t(0));
   acc_t* __restrict__ column_shift = shift_buf.data();
-  for (int64_t j = 0; j < W; ++j) column_shift[j] = shift[j * kChannelStride];
+  const int64_t span = tile.columns_per_channel;
+  for (int64_t k = 0; k < W / span; ++k) std::fill(column_shift + k * span, column_shift + (k + 1) * span, shift[k]);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
     counts[b] = nb;
@@ -212,25 +234,43 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   acc_t* m2 = m2s_buf.data();
   acc_t* out_mean = parts.means.data() + tile.part * parts.channels + tile.channel;
   acc_t* out_m2 = parts.m2s.data() + tile.part * parts.channels + tile.channel;
-  if constexpr (kChannelStride == 1) {
+  if (span == 1) {
     std::copy(mean, mean + W, out_mean);
     std::copy(m2, m2 + W, out_m2);
-  } else {
-    // Short runs of one channel: its W columns have `seen` values each, so
-    // M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
-    const int64_t seen = counts[0];
-    std::vector<acc_t> spread(mean, mean + W);
-    const acc_t channel_mean = pairwise_sum(spread.data(), W) / static_cast<acc_t>(W);
-    for (int64_t j = 0; j < W; ++j) spread[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
-    *out_mean = channel_mean;
-    *out_m2 = pairwise_sum(m2, W) + static_cast<acc_t>(seen) * pairwise_sum(spread.data(), W);
+    return;
   }
+  // A channel's `span` columns have `seen` values each, so M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
+  const acc_t seen = static_cast<acc_t>(counts[0]);
+  if (W == span) {  // one channel: pairwise over its columns
+    std::vector<acc_t> spread(mean, mean + span);
+    const acc_t channel_mean = pairwise_sum(spread.data(), span) / static_cast<acc_t>(span);
+    for (int64_t j = 0; j < span; ++j) spread[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
+    *out_mean = channel_mean;
+    *out_m2 = pairwise_sum(m2, span) + seen * pairwise_sum(spread.data(), span);
+    return;
+  }
+  const int64_t channels = W / span;  // several channels of at most kShortRun columns each
+  const std::vector<acc_t> means_t = columns_by_position(mean, channels, span);
+  const std::vector<acc_t> m2s_t = columns_by_position(m2, channels, span);
+  std::vector<acc_t> spread_t(channels * span), spread(channels);
+  sum_position_rows(means_t.data(), channels, span, out_mean);
+  const acc_t inv_span = acc_t(1) / static_cast<acc_t>(span);
+  for (int64_t k = 0; k < channels; ++k) out_mean[k] *= inv_span;
+  for (int64_t j = 0; j < span; ++j) {
+    for (int64_t k = 0; k < channels; ++k) {
+      const acc_t d = means_t[j * channels + k] - out_mean[k];
+      spread_t[j * channels + k] = d * d;
+    }
+  }
+  sum_position_rows(spread_t.data(), channels, span, spread.data());
+  sum_position_rows(m2s_t.data(), channels, span, out_m2);
+  for (int64_t k = 0; k < channels; ++k) out_m2[k] += seen * spread[k];
 }
 
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
 // read through relu's mask (grad_through_relu, epilogue.h). Long channels-first runs: lane sums per chunk,
 // chunks summed pairwise. Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
-template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask>
+template <typename scalar_t, typename acc_t, int kMultiChannel, ReluMask kMask>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                     const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
                     acc_t* __restrict__ sum_dz_xmu) {
@@ -245,7 +285,7 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   };
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
-  if (kChannelStride == 0 && W >= kLongRun) {
+  if (kMultiChannel == 0 && W >= kLongRun) {
     // The second lane sum re-reads the chunk from cache.
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
@@ -259,6 +299,19 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     sum_dz_xmu[slot] = total_dz_xmu.total();
     return;
   }
+  // Column j's channel coefficients: the channels' own arrays where each column is a channel, else copies
+  // spread over the channels' columns.
+  const int64_t span = tile.columns_per_channel;
+  std::vector<acc_t> spread_buf(span == 1 ? 0 : 3 * W);
+  for (int64_t k = 0; span > 1 && k < W / span; ++k) {
+    const int64_t c = tile.channel + k, j = k * span;
+    std::fill_n(spread_buf.begin() + j, span, mean[c]);
+    std::fill_n(spread_buf.begin() + W + j, span, kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0));
+    std::fill_n(spread_buf.begin() + 2 * W + j, span, kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
+  }
+  const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf.data();
+  const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf.data() + W;
+  const acc_t* __restrict__ col_beta = span == 1 ? beta + tile.channel : spread_buf.data() + 2 * W;
   const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
   std::vector<acc_t> block_dz_buf(blocks * W, acc_t(0)), block_dz_xmu_buf(blocks * W, acc_t(0));
   for (int64_t b = 0; b < blocks; ++b) {
@@ -267,14 +320,13 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
       for (int64_t j = 0; j < W; ++j) {
-        const int64_t c = tile.channel + j * kChannelStride;
         const int64_t i = base + j;
         const acc_t xv = static_cast<acc_t>(x[i]);
-        const acc_t g = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), mean[c],
-                                                 kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
-                                                 kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
+        const acc_t g = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), col_mean[j],
+                                                 kMask == ReluMask::kFromInput ? col_alpha[j] : acc_t(0),
+                                                 kMask == ReluMask::kFromInput ? col_beta[j] : acc_t(0));
         block_dz[j] += g;
-        block_dz_xmu[j] += g * (xv - mean[c]);
+        block_dz_xmu[j] += g * (xv - col_mean[j]);
       }
     }
   }
@@ -282,13 +334,19 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   sum_rows_pairwise(block_dz_xmu_buf.data(), blocks, W);
   acc_t* col_dz = block_dz_buf.data();
   acc_t* col_dz_xmu = block_dz_xmu_buf.data();
-  if constexpr (kChannelStride == 1) {
+  if (span == 1) {
     std::copy(col_dz, col_dz + W, sum_dz + slot);
     std::copy(col_dz_xmu, col_dz_xmu + W, sum_dz_xmu + slot);
-  } else {  // short runs of one channel
-    sum_dz[slot] = pairwise_sum(col_dz, W);
-    sum_dz_xmu[slot] = pairwise_sum(col_dz_xmu, W);
+    return;
   }
+  if (W == span) {  // one channel: pairwise over its columns
+    sum_dz[slot] = pairwise_sum(col_dz, span);
+    sum_dz_xmu[slot] = pairwise_sum(col_dz_xmu, span);
+    return;
+  }
+  const int64_t channels = W / span;  // several channels of at most kShortRun columns each
+  sum_position_rows(columns_by_position(col_dz, channels, span).data(), channels, span, sum_dz + slot);
+  sum_position_rows(columns_by_position(col_dz_xmu, channels, span).data(), channels, span, sum_dz_xmu + slot);
 }
 
 }  // namespace fusedbn::cpu
