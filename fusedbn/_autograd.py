@@ -1,5 +1,5 @@
-"""Keeping autograd.Function overhead off the hot path: when a call needs its Function at all, and its
-forward's signature computed once."""
+"""Keeping autograd.Function overhead off the hot path: when a call needs its Function at all, its
+forward's signature computed once, and a classic-style twin for plain eager autograd."""
 import inspect
 
 import torch
@@ -25,3 +25,28 @@ def cached_signature(function_class):
     forward = function_class.forward
     forward.__signature__ = inspect.signature(forward)
     return function_class
+
+
+def eager_twin(function_class):
+    """A classic-style twin (``forward(ctx, *args)``) of a setup_context-style autograd.Function, with the
+    same forward, saved state and backward. torch binds a setup_context-style Function's arguments through
+    inspect.signature on every apply (about 10 us of host time, more than the kernel at small sizes); the
+    classic style skips that. torch.func transforms, forward-mode AD and tracing need the setup_context
+    style: ``pick(function_class, twin)`` says which to apply."""
+
+    def forward(ctx, *args):
+        outputs = function_class.forward(*args)
+        function_class.setup_context(ctx, args, outputs)
+        return outputs
+
+    name = function_class.__name__ + "Eager"
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{function_class.__name__} for plain eager autograd (fusedbn._autograd.eager_twin).",
+        "__qualname__": name, "__module__": function_class.__module__,
+        "forward": staticmethod(forward), "backward": staticmethod(function_class.backward)})
+
+
+def plain_eager() -> bool:
+    """Whether no torch.func transform, forward-mode AD or tracing is active: an eager twin serves."""
+    return not (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+                or torch.compiler.is_compiling())

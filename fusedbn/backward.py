@@ -17,7 +17,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import ops
-from ._autograd import autograd_needed, cached_signature
+from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
 
@@ -179,10 +179,15 @@ class _BatchNormBackwardForwardAD(BatchNormBackward):
     jvp = staticmethod(_jvp)
 
 
+_BatchNormBackwardEager = eager_twin(BatchNormBackward)
+
+
 def batch_norm_backward(*args):
-    """``BatchNormBackward.apply`` (with its jvp rule when forward-mode AD is active) where something will
-    differentiate the gradients (``create_graph=True``, torch.func); else the fused op alone."""
+    """``BatchNormBackward.apply`` (with its jvp rule when forward-mode AD is active, its classic-style twin
+    in plain eager autograd) where something will differentiate the gradients (``create_graph=True``,
+    torch.func); else the fused op alone."""
     if not autograd_needed(*args[:5]):
         return BatchNormBackward.forward(*args)
-    function = _BatchNormBackwardForwardAD if forward_ad._current_level >= 0 else BatchNormBackward
-    return function.apply(*args)
+    if forward_ad._current_level >= 0:
+        return _BatchNormBackwardForwardAD.apply(*args)
+    return (_BatchNormBackwardEager if plain_eager() else BatchNormBackward).apply(*args)

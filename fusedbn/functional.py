@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import ops
-from ._autograd import autograd_needed, cached_signature
+from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 from .backward import ChannelTerms, batch_norm_backward
 
@@ -158,14 +158,23 @@ class _BatchNormEvalForwardAD(_BatchNormEval):
     jvp = staticmethod(_eval_jvp)
 
 
+_BatchNormTrainingEager = eager_twin(_BatchNormTraining)
+_BatchNormEvalEager = eager_twin(_BatchNormEval)
+
+
 def training_function():
-    """The training autograd.Function to apply (with a jvp rule when forward-mode AD is active)."""
-    return _BatchNormTrainingForwardAD if forward_ad._current_level >= 0 else _BatchNormTraining
+    """The training autograd.Function to apply: with a jvp rule when forward-mode AD is active, the
+    classic-style twin in plain eager autograd."""
+    if forward_ad._current_level >= 0:
+        return _BatchNormTrainingForwardAD
+    return _BatchNormTrainingEager if plain_eager() else _BatchNormTraining
 
 
 def eval_function():
-    """The eval autograd.Function to apply (with a jvp rule when forward-mode AD is active)."""
-    return _BatchNormEvalForwardAD if forward_ad._current_level >= 0 else _BatchNormEval
+    """The eval autograd.Function to apply, chosen as training_function chooses."""
+    if forward_ad._current_level >= 0:
+        return _BatchNormEvalForwardAD
+    return _BatchNormEvalEager if plain_eager() else _BatchNormEval
 
 
 def check_eps(eps: float, training: bool) -> None:

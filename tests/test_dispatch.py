@@ -18,7 +18,8 @@ def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch
     w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     stats = (torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
     expected = F.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
-    for name in ("_BatchNormTraining", "_BatchNormEval", "_BatchNormTrainingForwardAD", "_BatchNormEvalForwardAD"):
+    for name in ("_BatchNormTraining", "_BatchNormEval", "_BatchNormTrainingForwardAD", "_BatchNormEvalForwardAD",
+                 "_BatchNormTrainingEager", "_BatchNormEvalEager"):
         monkeypatch.setattr(getattr(functional, name), "apply", _refuse)
     with torch.no_grad():
         actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w, None, training=training)
@@ -32,7 +33,8 @@ def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch
 def test_backward_function_only_for_gradients_of_gradients(device, monkeypatch):
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     y = fusedbn.batch_norm(x, None, None, training=True)
-    monkeypatch.setattr(backward.BatchNormBackward, "apply", _refuse)
+    for function in (backward.BatchNormBackward, backward._BatchNormBackwardEager):
+        monkeypatch.setattr(function, "apply", _refuse)
     (first,) = torch.autograd.grad(y.sin().sum(), x, retain_graph=True)
     (expected,) = torch.autograd.grad(F.batch_norm(x, None, None, training=True).sin().sum(), x)
     torch.testing.assert_close(first, expected)

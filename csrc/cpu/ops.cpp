@@ -30,8 +30,38 @@ using OptTensor = std::optional<Tensor>;
 // Per-channel tensors as contiguous accumulation-dtype vectors for the kernels.
 Tensor as_acc(const Tensor& t, at::ScalarType acc) { return t.to(acc).contiguous(); }
 
-Tensor weight_or_ones(const OptTensor& weight, int64_t C, const at::TensorOptions& acc) {
-  return has(weight) ? weight->to(acc.dtype().toScalarType()).contiguous() : at::ones({C}, acc);
+OptTensor as_acc(const OptTensor& t, at::ScalarType acc) {
+  return has(t) ? OptTensor(as_acc(*t, acc)) : std::nullopt;
+}
+
+template <typename acc_t>
+const acc_t* data_or_null(const OptTensor& t) {
+  return has(t) ? t->const_data_ptr<acc_t>() : nullptr;
+}
+
+// Rows of one [rows, C] accumulation-dtype tensor filled by one loop over the channels, f(c, row) with
+// row[r] the r-th row's data: at small shapes an aten op per per-channel vector costs more than the kernels.
+template <typename acc_t, size_t kRows, typename F>
+Tensor channel_rows(int64_t C, const at::TensorOptions& acc_options, F&& f) {
+  Tensor rows = at::empty({static_cast<int64_t>(kRows), C}, acc_options);
+  std::array<acc_t*, kRows> row;
+  for (size_t r = 0; r < kRows; ++r) row[r] = rows.mutable_data_ptr<acc_t>() + static_cast<int64_t>(r) * C;
+  for (int64_t c = 0; c < C; ++c) f(c, row);
+  return rows;
+}
+
+// normalize's per-channel coefficients, [3, C]: mean, alpha = weight * invstd (1 without weight), beta =
+// bias (0 without), the rows of channel_rows.
+template <typename acc_t>
+Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptTensor& weight,
+                              const OptTensor& bias, int64_t C, const at::TensorOptions& acc_options) {
+  const acc_t* w = data_or_null<acc_t>(weight);
+  const acc_t* b = data_or_null<acc_t>(bias);
+  return channel_rows<acc_t, 3>(C, acc_options, [&](int64_t c, const auto& row) {
+    row[0][c] = mean ? mean[c] : acc_t(0);
+    row[1][c] = w ? w[c] * invstd[c] : invstd[c];
+    row[2][c] = b ? b[c] : acc_t(0);
+  });
 }
 
 // Calls f(std::bool_constant<b>{}): a run-time flag made a template argument of the tile kernels.
@@ -45,10 +75,10 @@ void with_flag(bool b, F&& f) {
 }
 
 // y = relu?((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
-// (x's when undefined; another tensor in the same view may differ on size-1 dims).
-Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const OptTensor& residual = std::nullopt, bool relu = false,
-                 const Tensor& like = Tensor()) {
+// (x's when undefined; another tensor in the same view may differ on size-1 dims). `coefficients`: the
+// [3, C] rows mean, alpha, beta (normalize_coefficients).
+Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coefficients,
+                 const OptTensor& residual = std::nullopt, bool relu = false, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
@@ -56,12 +86,14 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     const scalar_t* res = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    const acc_t* mean = coefficients.const_data_ptr<acc_t>();
+    const acc_t* alpha = mean + layout.C;
+    const acc_t* beta = alpha + layout.C;
     with_flag(r.defined(), [&](auto add) {
       with_flag(relu, [&](auto apply_relu) {
         parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
           tile_normalize<scalar_t, acc_t, decltype(stride)::value, decltype(add)::value, decltype(apply_relu)::value>(
-              in, res, out, mean.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-              beta.const_data_ptr<acc_t>(), tile);
+              in, res, out, mean, alpha, beta, tile);
         });
       });
     });
@@ -162,8 +194,8 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
       rv[c] = running_update(rv[c], batch_var[c], momentum);
     }
   });
-  running_mean.copy_(new_mean);
-  running_var.copy_(new_var);
+  if (!new_mean.is_same(running_mean)) running_mean.copy_(new_mean);
+  if (!new_var.is_same(running_var)) running_var.copy_(new_var);
 }
 
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight,
@@ -192,9 +224,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     });
   });
 
-  const Tensor alpha = weight_or_ones(w, C, acc_options) * invstd;
-  const Tensor beta = has(b) ? as_acc(*b, acc) : at::zeros({C}, acc_options);
-  Tensor y = normalize(x, layout, mean, alpha, beta, residual, relu);
+  const Tensor coefficients = AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm", [&] {
+    return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+                                            as_acc(w, acc), as_acc(b, acc), C, acc_options);
+  });
+  Tensor y = normalize(x, layout, coefficients, residual, relu);
 
   // An empty batch leaves the running statistics as they were (as nn.BatchNorm does).
   if (has(running_mean) && count > 0) update_running_stats(*running_mean, *running_var, mean, unbiased_var, momentum);
@@ -228,10 +262,15 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const ChannelLayout layout = channel_layout(x);
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc);
-  const Tensor invstd = (running_var.to(acc) + eps).rsqrt();
-  const Tensor alpha = weight_or_ones(w, layout.C, acc_options) * invstd;
-  const Tensor beta = has(b) ? as_acc(*b, acc) : at::zeros({layout.C}, acc_options);
-  return normalize(x, layout, as_acc(running_mean, acc), alpha, beta, residual, relu);
+  const Tensor mean = as_acc(running_mean, acc), var = as_acc(running_var, acc);
+  const Tensor coefficients = AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm", [&] {
+    std::vector<scalar_t> invstd(layout.C);
+    const scalar_t* v = var.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < layout.C; ++c) invstd[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+    return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.data(), as_acc(w, acc),
+                                            as_acc(b, acc), layout.C, acc_options);
+  });
+  return normalize(x, layout, coefficients, residual, relu);
 }
 
 // Calls f(std::integral_constant<ReluMask, mask>{}).
@@ -244,33 +283,38 @@ void with_relu_mask(ReluMask mask, F&& f) {
   }
 }
 
-// Calls f(scalar_t{}, kMask tag, source) with dz's source (GradSource) for the backward tile kernels.
+// The backward's coefficients, [3, C] as normalize_coefficients: 0, a = w * invstd (also the forward's
+// alpha, which relu's recomputed mask needs), beta = bias (without `with_bias`: 0).
+Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
+  return AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+    return normalize_coefficients<scalar_t>(nullptr, in.invstd.const_data_ptr<scalar_t>(), as_acc(in.weight, in.acc),
+                                            with_bias ? as_acc(in.bias, in.acc) : std::nullopt, in.layout.C,
+                                            in.x.options().dtype(in.acc));
+  });
+}
+
+// Calls f(scalar_t{}, kMask tag, source) with dz's source (GradSource) for the backward tile kernels;
+// `coefficients` from backward_coefficients.
 template <typename F>
-void with_grad_source(const BackwardInputs& in, const Tensor& a, const Tensor& beta, F&& f) {
+void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* a = coefficients.const_data_ptr<acc_t>() + in.layout.C;
     with_relu_mask(in.mask, [&](auto mask_tag) {
       const GradSource<scalar_t, acc_t> source{
-          in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
-          a.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>()};
+          in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr, a,
+          a + in.layout.C};
       f(scalar_t{}, mask_tag, source);
     });
   });
 }
 
-// a = w * invstd (also the forward's alpha, which relu's recomputed mask needs) and beta = bias.
-std::tuple<Tensor, Tensor> backward_coefficients(const BackwardInputs& in) {
-  const auto acc_options = in.x.options().dtype(in.acc);
-  return {weight_or_ones(in.weight, in.layout.C, acc_options) * in.invstd,
-          has(in.bias) ? as_acc(*in.bias, in.acc) : at::zeros({in.layout.C}, acc_options)};
-}
-
 // sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output.
-std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& a, const Tensor& beta) {
+std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients) {
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
   Tensor sum_dz = at::empty({C}, acc_options), sum_dz_xmu = at::empty({C}, acc_options);
-  with_grad_source(in, a, beta, [&](auto scalar_tag, auto mask_tag, const auto& source) {
+  with_grad_source(in, coefficients, [&](auto scalar_tag, auto mask_tag, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t parts = num_parts(in.layout);
@@ -288,28 +332,43 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
   return {sum_dz, sum_dz_xmu};
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: mean_dz and proj
-// undefined), and grad_residual = dz when it is defined.
-Tensor dx_pass(const BackwardInputs& in, const Tensor& a, const Tensor& beta, const Tensor& mean_dz,
-               const Tensor& proj, const Tensor& grad_residual) {
+// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: `centering`
+// undefined; else its rows mean_dz, proj), and grad_residual = dz when it is defined.
+Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tensor& centering,
+               const Tensor& grad_residual) {
   Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
-  with_grad_source(in, a, beta, [&](auto scalar_tag, auto mask_tag, const auto& source) {
+  with_grad_source(in, coefficients, [&](auto scalar_tag, auto mask_tag, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(grad_residual.defined(), [&](auto write_dz) {
-      with_flag(mean_dz.defined(), [&](auto centered) {
+      with_flag(centering.defined(), [&](auto centered) {
+        const acc_t* mean_dz = centered ? centering.const_data_ptr<acc_t>() : nullptr;
         parallel_for_elementwise_tiles(in.layout, [&](const Tile& tile, auto stride) {
           tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(mask_tag)::value,
                               decltype(write_dz)::value, decltype(centered)::value>(
               source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
               grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-              in.mean.const_data_ptr<acc_t>(), centered ? mean_dz.const_data_ptr<acc_t>() : nullptr,
-              centered ? proj.const_data_ptr<acc_t>() : nullptr, a.const_data_ptr<acc_t>(), tile);
+              in.mean.const_data_ptr<acc_t>(), mean_dz, centered ? mean_dz + in.layout.C : nullptr, source.alpha,
+              tile);
         });
       });
     });
   });
   return grad_input;
+}
+
+// The training dx's per-channel terms, [2, C]: mean_dz = sum(dz) / m and proj = invstd^2 * sum(dz*(x-mean)) / m.
+Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Tensor& sum_dz_xmu) {
+  return AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+    const scalar_t inv_m = scalar_t(1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel())));
+    const scalar_t* dz = sum_dz.const_data_ptr<scalar_t>();
+    const scalar_t* dz_xmu = sum_dz_xmu.const_data_ptr<scalar_t>();
+    const scalar_t* istd = in.invstd.const_data_ptr<scalar_t>();
+    return channel_rows<scalar_t, 2>(in.layout.C, in.x.options().dtype(in.acc), [&](int64_t c, const auto& row) {
+      row[0][c] = dz[c] * inv_m;
+      row[1][c] = istd[c] * istd[c] * dz_xmu[c] * inv_m;
+    });
+  });
 }
 
 // Gradients of y = (x - mean) * invstd * w + b, with a = w * invstd and dz the gradient reaching y
@@ -324,27 +383,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
-  const auto [a, beta] = backward_coefficients(in);
+  // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
+  const bool dx_is_scaled_dy = !training && in.mask == ReluMask::kNone && !want_grad_residual;
+  const Tensor coefficients = backward_coefficients(in, !dx_is_scaled_dy);
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
-  const auto [sum_dz, sum_dz_xmu] =
-      need_sums ? channel_grad_sums(in, a, beta) : std::make_tuple(Tensor(), Tensor());
-  Tensor grad_input;
+  const auto [sum_dz, sum_dz_xmu] = need_sums ? channel_grad_sums(in, coefficients) : std::make_tuple(Tensor(), Tensor());
+  Tensor grad_input, grad_weight;
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  if (!training && in.mask == ReluMask::kNone && !want_grad_residual) {
-    // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
-    if (output_mask[0]) {
-      const Tensor zeros = at::zeros({C}, acc_options);
-      grad_input = normalize(in.dy, in.layout, zeros, a, zeros, std::nullopt, false, in.x);
-    }
+  if (dx_is_scaled_dy) {
+    if (output_mask[0]) grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, false, in.x);
   } else if (output_mask[0] || want_grad_residual) {
-    const double inv_m = 1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel()));
-    grad_input = training ? dx_pass(in, a, beta, sum_dz * inv_m, in.invstd * in.invstd * sum_dz_xmu * inv_m,
-                                    grad_residual)
-                          : dx_pass(in, a, beta, Tensor(), Tensor(), grad_residual);
+    // Without dx asked for, only grad_residual = dz is: no centering needed.
+    const bool centered = training && output_mask[0];
+    grad_input = dx_pass(in, coefficients, centered ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor(), grad_residual);
+  }
+  if (output_mask[1]) {  // sum(dz * (x - mean)) * invstd
+    grad_weight = at::empty({C}, acc_options);
+    AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+      const scalar_t* sum = sum_dz_xmu.const_data_ptr<scalar_t>();
+      const scalar_t* istd = in.invstd.const_data_ptr<scalar_t>();
+      scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) gw[c] = sum[c] * istd[c];
+    });
   }
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
-  return {output_mask[0] ? grad_input : Tensor(),
-          output_mask[1] ? (sum_dz_xmu * in.invstd).to(param_dtype) : Tensor(),
+  return {output_mask[0] ? grad_input : Tensor(), output_mask[1] ? grad_weight.to(param_dtype) : Tensor(),
           output_mask[2] ? sum_dz.to(param_dtype) : Tensor(), grad_residual};
 }
 
@@ -353,8 +416,7 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
                                      const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
                                      const OptTensor& output, bool relu) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
-  const auto [a, beta] = backward_coefficients(in);
-  return channel_grad_sums(in, a, beta);
+  return channel_grad_sums(in, backward_coefficients(in));
 }
 
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
@@ -363,9 +425,9 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           bool relu, bool want_grad_residual) {
   check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
-  const auto [a, beta] = backward_coefficients(in);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  Tensor grad_input = dx_pass(in, a, beta, as_acc(mean_dz, in.acc), as_acc(proj, in.acc), grad_residual);
+  const Tensor centering = at::stack({mean_dz.to(in.acc), proj.to(in.acc)}).contiguous();
+  Tensor grad_input = dx_pass(in, backward_coefficients(in), centering, grad_residual);
   return {grad_input, grad_residual};
 }
 
