@@ -20,16 +20,20 @@ class _FusedForward:
             output = output if residual is None else output + residual
             return torch.relu(output) if relu else output
         self._check_input_dim(input)
-        tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracks and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
+        # Each attribute read once: a module's buffers and parameters are found by nn.Module.__getattr__, a
+        # Python call each, which at small sizes costs as much as the kernel.
+        training, track_running_stats, momentum = self.training, self.track_running_stats, self.momentum
+        running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        tracks = training and track_running_stats and num_batches_tracked is not None
+        factor = 0.0 if momentum is None else momentum
+        if tracks and momentum is None:  # cumulative moving average
+            factor = 1.0 / float(num_batches_tracked + 1)
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        use_running = not training or track_running_stats
         output = _apply(
             input,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
+            running_mean if use_running else None,
+            running_var if use_running else None,
             self.weight,
             self.bias,
             use_batch_stats,
@@ -40,7 +44,7 @@ class _FusedForward:
         )
         # Counted only once the batch was accepted, so a rejected input leaves the module untouched.
         if tracks:
-            self.num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)
         return output
 
 
