@@ -237,6 +237,23 @@ def test_resnet_losses_agree(capsys, fuse):
     assert ("fused 9 BatchNorm+ReLU and 8 BatchNorm+Add+ReLU" in out) == fuse
 
 
+def test_whole_model_rows(tmp_path, capsys):
+    """benchmarks/models.py: a row per thread count and task with the three variants' times, and the
+    JSON rewritten as rows land (eager only: compiling a network takes minutes on this CPU)."""
+    pytest.importorskip("torchvision")
+    import models
+
+    out = tmp_path / "models.json"
+    assert models.main(["--models", "resnet18", "--inputs", "2x32", "--threads", "1", "--compile", "eager",
+                        "--min-run-time", "0.01", "--rounds", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["task"], r["threads"], r["mode"]) for r in rows] == [("train", 1, "eager"), ("infer", 1, "eager")]
+    assert all(r[f"{v}_s"] > 0 for r in rows for v in models.VARIANTS)
+    assert "fuse_model fused 9 BatchNorm+ReLU and 8 BatchNorm+Add+ReLU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        models.parse_args(["--inputs", "8by224"])
+
+
 def test_readme_table_is_rendered_from_the_results():
     """The README's benchmark table is what report.py renders from the committed results files:
     `python benchmarks/report.py --readme README.md` refreshes it."""
