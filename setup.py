@@ -1,10 +1,15 @@
-"""Builds fusedbn._C: the CPU kernels always; the CUDA kernels when torch has CUDA and nvcc is found.
+"""Builds fusedbn._C (the ops' schemas and meta kernels; the CUDA kernels when torch has CUDA and nvcc is
+found) and the CPU kernels, fusedbn._cpu_<build>.
 
 FUSEDBN_CUDA=auto (default) | 1 (require CUDA, fail without it) | 0 (CPU only).
 FUSEDBN_SIMT=1 also builds fusedbn._simt, the test-only library that runs the CUDA kernel source on the
 CPU under the SIMT emulator (csrc/simt); `make test` sets it.
-FUSEDBN_CPU_ARCH=native (or any -march value) tunes the CPU kernels for one machine (the Makefile's local
-build does); unset, the build is portable (baseline x86-64 / aarch64 instructions).
+FUSEDBN_CPU_ARCH=native (or any -march value) builds the CPU kernels once, fusedbn._cpu_native, tuned for
+one machine (the Makefile's local build does). Unset, the build is portable: on x86-64 one build per
+instruction set torch dispatches its own CPU kernels on (_cpu_default: baseline x86-64; _cpu_avx2;
+_cpu_avx512, with torch's flags for each), fusedbn/ops.py loading the best the CPU runs, as torch chooses
+(torch.backends.cpu.get_cpu_capability(); ATEN_CPU_CAPABILITY=default|avx2|avx512 overrides it); elsewhere
+one baseline build. A _cpu_native left in an in-place tree is preferred: `make clean` removes it.
 The CPU kernels' at::parallel_for uses torch's parallel backend: with OpenMP (torch's Linux wheels), it is
 inlined into our code and runs in parallel only if compiled with -fopenmp, which every build path here
 adds (it then shares the OpenMP runtime torch loaded, so torch.set_num_threads applies).
@@ -12,6 +17,7 @@ TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 an
 """
 import glob
 import os
+import platform
 import sys
 
 from setuptools import setup
@@ -57,12 +63,34 @@ def openmp_flags():
     return ["-fopenmp"]
 
 
-def extension():
-    cxx_flags = ["-O3"] + openmp_flags()
+# The flags torch compiles its own AVX2 and AVX-512 kernels with (cmake/Codegen.cmake).
+X86_BUILDS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def cpu_builds():
+    """{build name: its extra compiler flags} of the CPU kernels."""
     if os.environ.get("FUSEDBN_CPU_ARCH"):
-        cxx_flags.append(f"-march={os.environ['FUSEDBN_CPU_ARCH']}")
-    link_flags = openmp_flags()
-    cpp_sources = ["csrc/fusedbn.cpp"] + sources("csrc/cpu/*.cpp")
+        return {"native": [f"-march={os.environ['FUSEDBN_CPU_ARCH']}"]}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return X86_BUILDS
+    return {"default": []}
+
+
+def cpu_extensions():
+    return [cpp_extension.CppExtension(f"fusedbn._cpu_{name}", sources("csrc/cpu/*.cpp"),
+                                       extra_compile_args={"cxx": ["-O3"] + openmp_flags() + flags},
+                                       extra_link_args=openmp_flags())
+            for name, flags in cpu_builds().items()]
+
+
+def extension():
+    cxx_flags = ["-O3"]
+    link_flags = []
+    cpp_sources = ["csrc/fusedbn.cpp"]
     if not want_cuda():
         return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                                           extra_link_args=link_flags)
@@ -85,6 +113,6 @@ def simt_extension():
 
 
 setup(
-    ext_modules=[extension()] + ([simt_extension()] if os.environ.get("FUSEDBN_SIMT") == "1" else []),
+    ext_modules=[extension()] + cpu_extensions() + ([simt_extension()] if os.environ.get("FUSEDBN_SIMT") == "1" else []),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
