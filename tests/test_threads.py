@@ -1,5 +1,11 @@
 """The CPU kernels run on as many threads as torch has (the build uses torch's parallel backend: setup.py),
-and give bit-identical results whatever that number (the work is split by the shape alone)."""
+and give bit-identical results whatever that number (the work is split by the shape alone); the build of
+them loaded is the best for the CPU."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -34,3 +40,17 @@ def test_results_do_not_depend_on_the_thread_count(torch_threads, memory_format)
         results.append((y, mean, invstd, *fusedbn.ops.backward(dy, x, w, mean, invstd, True, [True] * 3)[:3]))
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+def test_cpu_kernels_loaded_are_the_best_build_for_this_cpu():
+    """fusedbn/ops.py loads the CPU kernels built for this machine where there is such a build (make's),
+    else the best of the instruction-set builds (setup.py) that torch's CPU-capability choice allows: in a
+    fresh process with ATEN_CPU_CAPABILITY=default, the baseline build."""
+    builds = {path.name.split(".")[0][len("_cpu_"):] for path in Path(fusedbn.__file__).parent.glob("_cpu_*.so")}
+    preference = {"AVX512": ["avx512", "avx2"], "AVX2": ["avx2"]}.get(torch.backends.cpu.get_cpu_capability(), [])
+    expected = next(b for b in ["native"] + preference + ["default"] if b in builds)
+    assert fusedbn.ops.cpu_build == expected
+    probe = "import fusedbn; print(fusedbn.ops.cpu_build)"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    loaded = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split()[-1] == ("native" if "native" in builds else "default")
