@@ -23,9 +23,10 @@ def _saved_for_relu_mask(bias, output, residual, relu):
     return bias, None
 
 
-def _backward(ctx, grad_output, mean, invstd, training):
-    """The fused backward, itself differentiable (fusedbn/backward.py) for gradients of gradients."""
-    input, weight, bias, output = ctx.saved_tensors[:4]
+def _backward(ctx, saved, grad_output, mean, invstd, training):
+    """The fused backward, itself differentiable (fusedbn/backward.py) for gradients of gradients. `saved`:
+    ctx.saved_tensors, read once by the caller (each read unpacks every saved tensor)."""
+    input, weight, bias, output = saved[:4]
     mask = list(ctx.needs_input_grad[:3])
     return batch_norm_backward(
         grad_output, input, weight, bias, output, mean, invstd, training, ctx.relu, mask, ctx.needs_residual_grad)
@@ -60,8 +61,8 @@ class _BatchNormTraining(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
-        mean, invstd = ctx.saved_tensors[4:]
-        grads = _backward(ctx, grad_output, mean, invstd, True)
+        saved = ctx.saved_tensors
+        grads = _backward(ctx, saved, grad_output, *saved[4:], True)
         return *grads[:3], None, None, None, None, grads[3], None
 
     @staticmethod
@@ -99,8 +100,8 @@ class _BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, running_mean, running_var = ctx.saved_tensors[0], *ctx.saved_tensors[4:]
-        grads = _backward(ctx, grad_output, *_running_statistics(ctx, input, running_mean, running_var), False)
+        saved = ctx.saved_tensors
+        grads = _backward(ctx, saved, grad_output, *_running_statistics(ctx, saved[0], *saved[4:]), False)
         return *grads[:3], None, None, None, grads[3], None
 
     @staticmethod
