@@ -134,19 +134,14 @@ WelfordPartial<double> channel_moments_in_double(const scalar_t* x, const Channe
 
 // Per-channel Welford moments of x in `layout`: f(c, total) for each c, total a WelfordPartial of the
 // accumulation type, or of double where that came out non-finite (channel_moments_in_double). All
-// partials of a channel are about one shift (its first value, channel_shift) and the parts merge
+// partials of a channel are about one shift (channel_shifts) and the parts merge
 // pairwise, in an order fixed by the shape.
 template <typename scalar_t, typename F>
 void for_each_channel_moments(const Tensor& x, const ChannelLayout& layout, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = layout.C, parts = num_parts(layout);
   const scalar_t* data = x.const_data_ptr<scalar_t>();
-  std::vector<acc_t> shifts(C, acc_t(0));
-  if (layout.count_per_channel() > 0) {
-    for (int64_t c = 0; c < C; ++c) {
-      shifts[c] = channel_shift(static_cast<acc_t>(data[layout.channels_last ? c : c * layout.S]));
-    }
-  }
+  const std::vector<acc_t> shifts = channel_shifts<scalar_t, acc_t>(data, layout);
   // Every tile of part p covers the same rows, so the part's count is the same for all its channels.
   PartMoments<acc_t> partials(parts, C);
   for (int64_t p = 0; p < parts; ++p) {

@@ -6,8 +6,8 @@
 // most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of one run), and the blocks'
 // results, the chunks' and the parts' are merged pairwise, so rounding error grows like
 // kMaxBlockRows + log2(count), in both layouts alike. Welford partials are all about one shift per
-// channel (channel_shift, welford.h) and stay about it until the channel's total, so a mean of 1e4 next
-// to a spread of 1 loses nothing to the merges.
+// channel (channel_shifts, near the channel's mean) and stay about it until the channel's total, so a mean
+// of 1e4 next to a spread of 1 loses nothing to the merges.
 #pragma once
 
 #include <algorithm>
@@ -19,8 +19,8 @@
 
 namespace fusedbn::cpu {
 
-// Values per block of rows of a tile (a block is read twice by tile_welford, so it must stay in L1/L2
-// between the reads), within [kMinBlockRows, kMaxBlockRows] rows: enough rows that the per-column merge
+// Values per block of rows of a tile (a block is read twice by block_moments_two_pass, so it must stay in
+// L1/L2 between the reads), within [kMinBlockRows, kMaxBlockRows] rows: enough rows that the per-column merge
 // after each block stays a small fraction of the work when C is large, few enough that each column's
 // sequential sum stays short. The gradient sums take blocks of kMinBlockRows rows.
 constexpr int64_t kBlockValues = 4096;
@@ -172,12 +172,114 @@ struct PartMoments {
   }
 };
 
+// Rows averaged for the channels-last shifts.
+constexpr int64_t kShiftSamples = 16;
+
+// The shift every partial of a channel is taken about (see the top of this file). Channels-last: the mean of
+// the channel's values in the first kShiftSamples rows, near the channel's mean so that
+// block_moments_one_pass rarely needs a second pass. Channels-first (two-pass blocks, where any shift of
+// the order of the values serves), and where that mean is not finite: channel_shift of the channel's first
+// value (welford.h).
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> channel_shifts(const scalar_t* x, const ChannelLayout& layout) {
+  const int64_t C = layout.C;
+  std::vector<acc_t> shifts(C, acc_t(0));
+  if (layout.count_per_channel() == 0) return shifts;
+  const auto first_value = [&](int64_t c) {
+    return channel_shift(static_cast<acc_t>(x[layout.channels_last ? c : c * layout.S]));
+  };
+  if (!layout.channels_last) {
+    for (int64_t c = 0; c < C; ++c) shifts[c] = first_value(c);
+    return shifts;
+  }
+  const int64_t samples = std::min(kShiftSamples, layout.rows());
+  for (int64_t k = 0; k < samples; ++k) {
+    for (int64_t c = 0; c < C; ++c) shifts[c] += static_cast<acc_t>(x[k * C + c]);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    shifts[c] /= static_cast<acc_t>(samples);
+    if (!std::isfinite(shifts[c])) shifts[c] = first_value(c);
+  }
+  return shifts;
+}
+
+// Per column j < W of rows[r * ld + j], r < n (n >= 1): the mean about shift[j] and M2, added into mean[j]
+// and m2[j] (zeros), by two passes (the second re-reads the block from cache).
+template <typename scalar_t, typename acc_t>
+void block_moments_two_pass(const scalar_t* __restrict__ rows, int64_t ld, int64_t n, int64_t W,
+                            const acc_t* __restrict__ shift, acc_t* __restrict__ mean, acc_t* __restrict__ m2) {
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* __restrict__ row = rows + r * ld;
+    for (int64_t j = 0; j < W; ++j) mean[j] += static_cast<acc_t>(row[j]) - shift[j];
+  }
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  for (int64_t j = 0; j < W; ++j) mean[j] *= inv_n;
+  for (int64_t r = 0; r < n; ++r) {
+    const scalar_t* __restrict__ row = rows + r * ld;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d = (static_cast<acc_t>(row[j]) - shift[j]) - mean[j];
+      m2[j] += d * d;
+    }
+  }
+}
+
+// A column's one-pass M2 = s2 - s1^2/n (s1, s2 the sums of the shifted values and of their squares) is
+// trusted while s2 <= kOnePassRatio * M2: its rounding error is then within kOnePassRatio of the two-pass
+// sum's. With the shifts near the channels' means (channel_shifts) and at least kMinBlockRows values a
+// column, about one column in a hundred fails; those are recomputed by two passes.
+constexpr int kOnePassRatio = 2;
+
+// What block_moments_two_pass computes, in one pass over the block but for the columns whose M2 is not
+// trusted; sum_sq is scratch for W values.
+template <typename scalar_t, typename acc_t>
+void block_moments_one_pass(const scalar_t* __restrict__ rows, int64_t ld, int64_t n, int64_t W,
+                            const acc_t* __restrict__ shift, acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                            acc_t* __restrict__ sum_sq) {
+  // mean holds the sum s1 until the division.
+  std::fill(sum_sq, sum_sq + W, acc_t(0));
+  // Four rows per sweep, so each column's two sums are loaded and stored once per four values.
+  int64_t r = 0;
+  for (; r + 4 <= n; r += 4) {
+    const scalar_t* __restrict__ row = rows + r * ld;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d0 = static_cast<acc_t>(row[j]) - shift[j], d1 = static_cast<acc_t>(row[ld + j]) - shift[j];
+      const acc_t d2 = static_cast<acc_t>(row[2 * ld + j]) - shift[j];
+      const acc_t d3 = static_cast<acc_t>(row[3 * ld + j]) - shift[j];
+      mean[j] += (d0 + d1) + (d2 + d3);
+      sum_sq[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; r < n; ++r) {
+    const scalar_t* __restrict__ row = rows + r * ld;
+    for (int64_t j = 0; j < W; ++j) {
+      const acc_t d = static_cast<acc_t>(row[j]) - shift[j];
+      mean[j] += d;
+      sum_sq[j] += d * d;
+    }
+  }
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  const auto trusted = [&](int64_t j) { return sum_sq[j] <= acc_t(kOnePassRatio) * m2[j]; };  // false for NaN
+  int failed = 0;
+  for (int64_t j = 0; j < W; ++j) {
+    const acc_t s1 = mean[j];
+    mean[j] = s1 * inv_n;
+    m2[j] = sum_sq[j] - s1 * mean[j];
+    failed |= !trusted(j);
+  }
+  for (int64_t j = 0; failed && j < W; ++j) {
+    if (trusted(j)) continue;
+    mean[j] = m2[j] = 0;
+    block_moments_two_pass(rows + j, ld, n, 1, shift + j, mean + j, m2 + j);
+  }
+}
+
 // Welford statistics of one tile about the per-channel shifts, into its part's slots of `parts` (the caller
 // sets the parts' counts), without a division per value.
 // Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
-// chunk, and the chunks merge pairwise. Otherwise: for each block of rows, per-column block mean and M2
-// about it (two passes over the cached block), the blocks merged pairwise; channels-first tiles then fold
-// each channel's S columns into the channel.
+// chunk, and the chunks merge pairwise. Otherwise: for each block of rows, per-column block mean and M2,
+// in one pass where each column is a channel (channels-last, blocks of at least kMinBlockRows rows), else
+// in two; the blocks merged pairwise; channels-first tiles then fold each channel's S columns into the
+// channel (their columns hold only N values each, too few for the one-pass test to pass often).
 template <typename scalar_t, typename acc_t, int kMultiChannel>
 void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile,
                   PartMoments<acc_t>& parts) {
@@ -204,29 +306,24 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   const int64_t block_rows = block_rows_for(W);
   const int64_t blocks = (tile.rows + block_rows - 1) / block_rows;
   // Per block: its row count, and per column its mean and M2 (row b of the two [blocks, W] buffers).
-  std::vector<int64_t> counts(blocks);
-  std::vector<acc_t> shift_buf(W), means_buf(blocks * W, acc_t(0)), m2s_buf(blocks * W, acc_t(0));
-  acc_t* __restrict__ column_shift = shift_buf.data();
   const int64_t span = tile.columns_per_channel;
-  for (int64_t k = 0; k < W / span; ++k) std::fill(column_shift + k * span, column_shift + (k + 1) * span, shift[k]);
+  std::vector<int64_t> counts(blocks);
+  // Column j's shift: the channel's own where each column is a channel, else copies over its columns.
+  std::vector<acc_t> shift_buf(span == 1 ? 0 : W), sum_sq(span == 1 ? W : 0), means_buf(blocks * W),
+      m2s_buf(blocks * W);
+  for (int64_t k = 0; span > 1 && k < W / span; ++k) {
+    std::fill(shift_buf.begin() + k * span, shift_buf.begin() + (k + 1) * span, shift[k]);
+  }
+  const acc_t* __restrict__ column_shift = span == 1 ? shift : shift_buf.data();
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
     counts[b] = nb;
-    // Restrict-qualified views so the compiler vectorizes the column loops.
-    acc_t* __restrict__ block_mean = means_buf.data() + b * W;
-    acc_t* __restrict__ block_m2 = m2s_buf.data() + b * W;
-    for (int64_t r = r0; r < r0 + nb; ++r) {
-      const scalar_t* row = x + tile.offset + r * tile.ld;
-      for (int64_t j = 0; j < W; ++j) block_mean[j] += static_cast<acc_t>(row[j]) - column_shift[j];
-    }
-    const acc_t inv_nb = acc_t(1) / static_cast<acc_t>(nb);
-    for (int64_t j = 0; j < W; ++j) block_mean[j] *= inv_nb;
-    for (int64_t r = r0; r < r0 + nb; ++r) {
-      const scalar_t* row = x + tile.offset + r * tile.ld;
-      for (int64_t j = 0; j < W; ++j) {
-        const acc_t d = (static_cast<acc_t>(row[j]) - column_shift[j]) - block_mean[j];
-        block_m2[j] += d * d;
-      }
+    const scalar_t* rows = x + tile.offset + r0 * tile.ld;
+    if (span == 1 && nb >= kMinBlockRows) {
+      block_moments_one_pass(rows, tile.ld, nb, W, column_shift, means_buf.data() + b * W, m2s_buf.data() + b * W,
+                             sum_sq.data());
+    } else {
+      block_moments_two_pass(rows, tile.ld, nb, W, column_shift, means_buf.data() + b * W, m2s_buf.data() + b * W);
     }
   }
   merge_moment_blocks(counts.data(), means_buf.data(), m2s_buf.data(), blocks, W);

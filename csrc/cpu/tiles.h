@@ -44,7 +44,7 @@ constexpr int64_t kValuesPerPart = 1 << 16;
 constexpr int64_t kLongRun = 512;
 constexpr int64_t kShortRun = 64;
 // Values per row of a tile of short channels-first runs: a block of its rows stays in cache between the
-// two reads of tile_welford.
+// two reads of block_moments_two_pass.
 constexpr int64_t kGroupRowValues = 2048;
 
 // Whether a reduction tile holds several channels: channels-last (all of them), short channels-first runs.
