@@ -81,7 +81,8 @@ def build_variants(name, fmt):
     """torch's network, its convert_model copy and its fuse_model copy, from the same initial weights."""
     torch.manual_seed(0)
     original = getattr(torchvision.models, name)(weights=None).to(memory_format=fmt)
-    fused, report = fusedbn.fuse_model(original)
+    report = fusedbn.Report()
+    fused = fusedbn.fuse_model(copy.deepcopy(original), report=report)
     return {"torch": original, "convert": fusedbn.convert_model(copy.deepcopy(original)),
             "fuse": fused.to(memory_format=fmt)}, report
 

@@ -65,7 +65,8 @@ def with_fusedbn(model, args):
     """A copy of `model` running fusedbn: converted, or with --fuse fused (printing what it fused)."""
     if not args.fuse:
         return fusedbn.convert_model(copy.deepcopy(model))
-    fused, report = fusedbn.fuse_model(model)
+    report = fusedbn.Report()
+    fused = fusedbn.fuse_model(copy.deepcopy(model), report=report)
     print(f"fuse_model: {report}")
     return fused
 

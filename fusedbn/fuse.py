@@ -1,5 +1,21 @@
-"""``fuse_model``: rewrite ``relu(bn(x))`` and ``relu(bn(x) + r)`` into fused fusedbn modules with torch.fx."""
+"""``fuse_model``: in place, every ``relu(bn(x))`` and ``relu(bn(x) + r)`` a model's code computes becomes one
+fused module call, wherever that provably computes what the model computed, in training and in eval.
+
+How. Each module's own ``forward`` is traced with torch.fx, every submodule call kept as a call (so the graph
+is that forward's code alone), once in training mode and once in eval mode. Where the two graphs are the
+same (the code does not branch on the mode) and hold a pattern, the module gets an instance-level forward
+generated from the rewritten graph, which looks its submodules up on the module at every call; the
+BatchNorm changes class to ``FusedBatchNormReLU*d``. Everything else stays: the model's classes, methods,
+attributes and hooks. A BatchNorm or ReLU module with hooks of its own is not fused (a hook would see other
+values), nor a BatchNorm called from more than one place.
+
+What torch.fx records of other Python is frozen in the rewritten forward: branches on attributes other than
+the mode (``if self.use_res_connect``) follow the values they had at fuse time.
+"""
+import importlib
 import operator
+import types
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -7,30 +23,80 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._fx import module_call_counts, traced_copy
 from .convert import convert_model
-from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d,
+                      FusedBatchNormReLU2d, FusedBatchNormReLU3d)
+from .report import Report
 
 _FUSED_RELU_FOR = {nn.BatchNorm1d: FusedBatchNormReLU1d, nn.BatchNorm2d: FusedBatchNormReLU2d,
-                   nn.BatchNorm3d: FusedBatchNormReLU3d}
+                   nn.BatchNorm3d: FusedBatchNormReLU3d, FusedBatchNorm1d: FusedBatchNormReLU1d,
+                   FusedBatchNorm2d: FusedBatchNormReLU2d, FusedBatchNorm3d: FusedBatchNormReLU3d}
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ADD_FUNCTIONS = {operator.add, torch.add}
 
 
-@dataclass
-class FuseReport:
-    """What ``fuse_model`` did: patterns fused, and BatchNorm layers left unfused (converted to fusedbn)."""
+class RewrittenForward:
+    """A module's forward generated from its rewritten torch.fx graph (``src``, with the names it uses in
+    ``namespace``), called with the module as ``self``. Kept as the module's instance attribute ``forward``;
+    ``revert_model`` deletes it, which restores the class's forward."""
 
-    bn_relu: int = 0
-    bn_add_relu: int = 0
-    converted: int = 0
-    traced: bool = True
+    def __init__(self, owner: nn.Module, src: str, namespace: dict, fused: list) -> None:
+        self.owner, self.src, self.namespace = owner, src, namespace
+        self.fused = fused  # the targets of the BatchNorm modules it calls fused
+        self._compile()
 
-    def __str__(self) -> str:
-        if not self.traced:
-            return f"not traceable by torch.fx: {self.converted} BatchNorm layers converted, none fused"
-        return (f"fused {self.bn_relu} BatchNorm+ReLU and {self.bn_add_relu} BatchNorm+Add+ReLU; "
-                f"{self.converted} BatchNorm layers converted unfused")
+    def _compile(self) -> None:
+        namespace = dict(self.namespace)
+        exec(compile(self.src, f"<fusedbn rewritten {type(self.owner).__name__}.forward>", "exec"), namespace)
+        self.function = namespace["forward"]
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.owner, *args, **kwargs)
+
+    def __getstate__(self):  # modules in the namespace (torch, ...) pickle as their names
+        namespace = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
+                     for k, v in self.namespace.items()}
+        return {"owner": self.owner, "src": self.src, "namespace": namespace, "fused": self.fused}
+
+    def __setstate__(self, state) -> None:
+        state["namespace"] = {k: importlib.import_module(v) if isinstance(v, _ModuleName) else v
+                              for k, v in state["namespace"].items()}
+        self.__dict__.update(state)
+        self._compile()
+
+
+class _ModuleName(str):
+    """A Python module's name, standing for the module in a pickled RewrittenForward."""
+
+
+class _OwnCode(fx.Tracer):
+    """Traces ``owner``'s forward alone: every submodule it calls stays one call."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return m is not self.owner
+
+
+def _trace_in_mode(owner: nn.Module, training: bool) -> Optional[fx.Graph]:
+    """``owner``'s forward as a graph, traced with every module under it in ``training`` mode (their flags
+    restored after), or None where torch.fx cannot trace it or the graph would need constants it adds."""
+    modes = {m: m.training for m in owner.modules()}
+    attributes = set(owner.__dict__)
+    owner.train(training)
+    try:
+        graph = _OwnCode(owner).trace(owner)
+    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors for code it cannot trace
+        graph = None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    added = set(owner.__dict__) - attributes  # tensor constants torch.fx stored on the module for the graph
+    for name in added:
+        delattr(owner, name)
+    return None if added else graph
 
 
 @dataclass
@@ -41,85 +107,109 @@ class _Match:
     residual: Optional[fx.Node] = None
 
 
-def _is_relu(node: fx.Node, modules) -> bool:
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
+
+
+def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
     if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
+        module = owner.get_submodule(node.target)
+        return type(module) is nn.ReLU and not _has_hooks(module) and len(node.args) == 1 and not node.kwargs
     if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS and len(node.args) == 1
-    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1
+        return (node.target in _RELU_FUNCTIONS and len(node.args) <= 2 and set(node.kwargs) <= {"inplace"}
+                and all(isinstance(a, bool) for a in list(node.args[1:]) + list(node.kwargs.values())))
+    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
 
 
 def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
-    """The residual of ``bn + residual`` (either order), or None when ``add`` is not such a plain sum."""
-    if add.op != "call_function" or add.target not in _ADD_FUNCTIONS or len(add.args) != 2 or add.kwargs:
+    """The residual of ``bn + residual`` (either order; ``bn += residual``), or None when ``add`` is not
+    such a plain sum. ``residual += bn`` would change the residual in place: not fused."""
+    if add.op != "call_function" or len(add.args) != 2 or add.kwargs:
         return None
     a, b = add.args
-    other = b if a is bn else a if b is bn else None
+    if add.target is operator.iadd:
+        other = b if a is bn else None
+    else:
+        other = (b if a is bn else a if b is bn else None) if add.target in _ADD_FUNCTIONS else None
     return other if isinstance(other, fx.Node) and other is not bn else None
 
 
-def _find_matches(gm: fx.GraphModule):
-    """Non-overlapping patterns in graph order (of ``bn2 + downsample_bn``, the first operand is fused)."""
+def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
+    """Non-overlapping patterns in graph order: a BatchNorm of ours to fuse (no hooks, called once here and
+    referenced once in the model) whose output feeds only the relu, or only the sum feeding only the relu."""
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     claimed = set()
-    for match in _candidate_matches(gm):
-        nodes = {match.bn, match.relu, match.add} - {None}
-        if claimed.isdisjoint(nodes):
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+            continue
+        bn = owner.get_submodule(node.target)
+        if type(bn) not in _FUSED_RELU_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or _has_hooks(bn):
+            continue
+        user = next(iter(node.users))
+        match = None
+        if _is_relu(user, owner):
+            match = _Match(node, user)
+        else:
+            residual = _other_add_operand(user, node)
+            if residual is not None and len(user.users) == 1 and _is_relu(next(iter(user.users)), owner):
+                match = _Match(node, next(iter(user.users)), user, residual)
+        nodes = {match.bn, match.relu, match.add} - {None} if match is not None else set()
+        if nodes and claimed.isdisjoint(nodes):
             claimed |= nodes
             yield match
 
 
-def _candidate_matches(gm: fx.GraphModule):
-    modules = dict(gm.named_modules())
-    calls = module_call_counts(gm)
-    for node in gm.graph.nodes:
-        # A BatchNorm module called once, with no other user of its output than the pattern.
-        if (node.op != "call_module" or type(modules[node.target]) not in _FUSED_RELU_FOR
-                or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs or len(node.users) != 1):
-            continue
-        user = next(iter(node.users))
-        if _is_relu(user, modules):
-            yield _Match(node, user)
-            continue
-        residual = _other_add_operand(user, node)
-        if residual is not None and len(user.users) == 1 and _is_relu(next(iter(user.users)), modules):
-            yield _Match(node, next(iter(user.users)), user, residual)
-
-
-def fuse_model(model: nn.Module):
-    """Returns ``(fused, report)``: a copy of ``model`` (a ``torch.fx.GraphModule``) in which every
-    ``relu(bn(x))`` and ``relu(bn(x) + r)`` whose BatchNorm output feeds only that pattern is one
-    ``FusedBatchNormReLU*d`` call, and every other ``nn.BatchNorm1d/2d/3d`` is converted by
-    ``convert_model``; ``report`` (a :class:`FuseReport`) counts both. ``model`` itself is not changed.
-
-    A model that torch.fx cannot trace is converted with ``convert_model`` instead, with a warning.
-    """
-    model, gm = traced_copy(model, "fuse_model", "converting its BatchNorm layers without fusing them")
-    if gm is None:
-        converted = sum(type(m) in _FUSED_RELU_FOR for m in model.modules())
-        return convert_model(model), FuseReport(converted=converted, traced=False)
-
-    report = FuseReport()
-    modules = dict(gm.named_modules())
-    replaced = {}  # a fused relu's node -> the fused call that now computes it (a later match's residual)
-    for match in list(_find_matches(gm)):
-        bn = modules[match.bn.target]
+def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
+    """Replaces each match by one call of its BatchNorm (which becomes fused); returns (name, detail) pairs."""
+    fused = []
+    replaced = {}  # a fused relu's node -> the fused call that now computes it (a later match's input)
+    for match in matches:
+        bn = owner.get_submodule(match.bn.target)
         bn.__class__ = _FUSED_RELU_FOR[type(bn)]
         source = replaced.get(match.bn.args[0], match.bn.args[0])
         args = (source,) if match.residual is None else (source, replaced.get(match.residual, match.residual))
-        # The fused call goes where the relu was: after the residual is computed.
-        with gm.graph.inserting_before(match.relu):
-            fused = gm.graph.call_module(match.bn.target, args)
-        match.relu.replace_all_uses_with(fused)
-        replaced[match.relu] = fused
+        with graph.inserting_before(match.relu):  # where the relu was: after the residual is computed
+            call = graph.call_module(match.bn.target, args)
+        match.relu.replace_all_uses_with(call)
+        replaced[match.relu] = call
         for node in (match.relu, match.add, match.bn):
             if node is not None:
-                gm.graph.erase_node(node)
-        if match.residual is None:
-            report.bn_relu += 1
+                graph.erase_node(node)
+        fused.append((match.bn.target, "relu" if match.residual is None else "add+relu"))
+    graph.lint()
+    return fused
+
+
+def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Module:
+    """Fuses, in place, every ``relu(bn(x))`` and ``relu(bn(x) + r)`` of ``model``'s code that provably
+    computes the same in training and eval (see this module's docstring), converts every other
+    ``nn.BatchNorm1d/2d/3d`` with ``convert_model``, and returns ``model``. ``report`` (a
+    :class:`fusedbn.Report`), when given, records each fusion (``("fused", name, "relu" or "add+relu")``),
+    each conversion, and the BatchNorm layers left unfused because their caller's code could not be
+    rewritten. ``fusedbn.revert_model`` undoes it."""
+    report = Report() if report is None else report
+    references = Counter(id(child) for m in model.modules() for child in m._modules.values() if child is not None)
+    names = {id(m): name for name, m in model.named_modules()}
+    for owner in list(model.modules()):
+        if isinstance(owner.__dict__.get("forward"), RewrittenForward) or not any(
+                type(child) in _FUSED_RELU_FOR for child in owner.children()):
+            continue
+        prefix = names[id(owner)] + "." if names[id(owner)] else ""
+        graphs = [_trace_in_mode(owner, training) for training in (True, False)]
+        if any(graph is None for graph in graphs):
+            reason = f"torch.fx cannot trace the forward of {type(owner).__name__}"
+        elif graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+            reason = f"the forward of {type(owner).__name__} differs between training and eval"
         else:
-            report.bn_add_relu += 1
-    report.converted = sum(type(m) in _FUSED_RELU_FOR for m in gm.modules())
-    convert_model(gm)
-    gm.graph.lint()
-    gm.recompile()
-    return gm, report
+            matches = list(_matches(graphs[0], owner, references))
+            if matches:
+                fused = _rewrite(graphs[0], owner, matches)
+                code = graphs[0].python_code("self")
+                owner.forward = RewrittenForward(owner, code.src, code.globals, [target for target, _ in fused])
+                report.done.extend(("fused", prefix + target, detail) for target, detail in fused)
+            continue
+        for name, child in owner.named_children():
+            if type(child) in _FUSED_RELU_FOR:
+                report.skipped.append((prefix + name, f"not fused: {reason}"))
+    convert_model(model, report=report)
+    return model

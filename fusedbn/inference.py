@@ -1,41 +1,22 @@
 """Inference helpers: ``fold_conv_bn`` (eval-mode BatchNorm folded into the preceding Conv/Linear),
 ``FrozenBatchNorm2d`` (statistics and affine frozen, as detection models use it) and ``freeze``."""
-from dataclasses import dataclass, field
-from typing import List
+from typing import Optional
 
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ._fx import module_call_counts, traced_copy
+from .convert import foreign_batch_norm
 from .functional import batch_norm_eval
-from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+from .modules import FusedBatchNorm2d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+from .report import Report
 
 # The BatchNorm a layer folds into, and the dimensionality of the layer's output (batched, channels at dim 1)
 # for which that BatchNorm normalizes exactly the layer's output channels.
 _FOLDABLE = {nn.Linear: (nn.BatchNorm1d, 2), nn.Conv1d: (nn.BatchNorm1d, 3), nn.Conv2d: (nn.BatchNorm2d, 4),
              nn.Conv3d: (nn.BatchNorm3d, 5)}
 _NOT_A_BATCH_NORM = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # a ReLU follows
-
-
-@dataclass
-class FoldReport:
-    """What ``fold_conv_bn`` did: the (layer, BatchNorm) pairs folded, by module name, and the
-    (layer, BatchNorm, reason) pairs left unfolded because folding them was not provably equivalent."""
-
-    folded: List[tuple] = field(default_factory=list)
-    skipped: List[tuple] = field(default_factory=list)
-    traced: bool = True
-
-    def __str__(self) -> str:
-        if not self.traced:
-            return "not traceable by torch.fx: nothing folded"
-        folded = ", ".join(f"{bn} into {layer}" for layer, bn in self.folded)
-        text = f"folded {len(self.folded)} BatchNorm layers" + (f": {folded}" if folded else "")
-        if self.skipped:
-            text += f"; skipped {len(self.skipped)}: " + ", ".join(f"{bn} after {layer} ({reason})"
-                                                                   for layer, bn, reason in self.skipped)
-        return text
 
 
 def _unprovable(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, source: fx.Node, shaped: bool):
@@ -69,8 +50,8 @@ def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     layer.bias = nn.Parameter(bias.to(layer.weight.dtype), requires_grad=layer.weight.requires_grad)
 
 
-def fold_conv_bn(model: nn.Module, example_inputs=None):
-    """Returns ``(folded, report)``: a ``torch.fx`` copy of ``model`` in which every BatchNorm in eval mode
+def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Report] = None) -> nn.Module:
+    """Returns a ``torch.fx`` copy of ``model`` in which every BatchNorm in eval mode
     with running statistics (torch's or fusedbn's) that directly follows a Conv1d/2d/3d or Linear (of
     matching dimensionality, called once, its output used by nothing else) is folded into that layer's
     weight and bias and removed, where that is provably equivalent. Training-mode BatchNorm and shared
@@ -81,17 +62,19 @@ def fold_conv_bn(model: nn.Module, example_inputs=None):
     once in eval mode (no grad, parameters and buffers unchanged) to see the layer's output shape: they fold
     where it is (N, C) for Linear, (N, C, L) for Conv1d, i.e. where BatchNorm1d normalizes the layer's
     output channels (not so for a Linear on (N, L, F) or an unbatched Conv1d). The folded model is then
-    equivalent for inputs of those shapes. Pairs not folded for this are listed in ``report.skipped``.
+    equivalent for inputs of those shapes. ``report`` (a :class:`fusedbn.Report`), when given, records each
+    fold (``("folded", bn, layer)``) and each pair not folded for this, with the reason.
 
     A model torch.fx cannot trace is returned as an unfolded copy, with a warning."""
+    report = Report() if report is None else report
     model, gm = traced_copy(model, "fold_conv_bn", "nothing folded", leaves=(nn.modules.batchnorm._BatchNorm,))
     if gm is None:
-        return model, FoldReport(traced=False)
+        report.skipped.append(("", "torch.fx cannot trace the model: nothing folded"))
+        return model
     if example_inputs is not None:
         _propagate_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
     modules = dict(gm.named_modules())
     calls = module_call_counts(gm)
-    report = FoldReport()
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
             continue
@@ -106,16 +89,16 @@ def fold_conv_bn(model: nn.Module, example_inputs=None):
             continue
         reason = _unprovable(layer, bn, source, example_inputs is not None)
         if reason is not None:
-            report.skipped.append((source.target, node.target, reason))
+            report.skipped.append((node.target, f"not folded into {source.target}: {reason}"))
             continue
         _fold_into(layer, bn)
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-        report.folded.append((source.target, node.target))
+        report.done.append(("folded", node.target, source.target))
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
-    return gm, report
+    return gm
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
@@ -169,13 +152,41 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def freeze(model: nn.Module) -> int:
-    """Replaces every BatchNorm2d of ``model`` (torch's or fusedbn's, not ``model`` itself) by a
-    :class:`FrozenBatchNorm2d` with its statistics and affine parameters, in place; returns how many."""
-    count = 0
-    for parent in model.modules():
+class FrozenBatchNormReLU2d(FrozenBatchNorm2d):
+    """:class:`FrozenBatchNorm2d` then ReLU, after adding an optional residual: what ``freeze`` makes of a
+    ``FusedBatchNormReLU2d``, called as it was."""
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
+                                     or residual.device != input.device):
+            return torch.relu(super().forward(input) + residual)  # broadcast or promoted, as + allows
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                               residual, True)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", relu=True"
+
+
+_FROZEN_FOR = {nn.BatchNorm2d: FrozenBatchNorm2d, FusedBatchNorm2d: FrozenBatchNorm2d,
+               FusedBatchNormReLU2d: FrozenBatchNormReLU2d}
+
+
+def freeze(model: nn.Module, *, report: Optional[Report] = None) -> nn.Module:
+    """Replaces every BatchNorm2d with running statistics under ``model`` (torch's or fusedbn's, not
+    ``model`` itself) by a :class:`FrozenBatchNorm2d` holding its statistics and affine parameters, in
+    place, and returns ``model``; a fused BatchNorm+ReLU becomes a :class:`FrozenBatchNormReLU2d`, relu
+    kept. Subclasses (timm's BatchNormAct2d, ...) are left alone, with a warning where they have a forward
+    of their own. ``report`` (a :class:`fusedbn.Report`), when given, records what was frozen and left."""
+    report = Report() if report is None else report
+    for parent_name, parent in model.named_modules():
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and child.track_running_stats:
-                setattr(parent, name, FrozenBatchNorm2d.from_batch_norm(child))
-                count += 1
-    return count
+            full_name = f"{parent_name}.{name}" if parent_name else name
+            frozen = _FROZEN_FOR.get(type(child))
+            if frozen is not None and child.track_running_stats and child.running_mean is not None:
+                setattr(parent, name, frozen.from_batch_norm(child))
+                report.done.append(("frozen", full_name, frozen.__name__))
+            elif frozen is None:
+                foreign_batch_norm(full_name, child, "freeze", report)
+    return model

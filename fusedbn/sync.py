@@ -23,6 +23,9 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .functional import batch_norm, check_eps
+from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+
+_FUSED_RELU = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 
 # What a rank's rejection is reported as on the other ranks: code 1 + the index of the first type here the
 # exception is an instance of (NotImplementedError is a RuntimeError, so it comes first); 0 is valid.
@@ -291,6 +294,10 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     layer (torch's or fusedbn's, any dimensionality) replaced by a :class:`FusedSyncBatchNorm` holding
     the same parameters and buffers."""
     converted = module
+    if isinstance(module, _FUSED_RELU):
+        raise NotImplementedError(
+            f"fusedbn.convert_sync_batchnorm: {type(module).__name__} adds a relu, which FusedSyncBatchNorm does "
+            "not; call it before fuse_model, or revert_model first")
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, FusedSyncBatchNorm):
         converted = FusedSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                        module.track_running_stats, process_group)

@@ -116,7 +116,7 @@ def test_gradient_penalty(device, fused_relu):
     torch.manual_seed(0)
     critic = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2),
                            nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 1)).to(device).double()
-    ours = fusedbn.fuse_model(copy.deepcopy(critic))[0] if fused_relu else fusedbn.convert_model(copy.deepcopy(critic))
+    ours = fusedbn.fuse_model(copy.deepcopy(critic)) if fused_relu else fusedbn.convert_model(copy.deepcopy(critic))
     x = torch.randn(5, 3, 6, 6, dtype=torch.float64, device=device)
     grads = []
     for model in (critic, ours):

@@ -2,7 +2,7 @@
 gradient (the residual's too) and running statistics, relu's ties at zero, what stays alive for backward,
 and fuse_model on torchvision's ResNets."""
 import copy
-import warnings
+import io
 
 import pytest
 import torch
@@ -193,12 +193,13 @@ def test_module_surface():
 
 @pytest.mark.parametrize("name,counts", [("resnet18", (9, 8, 3)), ("resnet50", (33, 16, 4))])
 def test_fuse_model_on_resnets(name, counts):
-    """Every basic block / bottleneck fused; outputs, gradients and running stats equal the original's
-    (in float64, so any difference is the rewrite's, not rounding's)."""
+    """Every basic block / bottleneck fused, in place; outputs, gradients and running stats equal the
+    original's (in float64, so any difference is the rewrite's, not rounding's)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).double()
-    fused, report = fusedbn.fuse_model(model)
-    assert (report.bn_relu, report.bn_add_relu, report.converted) == counts, str(report)
+    fused, report = copy.deepcopy(model), fusedbn.Report()
+    assert fusedbn.fuse_model(fused, report=report) is fused and type(fused) is type(model)
+    assert (report.count("fused", "relu"), report.count("fused", "add+relu"), report.count("converted")) == counts
     kinds = [type(m) for m in fused.modules()]
     assert kinds.count(fusedbn.FusedBatchNormReLU2d) == counts[0] + counts[1]
     assert kinds.count(fusedbn.FusedBatchNorm2d) == counts[2] and nn.BatchNorm2d not in kinds
@@ -216,26 +217,86 @@ def test_fuse_model_on_resnets(name, counts):
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
 
 
+# torchvision models whose code branches on the mode (stochastic depth, aux heads) or calls relu as a
+# function; input size, and the BatchNorm+ReLU pairs fuse_model fuses (of all BatchNorm layers).
+ZOO = [("efficientnet_b0", 64, 0), ("googlenet", 64, 59), ("densenet121", 64, 120), ("mobilenet_v2", 64, 0)]
+
+
+@pytest.mark.parametrize("name,size,fused_count", ZOO)
+@pytest.mark.parametrize("fuse_in", ["train", "eval"])
+def test_fuse_model_keeps_what_the_model_computes(name, size, fused_count, fuse_in):
+    """Fused in either mode, then run in training, eval and training again (the RNG reseeded, so dropout
+    and stochastic depth draw the same), the model computes what the original does, in float64. It keeps
+    its class; and a second fuse_model changes nothing."""
+    torch.manual_seed(0)
+    extra = {"aux_logits": True, "init_weights": True} if name == "googlenet" else {}
+    model = getattr(torchvision.models, name)(weights=None, **extra).double()
+    fused = copy.deepcopy(model).train(fuse_in == "train")
+    report = fusedbn.Report()
+    fusedbn.fuse_model(fused, report=report)
+    assert report.count("fused") == fused_count and type(fused) is type(model), str(report)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for training in (True, False, True):
+        model.train(training)
+        fused.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        ours = fused(x)
+        assert type(ours) is type(expected)  # googlenet: its namedtuple in training, a tensor in eval
+        for mine, theirs in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours, expected))):
+            torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+    again = fusedbn.Report()
+    fusedbn.fuse_model(fused, report=again)
+    assert again.count("fused") == 0
+
+
 def test_fuse_model_keeps_semantics_where_it_cannot_fuse():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.bn_twice = nn.BatchNorm2d(3)  # its output also feeds the sum below: not fusable
             self.bn_relu = nn.BatchNorm2d(3)
+            self.bn_hooked = nn.BatchNorm2d(3)  # a hook would see relu's output: not fused
 
         def forward(self, x):
             y = self.bn_twice(x)
-            return torch.relu(y) + y + nn.functional.relu(self.bn_relu(x))
+            return torch.relu(y) + y + nn.functional.relu(self.bn_relu(x)) + torch.relu(self.bn_hooked(x))
 
     net = Net()
-    fused, report = fusedbn.fuse_model(net)
-    assert (report.bn_relu, report.bn_add_relu, report.converted) == (1, 0, 1)
-    assert type(net.bn_relu) is nn.BatchNorm2d  # the original is untouched
+    seen = []
+    net.bn_hooked.register_forward_hook(lambda module, args, out: seen.append(out.min().item()))
+    reference = copy.deepcopy(net)
+    report = fusedbn.Report()
+    fusedbn.fuse_model(net, report=report)
+    assert [name for action, name, _ in report.done if action == "fused"] == ["bn_relu"]
+    assert type(net.bn_twice) is fusedbn.FusedBatchNorm2d and type(net.bn_hooked) is fusedbn.FusedBatchNorm2d
     x = torch.randn(2, 3, 4, 4)
-    torch.testing.assert_close(fused(x), net(x))
+    torch.testing.assert_close(net(x), reference(x))
+    assert seen[0] < 0 and seen[1] < 0  # both hooks saw BatchNorm's own output
 
 
-def test_fuse_model_falls_back_when_fx_cannot_trace():
+def test_fuse_model_leaves_mode_dependent_code_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return torch.relu(y) if self.training else y  # a graph traced in one mode is wrong in the other
+
+    net = Net().eval()
+    report = fusedbn.Report()
+    fusedbn.fuse_model(net, report=report)
+    assert report.count("fused") == 0 and "differs between training and eval" in report.skipped[0][1]
+    x = torch.randn(2, 3, 4, 4)
+    assert (net(x) < 0).any()
+    net.train()
+    assert (net(x) >= 0).all()
+
+
+def test_fuse_model_leaves_untraceable_code_alone():
     class Dynamic(nn.Module):
         def __init__(self):
             super().__init__()
@@ -244,9 +305,27 @@ def test_fuse_model_falls_back_when_fx_cannot_trace():
         def forward(self, x):
             return torch.relu(self.bn(x)) if x.sum() > 0 else self.bn(x)  # data-dependent: not traceable
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fused, report = fusedbn.fuse_model(Dynamic())
-    assert any("cannot trace" in str(w.message) for w in caught)
-    assert not report.traced and report.converted == 1
-    assert type(fused.bn) is fusedbn.FusedBatchNorm2d
+    model, report = Dynamic(), fusedbn.Report()
+    fusedbn.fuse_model(model, report=report)
+    assert "cannot trace" in report.skipped[0][1] and report.count("converted") == 1
+    assert type(model.bn) is fusedbn.FusedBatchNorm2d
+
+
+def test_fused_model_pickles_and_reverts():
+    """A fused model survives torch.save/load and deepcopy; revert_model gives back torch's modules and
+    forwards, computing the same."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).double().eval()
+    fused = fusedbn.fuse_model(copy.deepcopy(model))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(fused)):
+        torch.testing.assert_close(other(x), model(x), rtol=1e-9, atol=1e-9)
+    report = fusedbn.Report()
+    assert fusedbn.revert_model(fused, report=report) is fused
+    assert report.count("reverted", "BatchNorm2d") == 20
+    assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in fused.modules())
+    assert not any("forward" in m.__dict__ for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)

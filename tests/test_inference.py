@@ -31,8 +31,9 @@ def test_fold_conv_bn_on_resnets(name, count, dtype):
     itself is done in float64, so a bfloat16 model loses no more than its own rounding)."""
     torch.manual_seed(0)
     model = _randomize_statistics(getattr(torchvision.models, name)(weights=None)).eval().to(dtype)
-    folded, report = fusedbn.fold_conv_bn(model)
-    assert len(report.folded) == count, str(report)
+    report = fusedbn.Report()
+    folded = fusedbn.fold_conv_bn(model, report=report)
+    assert report.count("folded") == count, str(report)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(2, 3, 64, 64, dtype=dtype)
     with torch.no_grad():
@@ -60,8 +61,9 @@ def test_fold_leaves_training_and_shared_layers_alone():
     net = _randomize_statistics(Net()).eval()
     net.bn_train.train()
     x = torch.randn(2, 3, 6, 6)
-    folded, report = fusedbn.fold_conv_bn(net, example_inputs=(x,))
-    assert report.folded == [("linear", "bn1d")]
+    report = fusedbn.Report()
+    folded = fusedbn.fold_conv_bn(net, example_inputs=(x,), report=report)
+    assert _folded(report) == [("linear", "bn1d")]
     # The shape propagation ran in eval mode: the training BatchNorm is still training, its statistics unmoved.
     assert folded.bn_train.training
     torch.testing.assert_close(folded.bn_train.running_mean, net.bn_train.running_mean, rtol=0, atol=0)
@@ -71,12 +73,18 @@ def test_fold_leaves_training_and_shared_layers_alone():
         assert_close(folded(x), net(x), torch.float32)
 
 
+def _folded(report):
+    """The (layer, BatchNorm) pairs ``fold_conv_bn`` folded."""
+    return [(layer, bn) for _, bn, layer in report.done]
+
+
 BATCH_NORM_1D = [pytest.param(nn.BatchNorm1d, id="torch"), pytest.param(fusedbn.FusedBatchNorm1d, id="fusedbn")]
 
 
 def _fold_and_compare(model, x, **kwargs):
     """fold_conv_bn(model, **kwargs), its report, and its output on ``x`` checked against ``model``'s."""
-    folded, report = fusedbn.fold_conv_bn(model, **kwargs)
+    report = fusedbn.Report()
+    folded = fusedbn.fold_conv_bn(model, **kwargs, report=report)
     with torch.no_grad():
         assert_close(folded(x), model(x), torch.float32, str(report))
     return folded, report
@@ -89,9 +97,10 @@ def test_fold_keeps_linear_bn1d_on_3d_input(bn_class):
     model = _randomize_statistics(nn.Sequential(nn.Linear(5, 5), bn_class(5))).eval()
     x = torch.randn(4, 5, 5)
     folded, report = _fold_and_compare(model, x, example_inputs=(x,))
-    assert report.folded == []
-    assert [(layer, bn) for layer, bn, _ in report.skipped] == [("0", "1")]
-    assert "(4, 5, 5)" in report.skipped[0][2] and "skipped 1" in str(report)
+    assert _folded(report) == []
+    assert [bn for bn, _ in report.skipped] == ["1"]
+    assert "not folded into 0" in report.skipped[0][1] and "(4, 5, 5)" in report.skipped[0][1]
+    assert "left alone: 1" in str(report)
     assert isinstance(folded.get_submodule("1"), bn_class)
 
 
@@ -101,7 +110,7 @@ def test_fold_linear_bn1d_on_2d_input(bn_class):
     model = _randomize_statistics(nn.Sequential(nn.Linear(6, 5), bn_class(5), nn.ReLU())).eval()
     x = torch.randn(4, 6)
     folded, report = _fold_and_compare(model, x, example_inputs=x)  # one tensor, not a tuple
-    assert report.folded == [("0", "1")] and report.skipped == []
+    assert _folded(report) == [("0", "1")] and report.skipped == []
     assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
 
 
@@ -112,10 +121,10 @@ def test_fold_conv1d_bn1d_batched_only(bn_class):
     model = _randomize_statistics(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), bn_class(4))).eval()
     batched = torch.randn(2, 3, 7)
     folded, report = _fold_and_compare(model, batched, example_inputs=(batched,))
-    assert report.folded == [("0", "1")] and report.skipped == []
+    assert _folded(report) == [("0", "1")] and report.skipped == []
     unbatched = torch.randn(3, 4)
     folded, report = _fold_and_compare(model, unbatched, example_inputs=(unbatched,))
-    assert report.folded == [] and [(layer, bn) for layer, bn, _ in report.skipped] == [("0", "1")]
+    assert _folded(report) == [] and [bn for bn, _ in report.skipped] == ["1"]
 
 
 @pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
@@ -138,9 +147,9 @@ def test_fold_without_example_inputs_skips_bn1d(bn_class):
     torch.manual_seed(0)
     net = _randomize_statistics(Net()).eval()
     folded, report = _fold_and_compare(net, torch.randn(2, 3, 6, 6))
-    assert report.folded == [("conv2d", "bn2d")]
-    assert [(layer, bn) for layer, bn, _ in report.skipped] == [("conv1d", "bn_conv1d"), ("linear", "bn_linear")]
-    assert all("example_inputs" in reason for _, _, reason in report.skipped)
+    assert _folded(report) == [("conv2d", "bn2d")]
+    assert [bn for bn, _ in report.skipped] == ["bn_conv1d", "bn_linear"]
+    assert all("example_inputs" in reason for _, reason in report.skipped)
     assert "pass example_inputs to fold Linear -> BatchNorm1d" in str(report)
 
 
@@ -149,7 +158,7 @@ def test_fold_leaves_batch_norm_relu_alone():
     torch.manual_seed(0)
     model = _randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 1), fusedbn.FusedBatchNormReLU2d(4))).eval()
     _, report = _fold_and_compare(model, torch.randn(2, 3, 5, 5))
-    assert report.traced and report.folded == [] and report.skipped == []
+    assert report.done == [] and report.skipped == []
 
 
 def test_fold_warns_when_fx_cannot_trace():
@@ -163,8 +172,9 @@ def test_fold_warns_when_fx_cannot_trace():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, report = fusedbn.fold_conv_bn(Dynamic().eval())
-    assert not report.traced and any("cannot trace" in str(w.message) for w in caught)
+        report = fusedbn.Report()
+        fusedbn.fold_conv_bn(Dynamic().eval(), report=report)
+    assert "cannot trace" in report.skipped[0][1] and any("cannot trace" in str(w.message) for w in caught)
 
 
 def test_frozen_batch_norm_loads_a_batch_norm_state_dict(device):
@@ -186,7 +196,9 @@ def test_freeze_converts_in_place():
     torch.manual_seed(0)
     model = _randomize_statistics(torchvision.models.resnet18(weights=None)).eval()
     reference = copy.deepcopy(model)
-    assert fusedbn.freeze(model) == 20
+    report = fusedbn.Report()
+    assert fusedbn.freeze(model, report=report) is model
+    assert report.count("frozen") == 20
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, fusedbn.FrozenBatchNorm2d) for m in model.modules()) == 20
     x = torch.randn(2, 3, 64, 64)
