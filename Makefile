@@ -8,6 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+TIMM_PIN := timm==1.0.26
 
 CUDA_HOME_FILE := $(VENV)/.cuda-home
 CUDA_PIN := nvidia-cuda-nvcc==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.* nvidia-cuda-cccl==13.0.*
@@ -36,7 +37,7 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib scikit-learn
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)

@@ -1,5 +1,7 @@
 """Inference helpers: ``fold_conv_bn`` (eval-mode BatchNorm folded into the preceding Conv/Linear),
-``FrozenBatchNorm2d`` (statistics and affine frozen, as detection models use it) and ``freeze``."""
+``FrozenBatchNorm1d/2d/3d`` (statistics and affine frozen, as detection models use it) and ``freeze``."""
+import operator
+import warnings
 from typing import Optional
 
 import torch
@@ -9,14 +11,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ._fx import module_call_counts, traced_copy
 from .convert import foreign_batch_norm
 from .functional import batch_norm_eval
-from .modules import FusedBatchNorm2d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d,
+                      FusedBatchNormReLU3d)
 from .report import Report
 
 # The BatchNorm a layer folds into, and the dimensionality of the layer's output (batched, channels at dim 1)
 # for which that BatchNorm normalizes exactly the layer's output channels.
 _FOLDABLE = {nn.Linear: (nn.BatchNorm1d, 2), nn.Conv1d: (nn.BatchNorm1d, 3), nn.Conv2d: (nn.BatchNorm2d, 4),
              nn.Conv3d: (nn.BatchNorm3d, 5)}
-_NOT_A_BATCH_NORM = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # a ReLU follows
+_WITH_RELU = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # relu(bn(x) [+ residual])
 
 
 def _unprovable(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, source: fx.Node, shaped: bool):
@@ -76,10 +79,11 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
     modules = dict(gm.named_modules())
     calls = module_call_counts(gm)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        if node.op != "call_module" or not 1 <= len(node.args) <= 2 or not isinstance(node.args[0], fx.Node):
             continue
         bn, source = modules[node.target], node.args[0]
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, _NOT_A_BATCH_NORM)
+        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or node.kwargs
+                or (len(node.args) == 2 and not isinstance(bn, _WITH_RELU))
                 or bn.training or bn.running_mean is None or source.op != "call_module"
                 or len(source.users) != 1 or calls[source.target] != 1 or calls[node.target] != 1):
             continue
@@ -92,7 +96,13 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
             report.skipped.append((node.target, f"not folded into {source.target}: {reason}"))
             continue
         _fold_into(layer, bn)
-        node.replace_all_uses_with(source)
+        replacement = source
+        if isinstance(bn, _WITH_RELU):  # the fused module's relu (and residual) stay, after the folded layer
+            with gm.graph.inserting_before(node):
+                if len(node.args) == 2:
+                    replacement = gm.graph.call_function(operator.add, (source, node.args[1]))
+                replacement = gm.graph.call_function(torch.relu, (replacement,))
+        node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         report.done.append(("folded", node.target, source.target))
     gm.graph.lint()
@@ -114,13 +124,16 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
             m.training = training
 
 
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with frozen statistics and affine parameters (buffers, not parameters), computed by the
-    fusedbn eval kernel; gradients flow to the input only. Loads a ``nn.BatchNorm2d`` state_dict."""
+class _FrozenBatchNorm(nn.Module):
+    """BatchNorm with frozen statistics and affine parameters (buffers, not parameters), computed by the
+    fusedbn eval kernel, then ReLU after adding an optional residual where ``relu``; gradients flow to the
+    inputs only. Loads a ``nn.BatchNorm*d`` state_dict."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None) -> None:
+    _dims: tuple  # the input dimensionalities the torch class takes
+
+    def __init__(self, num_features: int, eps: float = 1e-5, relu: bool = False, device=None, dtype=None) -> None:
         super().__init__()
-        self.num_features, self.eps = num_features, eps
+        self.num_features, self.eps, self.relu = num_features, eps, relu
         options = dict(device=device, dtype=dtype)
         self.register_buffer("weight", torch.ones(num_features, **options))
         self.register_buffer("bias", torch.zeros(num_features, **options))
@@ -128,8 +141,8 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features, **options))
 
     @classmethod
-    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> "FrozenBatchNorm2d":
-        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm, relu: bool = False) -> "_FrozenBatchNorm":
+        frozen = cls(bn.num_features, bn.eps, relu, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
@@ -139,54 +152,68 @@ class FrozenBatchNorm2d(nn.Module):
         return frozen
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm2d state_dict has one
+        state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm state_dict has one
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, input: Tensor) -> Tensor:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps, None,
-                               False)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
-
-
-class FrozenBatchNormReLU2d(FrozenBatchNorm2d):
-    """:class:`FrozenBatchNorm2d` then ReLU, after adding an optional residual: what ``freeze`` makes of a
-    ``FusedBatchNormReLU2d``, called as it was."""
-
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if input.dim() not in self._dims:
+            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self._dims)} input (got {input.dim()}D input)")
+        if residual is not None and not self.relu:
+            raise TypeError(f"{type(self).__name__} takes a residual only with relu=True")
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
-            return torch.relu(super().forward(input) + residual)  # broadcast or promoted, as + allows
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+            frozen = batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                     None, False)
+            return torch.relu(frozen + residual)  # broadcast or promoted, as + allows
         return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                               residual, True)
+                               residual, self.relu)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", relu=True"
+        return f"{self.num_features}, eps={self.eps}" + (", relu=True" if self.relu else "")
 
 
-_FROZEN_FOR = {nn.BatchNorm2d: FrozenBatchNorm2d, FusedBatchNorm2d: FrozenBatchNorm2d,
-               FusedBatchNormReLU2d: FrozenBatchNormReLU2d}
+class FrozenBatchNorm1d(_FrozenBatchNorm):
+    """Frozen :class:`torch.nn.BatchNorm1d` (see ``_FrozenBatchNorm``)."""
+
+    _dims = (2, 3)
+
+
+class FrozenBatchNorm2d(_FrozenBatchNorm):
+    """Frozen :class:`torch.nn.BatchNorm2d`, as detection models use it (see ``_FrozenBatchNorm``)."""
+
+    _dims = (4,)
+
+
+class FrozenBatchNorm3d(_FrozenBatchNorm):
+    """Frozen :class:`torch.nn.BatchNorm3d` (see ``_FrozenBatchNorm``)."""
+
+    _dims = (5,)
+
+
+# What freeze makes of each BatchNorm class: the frozen class, and whether a relu follows.
+_FROZEN_FOR = {nn.BatchNorm1d: (FrozenBatchNorm1d, False), FusedBatchNorm1d: (FrozenBatchNorm1d, False),
+               FusedBatchNormReLU1d: (FrozenBatchNorm1d, True), nn.BatchNorm2d: (FrozenBatchNorm2d, False),
+               FusedBatchNorm2d: (FrozenBatchNorm2d, False), FusedBatchNormReLU2d: (FrozenBatchNorm2d, True),
+               nn.BatchNorm3d: (FrozenBatchNorm3d, False), FusedBatchNorm3d: (FrozenBatchNorm3d, False),
+               FusedBatchNormReLU3d: (FrozenBatchNorm3d, True)}
 
 
 def freeze(model: nn.Module, *, report: Optional[Report] = None) -> nn.Module:
-    """Replaces every BatchNorm2d with running statistics under ``model`` (torch's or fusedbn's, not
-    ``model`` itself) by a :class:`FrozenBatchNorm2d` holding its statistics and affine parameters, in
-    place, and returns ``model``; a fused BatchNorm+ReLU becomes a :class:`FrozenBatchNormReLU2d`, relu
-    kept. Subclasses (timm's BatchNormAct2d, ...) are left alone, with a warning where they have a forward
-    of their own. ``report`` (a :class:`fusedbn.Report`), when given, records what was frozen and left."""
+    """Replaces every BatchNorm1d/2d/3d with running statistics under ``model`` (torch's or fusedbn's, not
+    ``model`` itself) by a ``FrozenBatchNorm1d/2d/3d`` holding its statistics and affine parameters, in
+    place, and returns ``model``; a fused BatchNorm+ReLU keeps its relu (``relu=True``). Any other BatchNorm (timm's BatchNormAct2d or its fusedbn twin, BatchNorm1d/3d, ...) is left
+    alone, with a warning. ``report`` (a :class:`fusedbn.Report`), when given, records what was frozen and left."""
     report = Report() if report is None else report
     for parent_name, parent in model.named_modules():
         for name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{name}" if parent_name else name
-            frozen = _FROZEN_FOR.get(type(child))
+            frozen, relu = _FROZEN_FOR.get(type(child), (None, False))
             if frozen is not None and child.track_running_stats and child.running_mean is not None:
-                setattr(parent, name, frozen.from_batch_norm(child))
-                report.done.append(("frozen", full_name, frozen.__name__))
-            elif frozen is None:
-                foreign_batch_norm(full_name, child, "freeze", report)
+                setattr(parent, name, frozen.from_batch_norm(child, relu))
+                report.done.append(("frozen", full_name, frozen.__name__ + (" + relu" if relu else "")))
+            elif frozen is None and isinstance(child, nn.modules.batchnorm._BatchNorm) and not foreign_batch_norm(
+                    full_name, child, "freeze", report):
+                reason = f"{type(child).__name__} has no frozen twin, its statistics stay as they are"
+                warnings.warn(f"fusedbn.freeze: {full_name} left alone: {reason}", stacklevel=2)
+                report.skipped.append((full_name, reason))
     return model

@@ -4,7 +4,7 @@ from typing import Optional
 
 from torch import nn
 
-from .convert import _TORCH_FOR
+from .convert import original_class
 from .fuse import RewrittenForward
 from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
 from .report import Report
@@ -30,7 +30,7 @@ def revert_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Mod
             unfused |= {id(owner.get_submodule(target)) for target in forward.fused}
             report.done.append(("reverted", names[id(owner)], "forward"))
     for name, module in model.named_modules():
-        torch_class = _TORCH_FOR.get(type(module))
+        torch_class = original_class(type(module))
         if torch_class is None and type(module) in _TORCH_FOR_FUSED_RELU:
             if id(module) not in unfused:
                 report.skipped.append((name, "a FusedBatchNormReLU module not made by fuse_model: no torch "

@@ -153,12 +153,24 @@ def test_fold_without_example_inputs_skips_bn1d(bn_class):
     assert "pass example_inputs to fold Linear -> BatchNorm1d" in str(report)
 
 
-def test_fold_leaves_batch_norm_relu_alone():
-    """A FusedBatchNormReLU2d is a BatchNorm2d followed by a ReLU: removing it would drop the ReLU."""
+def test_fold_keeps_the_relu_of_a_fused_batch_norm():
+    """A FusedBatchNormReLU2d folds into the conv before it and leaves its relu (and residual) behind."""
     torch.manual_seed(0)
-    model = _randomize_statistics(nn.Sequential(nn.Conv2d(3, 4, 1), fusedbn.FusedBatchNormReLU2d(4))).eval()
-    _, report = _fold_and_compare(model, torch.randn(2, 3, 5, 5))
-    assert report.done == [] and report.skipped == []
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 3, 1), fusedbn.FusedBatchNormReLU2d(3)
+            self.conv_add, self.bn_add = nn.Conv2d(3, 3, 1), fusedbn.FusedBatchNormReLU2d(3)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.bn_add(self.conv_add(y), x)
+
+    model = _randomize_statistics(Block()).eval()
+    folded, report = _fold_and_compare(model, torch.randn(2, 3, 5, 5))
+    assert _folded(report) == [("conv", "bn"), ("conv_add", "bn_add")]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
 def test_fold_warns_when_fx_cannot_trace():

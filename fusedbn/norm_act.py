@@ -1,0 +1,23 @@
+"""fusedbn's twin of timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` layers, in one
+``nn.BatchNorm2d`` subclass, as timm's EfficientNets, MobileNetV3, RegNets and CSPNets use it). Imported by
+``convert_model`` only for a model that holds one, so fusedbn does not need timm."""
+from torch import Tensor, nn
+from timm.layers.norm_act import BatchNormAct2d
+
+from .modules import _FusedForward
+
+
+def _plain(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+class FusedBatchNormAct2d(_FusedForward, BatchNormAct2d):
+    """timm's ``BatchNormAct2d`` with fusedbn's BatchNorm: ``act(drop(bn(x)))``; one fused op where ``drop`` is
+    an ``nn.Identity`` and ``act`` an ``nn.ReLU`` (neither with hooks), else the BatchNorm op, then
+    timm's layers as they are."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        drop, act = self.drop, self.act
+        if type(drop) is nn.Identity and type(act) is nn.ReLU and _plain(drop) and _plain(act):
+            return self._fused_forward(x, None, True)
+        return act(drop(self._fused_forward(x, None, False)))

@@ -1,0 +1,86 @@
+"""timm's models, whose BatchNorm layers are timm's BatchNormAct2d (BatchNorm, drop, activation in one
+nn.BatchNorm2d subclass): convert_model and fuse_model against the unconverted model in float64, over SGD
+steps (drop path and dropout on, the RNG reseeded for both) and in eval; freeze and revert_model."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fusedbn
+
+timm = pytest.importorskip("timm")
+from timm.layers.norm_act import BatchNormAct2d  # noqa: E402
+
+# model, the BatchNorm layers fusedbn runs, and how many of them are timm's BatchNormAct2d.
+MODELS = [("efficientnet_b0", 49, 49), ("mobilenetv3_large_100", 46, 46), ("regnety_002", 44, 44),
+          ("resnet18", 20, 0)]
+
+
+def _steps(model, x, steps=2):
+    """Outputs of `steps` SGD steps on mean(output^2), then the eval output; the RNG reseeded per step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    outputs = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        y = model(x)
+        outputs.append(y.detach())
+        y.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    outputs.append(model(x).detach())
+    return outputs
+
+
+@pytest.mark.parametrize("transform", ["convert_model", "fuse_model"])
+@pytest.mark.parametrize("name,batch_norms,norm_acts", MODELS)
+def test_timm_models_compute_what_they_computed(name, batch_norms, norm_acts, transform):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.1, drop_rate=0.1).double()
+    ours = copy.deepcopy(model)
+    report = fusedbn.Report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left alone silently or with a warning here
+        assert getattr(fusedbn, transform)(ours, report=report) is ours
+    kinds = [type(m) for m in ours.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(k.__module__.startswith("fusedbn.") for k in kinds) and len(kinds) == batch_norms, str(report)
+    assert sum(isinstance(m, BatchNormAct2d) for m in ours.modules()) == norm_acts
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for mine, theirs in zip(_steps(ours, x), _steps(model, x)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+    for (pname, p), q in zip(model.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=pname)
+    for (bname, b), c in zip(model.named_buffers(), ours.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
+
+
+def test_norm_act_reverts_and_freeze_leaves_it_alone():
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_large_100", pretrained=False).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"BatchNormAct2d has no frozen twin"):
+        fusedbn.freeze(copy.deepcopy(model))  # timm's class: left alone, loudly, activation kept
+    fusedbn.convert_model(model)
+    report = fusedbn.Report()
+    with pytest.warns(UserWarning, match=r"FusedBatchNormAct2d has no frozen twin"):
+        fusedbn.freeze(model, report=report)
+    assert report.count("frozen") == 0 and len(report.skipped) == 46
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    fusedbn.revert_model(model)
+    assert sum(type(m) is BatchNormAct2d for m in model.modules()) == 46
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unknown_batch_norm_subclass_is_left_alone_with_a_warning():
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(3))
+    report = fusedbn.Report()
+    with pytest.warns(UserWarning, match=r"fusedbn.convert_model: 0 left alone: .*Scaled has a forward of its own"):
+        fusedbn.convert_model(model, report=report)
+    assert type(model[0]) is Scaled and report.skipped[0][0] == "0"
