@@ -5,7 +5,8 @@ How. Each module's own ``forward`` is traced with torch.fx, every submodule call
 is that forward's code alone), once in training mode and once in eval mode. Where the two graphs are the
 same (the code does not branch on the mode) and hold a pattern, the module gets an instance-level forward
 generated from the rewritten graph, which looks its submodules up on the module at every call; the
-BatchNorm changes class to ``FusedBatchNormReLU*d``. Everything else stays: the model's classes, methods,
+BatchNorm changes class to ``FusedBatchNormReLU*d``, and the rewritten code calls it through
+``relu_of_batch_norm``, which still computes the relu if the module has been replaced since. Everything else stays: the model's classes, methods,
 attributes and hooks. A BatchNorm or ReLU module with hooks of its own is not fused (a hook would see other
 values), nor a BatchNorm called from more than one place.
 
@@ -159,8 +160,19 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
             yield match
 
 
+def relu_of_batch_norm(bn: nn.Module, input, residual=None):
+    """``relu(bn(input) [+ residual])``: what a rewritten forward computes where the model's code did, in one
+    call of ``bn`` while it is the fused module fuse_model made it, else (the module replaced since, e.g. by
+    torch's ``SyncBatchNorm.convert_sync_batchnorm``, or reverted) as the model's code computed it."""
+    if getattr(bn, "relu", False) is True:  # FusedBatchNormReLU*d, FrozenBatchNorm*d(relu=True)
+        return bn(input) if residual is None else bn(input, residual)
+    output = bn(input)
+    return torch.relu(output if residual is None else output + residual)
+
+
 def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
-    """Replaces each match by one call of its BatchNorm (which becomes fused); returns (name, detail) pairs."""
+    """Replaces each match by a relu_of_batch_norm call of its BatchNorm, which becomes fused; returns
+    (name, detail) pairs."""
     fused = []
     replaced = {}  # a fused relu's node -> the fused call that now computes it (a later match's input)
     for match in matches:
@@ -169,7 +181,7 @@ def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
         source = replaced.get(match.bn.args[0], match.bn.args[0])
         args = (source,) if match.residual is None else (source, replaced.get(match.residual, match.residual))
         with graph.inserting_before(match.relu):  # where the relu was: after the residual is computed
-            call = graph.call_module(match.bn.target, args)
+            call = graph.call_function(relu_of_batch_norm, (graph.get_attr(match.bn.target), *args))
         match.relu.replace_all_uses_with(call)
         replaced[match.relu] = call
         for node in (match.relu, match.add, match.bn):

@@ -63,6 +63,8 @@ def _check_addable(input: Tensor, residual: Tensor) -> None:
 
 
 class _BatchNormReLU(_FusedForward):
+    relu = True  # computes relu(bn(x) [+ residual]) itself (as FrozenBatchNorm*d(relu=True) does)
+
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """``relu(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
         or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""

@@ -23,9 +23,9 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .functional import batch_norm, check_eps
-from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
-
-_FUSED_RELU = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
+from .fuse import RewrittenForward
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
+from .report import Report
 
 # What a rank's rejection is reported as on the other ranks: code 1 + the index of the first type here the
 # exception is an instance of (NotImplementedError is a RuntimeError, so it comes first); 0 is valid.
@@ -289,15 +289,33 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return output
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, process_group=None, *, report: Optional[Report] = None) -> nn.Module:
     """Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: returns ``module`` with every BatchNorm
     layer (torch's or fusedbn's, any dimensionality) replaced by a :class:`FusedSyncBatchNorm` holding
-    the same parameters and buffers."""
+    the same parameters and buffers; ``report`` (a :class:`fusedbn.Report`), when given, records each.
+    A BatchNorm+ReLU that ``fuse_model`` made converts too (the rewritten forward then applies the relu);
+    a BatchNorm that computes anything else (a ``FusedBatchNormReLU*d`` called directly, timm's
+    ``BatchNormAct2d``, another subclass) raises NotImplementedError, before anything is converted."""
+    report = Report() if report is None else report
+    made_by_fuse = {id(owner.get_submodule(target)) for owner in module.modules()
+                    if isinstance(owner.__dict__.get("forward"), RewrittenForward)
+                    for target in owner.__dict__["forward"].fused}
+    for name, child in module.named_modules():
+        if (isinstance(child, nn.modules.batchnorm._BatchNorm) and type(child) not in _SYNCABLE
+                and not isinstance(child, FusedSyncBatchNorm) and id(child) not in made_by_fuse):
+            raise NotImplementedError(
+                f"fusedbn.convert_sync_batchnorm: {name or 'the model'} is a {type(child).__name__}, which computes "
+                "more than a BatchNorm; FusedSyncBatchNorm would drop the rest (for timm's norm-act layers, convert "
+                "with timm.layers.convert_sync_batchnorm first)")
+    return _convert_sync(module, process_group, "", report)
+
+
+_SYNCABLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, FusedBatchNorm1d, FusedBatchNorm2d,
+             FusedBatchNorm3d)
+
+
+def _convert_sync(module: nn.Module, process_group, name: str, report: Report) -> nn.Module:
     converted = module
-    if isinstance(module, _FUSED_RELU):
-        raise NotImplementedError(
-            f"fusedbn.convert_sync_batchnorm: {type(module).__name__} adds a relu, which FusedSyncBatchNorm does "
-            "not; call it before fuse_model, or revert_model first")
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, FusedSyncBatchNorm):
         converted = FusedSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                        module.track_running_stats, process_group)
@@ -311,6 +329,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         converted.training = module.training
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig
-    for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+        report.done.append(("synced", name, type(module).__name__))
+    for child_name, child in module.named_children():
+        converted.add_module(child_name, _convert_sync(child, process_group, f"{name}.{child_name}" if name else child_name,
+                                                       report))
     return converted
