@@ -219,33 +219,44 @@ def test_fuse_model_on_resnets(name, counts):
 
 # torchvision models whose code branches on the mode (stochastic depth, aux heads) or calls relu as a
 # function; input size, and the BatchNorm+ReLU pairs fuse_model fuses (of all BatchNorm layers).
-ZOO = [("efficientnet_b0", 64, 0), ("googlenet", 64, 59), ("densenet121", 64, 120), ("mobilenet_v2", 64, 0)]
+ZOO = [("efficientnet_b0", 64, 0), ("efficientnet_v2_s", 64, 0), ("googlenet", 64, 59), ("inception_v3", 299, 96),
+       ("densenet121", 64, 120), ("mobilenet_v2", 64, 0), ("mobilenet_v3_large", 64, 11), ("regnet_y_400mf", 64, 33)]
 
 
 @pytest.mark.parametrize("name,size,fused_count", ZOO)
 @pytest.mark.parametrize("fuse_in", ["train", "eval"])
 def test_fuse_model_keeps_what_the_model_computes(name, size, fused_count, fuse_in):
-    """Fused in either mode, then run in training, eval and training again (the RNG reseeded, so dropout
-    and stochastic depth draw the same), the model computes what the original does, in float64. It keeps
-    its class; and a second fuse_model changes nothing."""
+    """Fused in either mode, then run in training (an SGD step), eval and training again (the RNG reseeded,
+    so dropout and stochastic depth draw the same), the model computes what the original does, in float64:
+    outputs, parameters, running statistics. It keeps its class; and a second fuse_model changes nothing."""
     torch.manual_seed(0)
-    extra = {"aux_logits": True, "init_weights": True} if name == "googlenet" else {}
+    extra = {"aux_logits": True, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
     model = getattr(torchvision.models, name)(weights=None, **extra).double()
     fused = copy.deepcopy(model).train(fuse_in == "train")
     report = fusedbn.Report()
     fusedbn.fuse_model(fused, report=report)
     assert report.count("fused") == fused_count and type(fused) is type(model), str(report)
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
-    for training in (True, False, True):
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, fused)]
+    for training in (True, False, True):  # an SGD step in each training pass
         model.train(training)
         fused.train(training)
         torch.manual_seed(1)
         expected = model(x)
         torch.manual_seed(1)
         ours = fused(x)
-        assert type(ours) is type(expected)  # googlenet: its namedtuple in training, a tensor in eval
+        assert type(ours) is type(expected)  # googlenet, inception: a namedtuple in training, a tensor in eval
         for mine, theirs in zip(*(o if isinstance(o, tuple) else (o,) for o in (ours, expected))):
             torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
+        if training:
+            for output, optimizer in zip((expected, ours), optimizers):
+                (output[0] if isinstance(output, tuple) else output).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    for (pname, p), q in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=pname)
+    for (bname, b), c in zip(model.named_buffers(), fused.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
     again = fusedbn.Report()
     fusedbn.fuse_model(fused, report=again)
     assert again.count("fused") == 0
