@@ -10,12 +10,15 @@ BatchNorm changes class to ``FusedBatchNormReLU*d``, and the rewritten code call
 attributes and hooks. A BatchNorm or ReLU module with hooks of its own is not fused (a hook would see other
 values), nor a BatchNorm called from more than one place.
 
-What torch.fx records of other Python is frozen in the rewritten forward: branches on attributes other than
-the mode (``if self.use_res_connect``) follow the values they had at fuse time.
+torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
+self.use_res_connect``) takes the path that attribute chose at fuse time. So the rewritten forward checks the
+module's plain attributes at every call, and should one have changed, it undoes that module's fusion (with a
+warning) and runs the module's own forward.
 """
 import importlib
 import operator
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -32,18 +35,32 @@ from .report import Report
 _FUSED_RELU_FOR = {nn.BatchNorm1d: FusedBatchNormReLU1d, nn.BatchNorm2d: FusedBatchNormReLU2d,
                    nn.BatchNorm3d: FusedBatchNormReLU3d, FusedBatchNorm1d: FusedBatchNormReLU1d,
                    FusedBatchNorm2d: FusedBatchNormReLU2d, FusedBatchNorm3d: FusedBatchNormReLU3d}
+_PLAIN_FOR = {FusedBatchNormReLU1d: FusedBatchNorm1d, FusedBatchNormReLU2d: FusedBatchNorm2d,
+              FusedBatchNormReLU3d: FusedBatchNorm3d}
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
 _ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def _python_state(owner: nn.Module) -> dict:
+    """What torch.fx may have frozen into a traced forward besides the graph: the module's plain Python
+    attributes (flags, sizes; not the mode) and which of its submodule slots are set."""
+    state = {k: v for k, v in owner.__dict__.items()
+             if k != "training" and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+    state["submodules set"] = tuple((name, child is not None) for name, child in owner._modules.items())
+    return state
 
 
 class RewrittenForward:
     """A module's forward generated from its rewritten torch.fx graph (``src``, with the names it uses in
     ``namespace``), called with the module as ``self``. Kept as the module's instance attribute ``forward``;
-    ``revert_model`` deletes it, which restores the class's forward."""
+    ``revert_model`` deletes it, which restores the class's forward. Should one of the module's plain
+    attributes change after fusing (``_python_state``: a branch the trace took may no longer be taken), the
+    fusion of that module is undone with a warning and the class's forward runs from then on."""
 
     def __init__(self, owner: nn.Module, src: str, namespace: dict, fused: list) -> None:
         self.owner, self.src, self.namespace = owner, src, namespace
         self.fused = fused  # the targets of the BatchNorm modules it calls fused
+        self.state = _python_state(owner)
         self._compile()
 
     def _compile(self) -> None:
@@ -52,12 +69,19 @@ class RewrittenForward:
         self.function = namespace["forward"]
 
     def __call__(self, *args, **kwargs):
+        now = _python_state(self.owner)
+        if now != self.state:
+            changed = ", ".join(sorted(k for k in now.keys() | self.state.keys() if now.get(k) != self.state.get(k)))
+            warnings.warn(f"fusedbn.fuse_model: {type(self.owner).__name__} changed since it was fused ({changed}); "
+                          "its fusion is undone and its own forward runs", stacklevel=2)
+            unfuse(self.owner)
+            return type(self.owner).forward(self.owner, *args, **kwargs)  # inside the module's call: no hooks again
         return self.function(self.owner, *args, **kwargs)
 
     def __getstate__(self):  # modules in the namespace (torch, ...) pickle as their names
         namespace = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
                      for k, v in self.namespace.items()}
-        return {"owner": self.owner, "src": self.src, "namespace": namespace, "fused": self.fused}
+        return {"owner": self.owner, "src": self.src, "namespace": namespace, "fused": self.fused, "state": self.state}
 
     def __setstate__(self, state) -> None:
         state["namespace"] = {k: importlib.import_module(v) if isinstance(v, _ModuleName) else v
@@ -158,6 +182,19 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
         if nodes and claimed.isdisjoint(nodes):
             claimed |= nodes
             yield match
+
+
+def unfuse(owner: nn.Module) -> list:
+    """Undoes fuse_model's rewrite of ``owner``: its class's forward back, and each BatchNorm it fused back to
+    the plain fusedbn module (unless replaced since). Returns those BatchNorm modules."""
+    forward = owner.__dict__.pop("forward")
+    modules = []
+    for target in forward.fused:
+        bn = owner.get_submodule(target)
+        if type(bn) in _PLAIN_FOR:
+            bn.__class__ = _PLAIN_FOR[type(bn)]
+            modules.append(bn)
+    return modules
 
 
 def relu_of_batch_norm(bn: nn.Module, input, residual=None):

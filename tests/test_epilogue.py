@@ -340,3 +340,28 @@ def test_fused_model_pickles_and_reverts():
     assert all(type(m).__module__.startswith(("torch.", "torchvision.")) for m in fused.modules())
     assert not any("forward" in m.__dict__ for m in fused.modules())
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_fuse_model_undoes_itself_when_a_traced_branch_changes():
+    """A branch on a plain attribute is frozen by the trace: once the attribute changes, the fusion of that
+    module is undone (with a warning) and its own code runs."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.use_relu = True
+
+        def forward(self, x):
+            y = self.bn(x)
+            return torch.relu(y) if self.use_relu else y
+
+    net = fusedbn.fuse_model(Net())
+    assert type(net.bn) is fusedbn.FusedBatchNormReLU2d
+    x = torch.randn(2, 3, 4, 4)
+    assert (net(x) >= 0).all()
+    net.use_relu = False
+    with pytest.warns(UserWarning, match=r"Net changed since it was fused \(use_relu\); its fusion is undone"):
+        y = net(x)
+    assert (y < 0).any() and type(net.bn) is fusedbn.FusedBatchNorm2d and "forward" not in net.__dict__
+    torch.testing.assert_close(net(x), y)
