@@ -13,7 +13,7 @@ values), nor a BatchNorm called from more than one place.
 torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
 self.use_res_connect``) takes the path that attribute chose at fuse time. So the rewritten forward checks the
 module's plain attributes at every call, and should one have changed, it undoes that module's fusion (with a
-warning) and runs the module's own forward.
+warning) and runs the module's own forward (in eager mode; not while torch.compile traces it).
 """
 import importlib
 import operator
@@ -69,7 +69,8 @@ class RewrittenForward:
         self.function = namespace["forward"]
 
     def __call__(self, *args, **kwargs):
-        now = _python_state(self.owner)
+        # Eager only: dynamo does not trace the comparison (nor a warning) as Python runs it.
+        now = self.state if torch.compiler.is_compiling() else _python_state(self.owner)
         if now != self.state:
             changed = ", ".join(sorted(k for k in now.keys() | self.state.keys() if now.get(k) != self.state.get(k)))
             warnings.warn(f"fusedbn.fuse_model: {type(self.owner).__name__} changed since it was fused ({changed}); "

@@ -155,3 +155,24 @@ def test_export_keeps_our_ops(device, training):
         torch.testing.assert_close(module(x), twin(x), rtol=0, atol=0)
         for (name, a), b in zip(twin.state_dict().items(), module.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_compiled_fuse_model_gives_torchs_results():
+    """torch.compile(fullgraph=True) of a model fuse_model rewrote (instance forwards) traces without a break
+    and computes what the compiled torch model computes, bit for bit: outputs, gradients, eval outputs."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).double()
+    fused = fusedbn.fuse_model(copy.deepcopy(model))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    compiled = [torch.compile(m, backend="aot_eager", fullgraph=True) for m in (model, fused)]
+    theirs, ours = (c(x) for c in compiled)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    theirs.sum().backward()
+    ours.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    model.eval()
+    fused.eval()
+    torch.testing.assert_close(compiled[1](x), compiled[0](x), rtol=0, atol=0)
