@@ -16,6 +16,7 @@ module's plain attributes at every call, and should one have changed, it undoes 
 warning) and runs the module's own forward (in eager mode; not while torch.compile traces it).
 """
 import importlib
+import inspect
 import operator
 import types
 import warnings
@@ -67,6 +68,24 @@ class RewrittenForward:
         namespace = dict(self.namespace)
         exec(compile(self.src, f"<fusedbn rewritten {type(self.owner).__name__}.forward>", "exec"), namespace)
         self.function = namespace["forward"]
+
+    # What a bound method offers, for tools that inspect a module's forward (torch.export reads its code).
+    @property
+    def __func__(self):
+        return self.function
+
+    @property
+    def __self__(self):
+        return self.owner
+
+    @property
+    def __code__(self):
+        return self.function.__code__
+
+    @property
+    def __signature__(self):
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
     def __call__(self, *args, **kwargs):
         # Eager only: dynamo does not trace the comparison (nor a warning) as Python runs it.

@@ -176,3 +176,17 @@ def test_compiled_fuse_model_gives_torchs_results():
     model.eval()
     fused.eval()
     torch.testing.assert_close(compiled[1](x), compiled[0](x), rtol=0, atol=0)
+
+
+def test_export_of_a_fuse_model_model():
+    """torch.export reads a module's forward's code: the rewritten forwards offer a bound method's
+    attributes, so a fused model exports, keeping the fused ops, and the program computes the model's output."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    fused = fusedbn.fuse_model(copy.deepcopy(model))
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(fused, (x,))
+    assert sum("fusedbn" in str(node.target) for node in program.graph.nodes) == 20
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
