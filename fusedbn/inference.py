@@ -20,6 +20,9 @@ from .report import Report
 _FOLDABLE = {nn.Linear: (nn.BatchNorm1d, 2), nn.Conv1d: (nn.BatchNorm1d, 3), nn.Conv2d: (nn.BatchNorm2d, 4),
              nn.Conv3d: (nn.BatchNorm3d, 5)}
 _WITH_RELU = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # relu(bn(x) [+ residual])
+# The BatchNorm classes whose eval forward is BatchNorm (then, for _WITH_RELU, the relu kept after folding).
+_FOLDS_AS_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FusedBatchNorm1d, FusedBatchNorm2d,
+                        FusedBatchNorm3d) + _WITH_RELU
 
 
 def _unprovable(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, source: fx.Node, shaped: bool):
@@ -82,6 +85,10 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
         if node.op != "call_module" or not 1 <= len(node.args) <= 2 or not isinstance(node.args[0], fx.Node):
             continue
         bn, source = modules[node.target], node.args[0]
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and type(bn) not in _FOLDS_AS_BATCH_NORM:
+            if not foreign_batch_norm(node.target, bn, "fold_conv_bn", report):  # e.g. timm's norm-act twin
+                report.skipped.append((node.target, f"{type(bn).__name__} computes more than BatchNorm: not folded"))
+            continue
         if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or node.kwargs
                 or (len(node.args) == 2 and not isinstance(bn, _WITH_RELU))
                 or bn.training or bn.running_mean is None or source.op != "call_module"

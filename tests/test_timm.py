@@ -84,3 +84,18 @@ def test_an_unknown_batch_norm_subclass_is_left_alone_with_a_warning():
     with pytest.warns(UserWarning, match=r"fusedbn.convert_model: 0 left alone: .*Scaled has a forward of its own"):
         fusedbn.convert_model(model, report=report)
     assert type(model[0]) is Scaled and report.skipped[0][0] == "0"
+
+
+def test_fold_conv_bn_leaves_norm_act_layers_alone():
+    """fold_conv_bn would drop a BatchNormAct2d's drop and act layers with the BatchNorm: it folds none of
+    them (timm's class or fusedbn's twin), says so in the report, and the copy computes what the model does."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_large_100", pretrained=False).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for convert in (False, True):
+        if convert:
+            fusedbn.convert_model(model)
+        report = fusedbn.Report()
+        folded = fusedbn.fold_conv_bn(model, report=report)
+        assert report.count("folded") == 0 and len(report.skipped) == 46
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
