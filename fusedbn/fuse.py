@@ -42,11 +42,14 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
 _ADD_FUNCTIONS = {operator.add, torch.add}
 
 
+_MODULE_INTERNALS = set(nn.Module().__dict__)  # training, _is_full_backward_hook, ...: torch's, not the model's
+
+
 def _python_state(owner: nn.Module) -> dict:
     """What torch.fx may have frozen into a traced forward besides the graph: the module's plain Python
     attributes (flags, sizes; not the mode) and which of its submodule slots are set."""
     state = {k: v for k, v in owner.__dict__.items()
-             if k != "training" and isinstance(v, (bool, int, float, str, tuple, type(None)))}
+             if k not in _MODULE_INTERNALS and isinstance(v, (bool, int, float, str, tuple, type(None)))}
     state["submodules set"] = tuple((name, child is not None) for name, child in owner._modules.items())
     return state
 
