@@ -1,4 +1,4 @@
-"""What the torch.fx model rewrites (fuse_model, fold_conv_bn) share."""
+"""What the torch.fx model rewrites (fold_conv_bn; fuse_model for module_call_counts) share."""
 import copy
 import warnings
 from collections import Counter
@@ -32,6 +32,6 @@ def traced_copy(model: nn.Module, caller: str, instead: str, leaves: tuple = ())
         return model, None
 
 
-def module_call_counts(gm: fx.GraphModule) -> Counter:
+def module_call_counts(graph: fx.Graph) -> Counter:
     """How many times the graph calls each submodule (a module called twice is shared: not rewritable)."""
-    return Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    return Counter(node.target for node in graph.nodes if node.op == "call_module")

@@ -6,9 +6,9 @@ is that forward's code alone), once in training mode and once in eval mode. Wher
 same (the code does not branch on the mode) and hold a pattern, the module gets an instance-level forward
 generated from the rewritten graph, which looks its submodules up on the module at every call; the
 BatchNorm changes class to ``FusedBatchNormReLU*d``, and the rewritten code calls it through
-``relu_of_batch_norm``, which still computes the relu if the module has been replaced since. Everything else stays: the model's classes, methods,
-attributes and hooks. A BatchNorm or ReLU module with hooks of its own is not fused (a hook would see other
-values), nor a BatchNorm called from more than one place.
+``relu_of_batch_norm``, which still computes the relu if the module has been replaced since. Everything else
+stays: the model's classes, methods, attributes and hooks. A BatchNorm or ReLU module with hooks of its own
+is not fused (a hook would see other values), nor a BatchNorm called from more than one place.
 
 torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
 self.use_res_connect``) takes the path that attribute chose at fuse time. So the rewritten forward checks the
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._fx import module_call_counts
 from .convert import convert_model
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d,
                       FusedBatchNormReLU2d, FusedBatchNormReLU3d)
@@ -156,7 +157,9 @@ class _Match:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None))
+    """Forward or backward hooks of its own: fused, the module's output (and its gradient) would change."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
@@ -185,7 +188,7 @@ def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
 def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
     """Non-overlapping patterns in graph order: a BatchNorm of ours to fuse (no hooks, called once here and
     referenced once in the model) whose output feeds only the relu, or only the sum feeding only the relu."""
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    calls = module_call_counts(graph)
     claimed = set()
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
@@ -207,17 +210,14 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
             yield match
 
 
-def unfuse(owner: nn.Module) -> list:
+def unfuse(owner: nn.Module) -> None:
     """Undoes fuse_model's rewrite of ``owner``: its class's forward back, and each BatchNorm it fused back to
-    the plain fusedbn module (unless replaced since). Returns those BatchNorm modules."""
+    the plain fusedbn module (unless replaced since)."""
     forward = owner.__dict__.pop("forward")
-    modules = []
     for target in forward.fused:
         bn = owner.get_submodule(target)
         if type(bn) in _PLAIN_FOR:
             bn.__class__ = _PLAIN_FOR[type(bn)]
-            modules.append(bn)
-    return modules
 
 
 def relu_of_batch_norm(bn: nn.Module, input, residual=None):

@@ -80,7 +80,7 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
     if example_inputs is not None:
         _propagate_shapes(gm, (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs))
     modules = dict(gm.named_modules())
-    calls = module_call_counts(gm)
+    calls = module_call_counts(gm.graph)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not 1 <= len(node.args) <= 2 or not isinstance(node.args[0], fx.Node):
             continue

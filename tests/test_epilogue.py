@@ -287,6 +287,18 @@ def test_fuse_model_keeps_semantics_where_it_cannot_fuse():
     assert seen[0] < 0 and seen[1] < 0  # both hooks saw BatchNorm's own output
 
 
+def test_fuse_model_leaves_a_batch_norm_with_a_backward_hook_alone():
+    """Fused, the BatchNorm's grad_output would be relu's input gradient, not its own."""
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    grads = []
+    model[0].register_full_backward_hook(lambda module, grad_input, grad_output: grads.append(grad_output[0]))
+    fusedbn.fuse_model(model)
+    assert type(model[0]) is fusedbn.FusedBatchNorm2d
+    x = torch.randn(2, 3, 4, 4)
+    model(x).sum().backward()
+    assert (grads[0] == 0).any() and ((grads[0] == 0) | (grads[0] == 1)).all()  # relu's mask reached the hook
+
+
 def test_fuse_model_leaves_mode_dependent_code_alone():
     class Net(nn.Module):
         def __init__(self):

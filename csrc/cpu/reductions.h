@@ -229,8 +229,8 @@ void block_moments_two_pass(const scalar_t* __restrict__ rows, int64_t ld, int64
 // column, about one column in a hundred fails; those are recomputed by two passes.
 constexpr int kOnePassRatio = 2;
 
-// What block_moments_two_pass computes, in one pass over the block but for the columns whose M2 is not
-// trusted; sum_sq is scratch for W values.
+// What block_moments_two_pass computes (mean and m2 zeros on entry), in one pass over the block but for the
+// columns whose M2 is not trusted; sum_sq is scratch for W values.
 template <typename scalar_t, typename acc_t>
 void block_moments_one_pass(const scalar_t* __restrict__ rows, int64_t ld, int64_t n, int64_t W,
                             const acc_t* __restrict__ shift, acc_t* __restrict__ mean, acc_t* __restrict__ m2,
