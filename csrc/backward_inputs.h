@@ -15,26 +15,35 @@ namespace fusedbn {
 struct BackwardInputs {
   at::Tensor x;     // input, in one of the two layout views
   at::Tensor dy;    // grad_output, in the same view as x (whatever its own memory format)
-  at::Tensor out;   // the forward's output in the same view, when relu's mask is read from it
+  at::Tensor out;       // the forward's output in the same view, when ReLU's mask is read from it
+  at::Tensor residual;  // the forward's residual in the same view, when z is recomputed with it
   at::Tensor mean;  // per-channel statistics in the accumulation dtype, contiguous
   at::Tensor invstd;
   std::optional<at::Tensor> weight, bias;  // as (C,) vectors (flat_channels)
   ChannelLayout layout;
   at::ScalarType acc;
-  ReluMask mask;
+  Epilogue epilogue;
+  GradFrom from;
 };
 
 inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                        const std::optional<at::Tensor>& weight, const at::Tensor& mean,
                                        const at::Tensor& invstd, const std::optional<at::Tensor>& bias,
-                                       const std::optional<at::Tensor>& output, bool relu) {
-  check_backward_args(grad_output, input, weight, mean, invstd, bias, output);
+                                       const std::optional<at::Tensor>& output,
+                                       const std::optional<at::Tensor>& residual, std::string_view activation,
+                                       double activation_param) {
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
   BackwardInputs in;
+  in.epilogue = parse_epilogue(activation, activation_param, output);
   in.x = dense_input(input);
   in.layout = channel_layout(in.x);
   in.dy = to_layout(grad_output, in.layout);
-  in.mask = !relu ? ReluMask::kNone : has(output) ? ReluMask::kFromOutput : ReluMask::kFromInput;
-  if (in.mask == ReluMask::kFromOutput) in.out = to_layout(*output, in.layout);
+  const bool relu = in.epilogue.act == Activation::kRelu;
+  in.from = in.epilogue.act == Activation::kIdentity ? GradFrom::kDy
+            : relu && has(output)                     ? GradFrom::kOutput
+                                                      : GradFrom::kRecompute;
+  if (in.from == GradFrom::kOutput) in.out = to_layout(*output, in.layout);
+  if (in.from == GradFrom::kRecompute && has(residual)) in.residual = to_layout(*residual, in.layout);
   in.acc = at::toOpMathType(input.scalar_type());
   in.mean = mean.to(in.acc).contiguous();
   in.invstd = invstd.to(in.acc).contiguous();

@@ -20,6 +20,9 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string_view>
+
+#include "epilogue.h"
 
 namespace fusedbn {
 
@@ -167,13 +170,26 @@ inline void check_forward_eval_args(const at::Tensor& input, const std::optional
   check_eps(eps, false);
 }
 
+// The ops' (activation, activation_param) arguments; `output`, the backward's, is read only for ReLU.
+inline Epilogue parse_epilogue(std::string_view activation, double param,
+                               const std::optional<at::Tensor>& output = std::nullopt) {
+  Epilogue epilogue{Activation::kIdentity, param};
+  TORCH_CHECK_VALUE(parse_activation(activation, epilogue.act), "fusedbn: unknown activation '", activation,
+                    "'; expected one of identity, relu, relu6, leaky_relu, elu, silu, hardswish, gelu, gelu_tanh");
+  TORCH_CHECK_VALUE(!has(output) || epilogue.act == Activation::kRelu,
+                    "fusedbn: the backward reads the forward's output only for relu, got activation '", activation,
+                    "' (pass the residual instead)");
+  return epilogue;
+}
+
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& mean,
                                 const at::Tensor& invstd, const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& output) {
+                                const std::optional<at::Tensor>& output, const std::optional<at::Tensor>& residual) {
   check_input(input);
   check_like_input(grad_output, "grad_output", input);
   check_optional_like_input(output, "output", input);
+  check_optional_like_input(residual, "residual", input);
   check_affine(weight, bias, input);
   check_channel_param(mean, "mean", input);
   check_channel_param(invstd, "invstd", input);
@@ -182,8 +198,9 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
 inline void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
                                       const std::optional<at::Tensor>& weight, const at::Tensor& mean,
                                       const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& proj,
-                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output) {
-  check_backward_args(grad_output, input, weight, mean, invstd, bias, output);
+                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,
+                                      const std::optional<at::Tensor>& residual) {
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
   check_channel_param(mean_dz, "mean_dz", input);
   check_channel_param(proj, "proj", input);
 }

@@ -1,16 +1,203 @@
 // What may follow BatchNorm inside the fused ops, per value, shared by every backend:
-//   z = bn(x) [+ residual],  out = relu(z) when asked.
-// The backward needs relu's mask. With a residual it comes from the op's output; without one it is
-// recomputed from x and the channel's coefficients exactly as the forward computed the value, so only x
-// stays alive for backward.
+//   z = bn(x) [+ residual],  out = act(z).
+// The activation sees z rounded to the input's dtype, as it sees BatchNorm's output in torch's composition
+// (a no-op for float32 and float64). Each activation's math is written once, as a template over the value
+// type T: the accumulation scalar (CUDA, the SIMT emulator, CPU scalar code) or, on the CPU, a vector of
+// them (csrc/cpu/vec_math.h). Forward and derivative follow torch's own kernels (aten Activation.cpp), so
+// a tie (ReLU at 0, ReLU6 at 0 and 6, Hardswish at -3 and 3) gets torch's one-sided gradient.
+//
+// The backward needs act'(z). It is recomputed from x, the channel's coefficients (and the residual) exactly
+// as the forward computed z, so only x (and the residual) stay alive for backward; ReLU with a residual
+// reads its mask from the output instead (torch's composition keeps that output anyway).
 #pragma once
+
+#include <cmath>
+#include <string_view>
 
 #include "host_device.h"
 
 namespace fusedbn {
 
-// Where the backward finds relu's mask, if there was a relu.
-enum class ReluMask { kNone, kFromOutput, kFromInput };
+enum class Activation : int {
+  kIdentity,
+  kRelu,
+  kRelu6,      // hardtanh(z, 0, 6)
+  kLeakyRelu,  // param: negative_slope
+  kElu,        // param: alpha
+  kSilu,
+  kHardswish,
+  kGelu,       // exact, erf
+  kGeluTanh,   // approximate="tanh"
+};
+
+// The schema's names (schemas.h); false for an unknown one.
+inline bool parse_activation(std::string_view name, Activation& act) {
+  constexpr std::pair<std::string_view, Activation> kNames[] = {
+      {"identity", Activation::kIdentity}, {"relu", Activation::kRelu},       {"relu6", Activation::kRelu6},
+      {"leaky_relu", Activation::kLeakyRelu}, {"elu", Activation::kElu},      {"silu", Activation::kSilu},
+      {"hardswish", Activation::kHardswish}, {"gelu", Activation::kGelu},     {"gelu_tanh", Activation::kGeluTanh}};
+  for (const auto& [n, a] : kNames) {
+    if (n == name) {
+      act = a;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Elementary functions of the value type: scalars here, CPU vectors in csrc/cpu/vec_math.h.
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  using Mask = bool;
+  FUSEDBN_HOST_DEVICE static float exp(float v) { return ::expf(v); }
+  FUSEDBN_HOST_DEVICE static float expm1(float v) { return ::expm1f(v); }
+  FUSEDBN_HOST_DEVICE static float erf(float v) { return ::erff(v); }
+  FUSEDBN_HOST_DEVICE static float tanh(float v) { return ::tanhf(v); }
+  FUSEDBN_HOST_DEVICE static float select(bool m, float a, float b) { return m ? a : b; }
+};
+
+template <>
+struct Math<double> {
+  using Mask = bool;
+  FUSEDBN_HOST_DEVICE static double exp(double v) { return ::exp(v); }
+  FUSEDBN_HOST_DEVICE static double expm1(double v) { return ::expm1(v); }
+  FUSEDBN_HOST_DEVICE static double erf(double v) { return ::erf(v); }
+  FUSEDBN_HOST_DEVICE static double tanh(double v) { return ::tanh(v); }
+  FUSEDBN_HOST_DEVICE static double select(bool m, double a, double b) { return m ? a : b; }
+};
+
+// act(z) and dz = g * act'(z) for one activation; `p` its parameter (negative_slope, alpha), else unused.
+// Comparisons keep NaN flowing as torch does (a NaN z gives a NaN output and passes g through ReLU).
+template <Activation kAct>
+struct ActivationFn;
+
+template <>
+struct ActivationFn<Activation::kIdentity> {
+  static constexpr bool kTranscendental = false;
+  template <typename T>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) { return z; }
+  template <typename T>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T, T) { return g; }
+};
+
+template <>
+struct ActivationFn<Activation::kRelu> {  // torch.relu; threshold_backward: no gradient where z <= 0
+  static constexpr bool kTranscendental = false;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) { return M::select(z < T(0), T(0), z); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) { return M::select(z <= T(0), T(0), g); }
+};
+
+template <>
+struct ActivationFn<Activation::kRelu6> {  // hardtanh(0, 6); hardtanh_backward: none at or beyond the bounds
+  static constexpr bool kTranscendental = false;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) { return M::select(z < T(0), T(0), M::select(z > T(6), T(6), z)); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) {
+    return M::select(z <= T(0), T(0), M::select(z >= T(6), T(0), g));
+  }
+};
+
+template <>
+struct ActivationFn<Activation::kLeakyRelu> {
+  static constexpr bool kTranscendental = false;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T slope) { return M::select(z > T(0), z, z * slope); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T slope) { return M::select(z > T(0), g, g * slope); }
+};
+
+template <>
+struct ActivationFn<Activation::kElu> {  // scale = input_scale = 1
+  static constexpr bool kTranscendental = true;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T alpha) { return M::select(z <= T(0), M::expm1(z) * alpha, z); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T alpha) { return M::select(z <= T(0), g * alpha * M::exp(z), g); }
+};
+
+template <>
+struct ActivationFn<Activation::kSilu> {  // z * sigmoid(z)
+  static constexpr bool kTranscendental = true;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) { return z / (T(1) + M::exp(T(0) - z)); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) {
+    const T s = T(1) / (T(1) + M::exp(T(0) - z));
+    return g * s * (T(1) + z * (T(1) - s));
+  }
+};
+
+template <>
+struct ActivationFn<Activation::kHardswish> {  // z * relu6(z + 3) / 6
+  static constexpr bool kTranscendental = false;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) {
+    return z * ActivationFn<Activation::kRelu6>::forward<T, M>(z + T(3), T(0)) / T(6);
+  }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) {
+    return M::select(z < T(-3), T(0), M::select(z <= T(3), g * (z / T(3) + T(0.5)), g));
+  }
+};
+
+template <>
+struct ActivationFn<Activation::kGelu> {  // z * Phi(z)
+  static constexpr bool kTranscendental = true;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) { return z * T(0.5) * (T(1) + M::erf(z * T(M_SQRT1_2))); }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) {
+    const T cdf = T(0.5) * (T(1) + M::erf(z * T(M_SQRT1_2)));
+    const T pdf = M::exp(T(-0.5) * z * z) * T(M_2_SQRTPI * M_SQRT1_2 * 0.5);
+    return g * (cdf + z * pdf);
+  }
+};
+
+template <>
+struct ActivationFn<Activation::kGeluTanh> {  // 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))
+  static constexpr bool kTranscendental = true;
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T forward(T z, T) {
+    return T(0.5) * z * (T(1) + M::tanh(T(kBeta) * (z + T(kKappa) * z * z * z)));
+  }
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad(T g, T z, T) {
+    const T t = M::tanh(T(kBeta) * (z + T(kKappa) * z * z * z));
+    const T d_inner = (T(1) - t * t) * T(kBeta) * (T(1) + T(3 * kKappa) * z * z);
+    return g * (T(0.5) * (T(1) + t) + T(0.5) * z * d_inner);
+  }
+  static constexpr double kBeta = M_SQRT2 * M_2_SQRTPI * 0.5;
+  static constexpr double kKappa = 0.044715;
+};
+
+// Calls f(std::integral_constant<Activation, act>{}): a run-time activation made a template argument.
+template <typename F>
+FUSEDBN_HOST_DEVICE inline auto with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::kRelu: return f(std::integral_constant<A, A::kRelu>{});
+    case A::kRelu6: return f(std::integral_constant<A, A::kRelu6>{});
+    case A::kLeakyRelu: return f(std::integral_constant<A, A::kLeakyRelu>{});
+    case A::kElu: return f(std::integral_constant<A, A::kElu>{});
+    case A::kSilu: return f(std::integral_constant<A, A::kSilu>{});
+    case A::kHardswish: return f(std::integral_constant<A, A::kHardswish>{});
+    case A::kGelu: return f(std::integral_constant<A, A::kGelu>{});
+    case A::kGeluTanh: return f(std::integral_constant<A, A::kGeluTanh>{});
+    default: return f(std::integral_constant<A, A::kIdentity>{});
+  }
+}
+
+// The activation and its parameter, as the ops take them.
+struct Epilogue {
+  Activation act = Activation::kIdentity;
+  double param = 0;
+};
 
 // bn(x) = (x - mean) * alpha + beta with alpha = weight * invstd, beta = bias: the one expression every
 // pass uses, so a recomputed value equals the forward's bit for bit. Centering before scaling keeps it
@@ -20,29 +207,28 @@ FUSEDBN_HOST_DEVICE inline acc_t normalized(acc_t x, acc_t mean, acc_t alpha, ac
   return (x - mean) * alpha + beta;
 }
 
-// torch.relu: NaN passes through.
-template <typename acc_t>
-FUSEDBN_HOST_DEVICE inline acc_t relu(acc_t z) {
-  return z < acc_t(0) ? acc_t(0) : z;
+// z as the activation sees it: rounded to the input's dtype.
+template <typename scalar_t, typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t as_stored(acc_t z) {
+  return static_cast<acc_t>(static_cast<scalar_t>(z));
 }
 
-// relu's backward as torch's threshold_backward computes it: zero wherever the output is <= 0 (so a tie
-// at exactly zero gets no gradient). `out` is the output in the tensor's dtype.
-template <typename acc_t, typename scalar_t>
-FUSEDBN_HOST_DEVICE inline acc_t relu_grad(acc_t grad, scalar_t out) {
-  return static_cast<acc_t>(out) <= acc_t(0) ? acc_t(0) : grad;
-}
+// Where the backward gets dz, the gradient reaching BatchNorm's output, from dy:
+//   kDy        no activation: dz = dy;
+//   kOutput    ReLU with a residual: dy where the forward's output is > 0 (torch's threshold_backward);
+//   kRecompute act'(z) with z recomputed from x and the channel's coefficients (plus the residual).
+enum class GradFrom { kDy, kOutput, kRecompute };
 
-// dz, the gradient reaching BatchNorm's output, of one value: dy `g` gated by relu's mask when there was
-// a relu, the mask read from the output `out` (kFromOutput) or recomputed from the input `x` with the
-// channel's forward coefficients (kFromInput).
-template <ReluMask kMask, typename scalar_t, typename acc_t>
-FUSEDBN_HOST_DEVICE inline acc_t grad_through_relu(acc_t g, acc_t x, scalar_t out, acc_t mean, acc_t alpha,
-                                                   acc_t beta) {
-  if constexpr (kMask == ReluMask::kFromOutput) {
-    return relu_grad(g, out);
-  } else if constexpr (kMask == ReluMask::kFromInput) {
-    return relu_grad(g, static_cast<scalar_t>(normalized(x, mean, alpha, beta)));
+// dz of one value: dy `g`, input `x`, output `out` (kOutput), residual `r` (kRecompute with one, else 0),
+// the channel's forward coefficients (mean, alpha, beta) and the activation's parameter.
+template <Activation kAct, GradFrom kFrom, typename scalar_t, typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t grad_through_activation(acc_t g, acc_t x, scalar_t out, acc_t r, acc_t mean,
+                                                         acc_t alpha, acc_t beta, acc_t param) {
+  if constexpr (kFrom == GradFrom::kOutput) {
+    return static_cast<acc_t>(out) <= acc_t(0) ? acc_t(0) : g;
+  } else if constexpr (kFrom == GradFrom::kRecompute) {
+    const acc_t z = as_stored<scalar_t>(normalized(x, mean, alpha, beta) + r);
+    return ActivationFn<kAct>::grad(g, z, param);
   } else {
     return g;
   }

@@ -32,24 +32,29 @@ inline Tensor per_channel(const Tensor& input, std::optional<at::ScalarType> dty
 inline std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight,
                                                         const OptTensor& bias, const OptTensor& running_mean,
                                                         const OptTensor& running_var, double, double eps,
-                                                        const OptTensor& residual, bool) {
+                                                        const OptTensor& residual, c10::string_view activation,
+                                                        double activation_param) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
+  parse_epilogue(activation, activation_param);
   return {output_like(input), per_channel(input), per_channel(input)};
 }
 
 inline Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                            const Tensor& running_mean, const Tensor& running_var, double eps,
-                           const OptTensor& residual, bool) {
+                           const OptTensor& residual, c10::string_view activation, double activation_param) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
+  parse_epilogue(activation, activation_param);
   return output_like(input);
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                            const OptTensor& weight, const Tensor& mean,
                                                            const Tensor& invstd, bool, std::array<bool, 3> output_mask,
-                                                           const OptTensor& bias, const OptTensor& output, bool,
-                                                           bool grad_residual) {
-  check_backward_args(grad_output, input, weight, mean, invstd, bias, output);
+                                                           const OptTensor& bias, const OptTensor& output,
+                                                           const OptTensor& residual, c10::string_view activation,
+                                                           double activation_param, bool grad_residual) {
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
+  parse_epilogue(activation, activation_param, output);
   const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   return {output_mask[0] ? output_like(input) : Tensor(), output_mask[1] ? per_channel(input, param_dtype) : Tensor(),
           output_mask[2] ? per_channel(input, param_dtype) : Tensor(), grad_residual ? output_like(input) : Tensor()};
@@ -62,16 +67,21 @@ inline std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 
 inline std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                             const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                            const OptTensor& output, bool) {
-  check_backward_args(grad_output, input, weight, mean, invstd, bias, output);
+                                            const OptTensor& output, const OptTensor& residual,
+                                            c10::string_view activation, double activation_param) {
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
+  parse_epilogue(activation, activation_param, output);
   return {per_channel(input), per_channel(input)};
 }
 
 inline std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input,
                                                  const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
                                                  const Tensor& mean_dz, const Tensor& proj, const OptTensor& bias,
-                                                 const OptTensor& output, bool, bool grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
+                                                 const OptTensor& output, const OptTensor& residual,
+                                                 c10::string_view activation, double activation_param,
+                                                 bool grad_residual) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
+  parse_epilogue(activation, activation_param, output);
   return {output_like(input), grad_residual ? output_like(input) : Tensor()};
 }
 

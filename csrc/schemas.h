@@ -7,40 +7,46 @@
 namespace fusedbn {
 
 inline void define_schemas(torch::Library& m) {
-  // Every forward computes out = relu?(bn(input) [+ residual]): the residual (input's shape) is added
-  // when given, relu applied when `relu`.
+  // Every forward computes out = act(bn(input) [+ residual]): the residual (input's shape) is added when
+  // given, then the activation (epilogue.h): identity, relu, relu6, leaky_relu (activation_param: its
+  // negative_slope), elu (activation_param: alpha), silu, hardswish, gelu, gelu_tanh.
   // Training: Welford statistics, running-stat update (in place, unbiased variance), normalize.
   // Returns (output, mean, invstd), the statistics in float (double for float64 input).
   m.def(
       "forward_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float eps, Tensor? residual=None, bool relu=False) "
+      "Tensor(b!)? running_var, float momentum, float eps, Tensor? residual=None, str activation='identity', "
+      "float activation_param=0.) "
       "-> (Tensor, Tensor, Tensor)");
   // Inference with running statistics: a per-channel affine map.
   m.def(
       "forward_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps, Tensor? residual=None, bool relu=False) -> Tensor");
+      "Tensor running_var, float eps, Tensor? residual=None, str activation='identity', float activation_param=0.) "
+      "-> Tensor");
   // Fused backward: (grad_input, grad_weight, grad_bias, grad_residual); an entry is computed only where
   // output_mask (the first three) or grad_residual asks for it. `training` selects batch statistics
   // (mean, invstd of forward_train) or fixed ones (running_mean and 1/sqrt(running_var + eps)).
-  // With `relu`, grad_output is the gradient of relu's output; relu's mask comes from `output` (the
-  // forward's) when given, else is recomputed from input, the statistics, weight and bias.
+  // With an activation, grad_output is the gradient of its output; its derivative is recomputed from input,
+  // the statistics, weight, bias and the forward's residual, except that relu's mask comes from `output`
+  // (the forward's) when that is given (relu only).
   m.def(
       "backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "bool training, bool[3] output_mask, Tensor? bias=None, Tensor? output=None, bool relu=False, "
-      "bool grad_residual=False) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool training, bool[3] output_mask, Tensor? bias=None, Tensor? output=None, Tensor? residual=None, "
+      "str activation='identity', float activation_param=0., bool grad_residual=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // The pieces of a training step whose statistics span several processes (SyncBatchNorm), all in the
   // statistics' dtype. Per channel: the mean and M2 (sum of squared deviations) of the input's values;
-  // sum(dz) and sum(dz * (x - mean)) of the gradient reaching BatchNorm's output (relu's mask as in
-  // backward); and the elementwise half of the training backward given the global coefficients,
+  // sum(dz) and sum(dz * (x - mean)) of the gradient reaching BatchNorm's output (through the activation
+  // as in backward); and the elementwise half of the training backward given the global coefficients,
   // dx = (dz - mean_dz - (x - mean) * proj) * weight * invstd, returning (grad_input, grad_residual).
   m.def("batch_stats(Tensor input) -> (Tensor, Tensor)");
   m.def(
       "grad_sums(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "Tensor? bias=None, Tensor? output=None, bool relu=False) -> (Tensor, Tensor)");
+      "Tensor? bias=None, Tensor? output=None, Tensor? residual=None, str activation='identity', "
+      "float activation_param=0.) -> (Tensor, Tensor)");
   m.def(
       "backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-      "Tensor mean_dz, Tensor proj, Tensor? bias=None, Tensor? output=None, bool relu=False, "
-      "bool grad_residual=False) -> (Tensor, Tensor)");
+      "Tensor mean_dz, Tensor proj, Tensor? bias=None, Tensor? output=None, Tensor? residual=None, "
+      "str activation='identity', float activation_param=0., bool grad_residual=False) -> (Tensor, Tensor)");
 }
 
 }  // namespace fusedbn

@@ -3,20 +3,21 @@ backward for gradient penalties, Hessian-vector products, meta-learning).
 
 Its forward is the fused ``ops.backward``. Its backward and jvp are BatchNorm's second derivatives,
 written in torch ops (so they are differentiable again, to any order). Per channel, over the m values
-that share it, with x_hat = (x - mean) * invstd, alpha = weight * invstd, g = dy gated by relu's mask:
+that share it, with x_hat = (x - mean) * invstd, alpha = weight * invstd, g = dy * act'(z) (z = bn(x)
+[+ residual]), for the activations whose act' is piecewise constant (identity, ReLU, ReLU6, LeakyReLU):
 
     training: grad_input = alpha * P(g),  P(v) = v - mean(v) - x_hat * mean(x_hat * v)
               d x_hat = invstd * P(dx),   d invstd = -invstd**2 * mean(x_hat * dx)
     eval:     grad_input = alpha * g      (mean and invstd are constants)
     both:     grad_weight = sum(g * x_hat),  grad_bias = sum(g),  grad_residual = g
 
-P is symmetric, which makes the adjoints below short. relu's mask is piecewise constant: it gates g and
-contributes no derivative of its own.
+P is symmetric, which makes the adjoints below short. act' gates g and contributes no derivative of its
+own. (fusedbn/functional.py differentiates the other activations' backward in torch's ops.)
 """
 import torch
 from torch.autograd import forward_ad
 
-from . import ops
+from . import activations, ops
 from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
@@ -45,20 +46,24 @@ class ChannelTerms:
 
 
 class _Terms(ChannelTerms):
-    """ChannelTerms plus what the backward's derivatives need: relu's mask and g, dy gated by it."""
+    """ChannelTerms plus what the backward's derivatives need: act'(z) and g, dy gated by it."""
 
-    def __init__(self, grad_output, input, weight, bias, output, mean, invstd, relu):
+    def __init__(self, grad_output, input, weight, bias, output, residual, mean, invstd, act):
         super().__init__(input, weight, mean, invstd)
-        self.mask = None
-        if relu:  # the mask as the fused kernels take it (csrc/epilogue.h)
-            if output is None:
-                beta = 0 if bias is None else channel_view(bias.to(self.x.dtype), input)
-                output = ((self.x - self.mean) * self.alpha + beta).to(input.dtype)
-            self.mask = output > 0
+        self.slope = None
+        if act[0] == "relu" and output is not None:  # the mask as the fused kernels take it (csrc/epilogue.h)
+            self.slope = (output > 0).to(self.x.dtype)
+        elif act[0] != "identity":
+            z = (self.x - self.mean) * self.alpha
+            if bias is not None:
+                z = z + channel_view(bias.to(self.x.dtype), input)
+            if residual is not None:
+                z = z + residual.to(self.x.dtype)
+            self.slope = activations.derivative(act, z.to(input.dtype).to(self.x.dtype))
         self.g = self.gate(grad_output.to(self.x.dtype))
 
     def gate(self, t):
-        return t if self.mask is None else torch.where(self.mask, t, 0)
+        return t if self.slope is None else torch.where(self.slope == 0, 0, t * self.slope)
 
 
 def _double_backward(terms, training, gg_input, gg_weight, gg_bias, gg_residual, needs):
@@ -121,43 +126,44 @@ class BatchNormBackward(torch.autograd.Function):
     asked for by ``output_mask`` / ``grad_residual`` are None."""
 
     @staticmethod
-    def forward(grad_output, input, weight, bias, output, mean, invstd, training, relu, output_mask,
+    def forward(grad_output, input, weight, bias, output, residual, mean, invstd, training, act, output_mask,
                 grad_residual):
         return tuple(ops.backward(grad_output, input, weight, mean, invstd, training, output_mask, bias, output,
-                                  relu, grad_residual))
+                                  residual, *act, grad_residual))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        grad_output, input, weight, bias, output, mean, invstd, training, relu, _, _ = inputs
-        ctx.save_for_backward(grad_output, input, weight, bias, output, mean, invstd)
-        ctx.save_for_forward(grad_output, input, weight, bias, output, mean, invstd)
-        ctx.training, ctx.relu = training, relu
+        grad_output, input, weight, bias, output, residual, mean, invstd, training, act, _, _ = inputs
+        ctx.save_for_backward(grad_output, input, weight, bias, output, residual, mean, invstd)
+        ctx.save_for_forward(grad_output, input, weight, bias, output, residual, mean, invstd)
+        ctx.training, ctx.act = training, act
         ctx.output_dtypes = [None if o is None else o.dtype for o in outputs]
         ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
         grad_output, input, weight, *rest = ctx.saved_tensors
-        terms = _Terms(grad_output, input, weight, *rest, ctx.relu)
+        terms = _Terms(grad_output, input, weight, *rest, ctx.act)
         upstream = (_to(g, terms.x.dtype) for g in (gg_input, gg_weight, gg_bias, gg_residual))
         d_grad_output, d_input, d_weight = _double_backward(terms, ctx.training, *upstream, ctx.needs_input_grad[:3])
-        # bias and output reach the backward only through relu's mask: zero gradient, as torch's
-        # threshold_backward reports it (zeros, not None, so optimizers treat the bias as torch's do).
-        d_bias, d_output = (torch.zeros_like(t) if needed else None
-                            for t, needed in zip(rest[:2], ctx.needs_input_grad[3:5]))
+        # bias, output and residual reach the backward only through act', piecewise constant: zero gradient,
+        # as torch's threshold_backward reports it (zeros, not None, so optimizers treat the bias as torch's do).
+        d_bias, d_output, d_residual = (torch.zeros_like(t) if needed and t is not None else None
+                                        for t, needed in zip(rest[:3], ctx.needs_input_grad[3:6]))
         return (_to(d_grad_output, grad_output.dtype), _to(d_input, input.dtype),
-                _to(d_weight, None if weight is None else weight.dtype), d_bias, d_output,
+                _to(d_weight, None if weight is None else weight.dtype), d_bias, d_output, d_residual,
                 None, None, None, None, None, None)
 
     @staticmethod
-    def vmap(info, in_dims, grad_output, input, weight, bias, output, mean, invstd, training, relu, output_mask,
-             grad_residual):
+    def vmap(info, in_dims, grad_output, input, weight, bias, output, residual, mean, invstd, training, act,
+             output_mask, grad_residual):
         size = info.batch_size
         to_input = lambda t, i: input_to_channels(t, in_dims[i], size)  # noqa: E731
         to_param = lambda t, i: param_to_channels(t, in_dims[i], size)  # noqa: E731
         grads = batch_norm_backward(
             to_input(grad_output, 0), to_input(input, 1), to_param(weight, 2), to_param(bias, 3),
-            to_input(output, 4), to_param(mean, 5), to_param(invstd, 6), training, relu, output_mask, grad_residual)
+            to_input(output, 4), to_input(residual, 5), to_param(mean, 6), to_param(invstd, 7), training, act,
+            output_mask, grad_residual)
         unbatch = (channels_to_batch, params_to_batch, params_to_batch, channels_to_batch)
         return (tuple(None if g is None else f(g, size) for f, g in zip(unbatch, grads)),
                 tuple(None if g is None else 0 for g in grads))
@@ -165,7 +171,7 @@ class BatchNormBackward(torch.autograd.Function):
 
 def _jvp(ctx, d_grad_output, d_input, d_weight, *_):
     grad_output, input, weight, *rest = ctx.saved_tensors
-    terms = _Terms(grad_output, input, weight, *rest, ctx.relu)
+    terms = _Terms(grad_output, input, weight, *rest, ctx.act)
     tangents = _backward_jvp(terms, ctx.training, *(_to(d, terms.x.dtype) for d in (d_grad_output, d_input, d_weight)))
     return tuple(_to(t, dtype) if dtype is not None else None for t, dtype in zip(tangents, ctx.output_dtypes))
 
@@ -186,7 +192,7 @@ def batch_norm_backward(*args):
     """``BatchNormBackward.apply`` (with its jvp rule when forward-mode AD is active, its classic-style twin
     in plain eager autograd) where something will differentiate the gradients (``create_graph=True``,
     torch.func); else the fused op alone."""
-    if not autograd_needed(*args[:5]):
+    if not autograd_needed(*args[:6]):
         return BatchNormBackward.forward(*args)
     if forward_ad._current_level >= 0:
         return _BatchNormBackwardForwardAD.apply(*args)

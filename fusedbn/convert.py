@@ -14,8 +14,8 @@ _TIMM_NORM_ACT = ("timm.layers.norm_act", "BatchNormAct2d")
 def fused_twin(cls: type) -> Optional[type]:
     """The fusedbn class a module of class ``cls`` becomes (in place: the twins add no state), or None."""
     if (cls.__module__, cls.__qualname__) == _TIMM_NORM_ACT:
-        from .norm_act import FusedBatchNormAct2d
-        return FusedBatchNormAct2d
+        from .norm_act import FusedTimmBatchNormAct2d
+        return FusedTimmBatchNormAct2d
     return _FUSED_FOR.get(cls)
 
 
@@ -52,7 +52,7 @@ def convert_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Mo
 
     The fused classes add no state, so each module changes class in place: its parameters, buffers,
     hooks, ``training`` flag, device and dtype stay exactly as they were, and optimizers holding its
-    parameters keep working. timm's ``BatchNormAct2d`` becomes ``fusedbn.norm_act.FusedBatchNormAct2d``
+    parameters keep working. timm's ``BatchNormAct2d`` becomes ``fusedbn.norm_act.FusedTimmBatchNormAct2d``
     (its drop and act layers kept). Other subclasses of the torch classes (``SyncBatchNorm``, lazy
     modules, timm's sync and frozen variants) are left alone, with a warning where they have a forward of
     their own.

@@ -1,5 +1,6 @@
-"""``batch_norm`` with ``torch.nn.functional.batch_norm``'s signature, ``batch_norm_relu`` (BatchNorm, an
-optional residual added, then ReLU, in one op), and their autograd wiring."""
+"""``batch_norm`` with ``torch.nn.functional.batch_norm``'s signature, ``batch_norm_act`` (BatchNorm, an
+optional residual added, then an activation, in one op; ``batch_norm_relu`` its ReLU case), and their
+autograd wiring. ``act`` below is an activation spec, (name, parameter) (fusedbn/activations.py)."""
 from typing import Optional
 
 import torch
@@ -7,36 +8,67 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from . import ops
+from . import activations, ops
 from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 from .backward import ChannelTerms, batch_norm_backward
 
 
-def _saved_for_relu_mask(bias, output, residual, relu):
-    """What the backward needs for relu's mask: nothing without relu; the output with a residual (the mask
-    cannot be recomputed without it); else the bias, to recompute bn(x) from x and the statistics."""
-    if not relu:
-        return None, None
-    if residual is not None:
-        return None, output
-    return bias, None
+def _saved_for_activation(bias, output, residual, act):
+    """(bias, output, residual): what the backward needs for act'(z), z = bn(x) [+ residual]. Nothing without
+    an activation; for ReLU with a residual its output (its mask; torch's composition keeps it too); else the
+    bias and the residual, to recompute z from x and the statistics."""
+    if act[0] == "identity":
+        return None, None, None
+    if act[0] == "relu" and residual is not None:
+        return None, output, None
+    return bias, None, residual
 
 
 def _backward(ctx, saved, grad_output, mean, invstd, training):
-    """The fused backward, itself differentiable (fusedbn/backward.py) for gradients of gradients. `saved`:
-    ctx.saved_tensors, read once by the caller (each read unpacks every saved tensor)."""
-    input, weight, bias, output = saved[:4]
+    """The fused backward, itself differentiable for gradients of gradients: fusedbn/backward.py where act'
+    is piecewise constant, else (create_graph with SiLU, GELU, ...) the composition in torch's ops, whose
+    second derivatives torch has. `saved`: ctx.saved_tensors, read once by the caller (each read unpacks
+    every saved tensor)."""
+    input, weight, bias, output, residual = saved[:5]
     mask = list(ctx.needs_input_grad[:3])
-    return batch_norm_backward(
-        grad_output, input, weight, bias, output, mean, invstd, training, ctx.relu, mask, ctx.needs_residual_grad)
+    if ctx.act[0] not in activations.PIECEWISE_LINEAR and autograd_needed(grad_output, input, weight, bias, residual):
+        return _backward_in_torch_ops(ctx, saved, grad_output, training, mask)
+    return batch_norm_backward(grad_output, input, weight, bias, output, residual, mean, invstd, training, ctx.act,
+                               mask, ctx.needs_residual_grad)
 
 
-def _tangent_through_epilogue(tangent, output, residual_tangent, relu):
-    """The output's tangent from BatchNorm's: plus the residual's, then relu's mask (from the output)."""
+def _backward_in_torch_ops(ctx, saved, grad_output, training, mask):
+    """The gradients of act(bn(x) [+ residual]) recomputed in torch's ops with a graph (create_graph)."""
+    input, weight, bias, _, residual, stat_a, stat_b = saved
+    wanted = [input, weight, bias, residual]
+    needed = mask + [ctx.needs_residual_grad]
+    with torch.enable_grad():
+        running = (None, None) if training else (stat_a, stat_b)
+        z = F.batch_norm(input, *running, weight, bias, training, 0.0, ctx.eps)
+        output = activations.apply(ctx.act, z if residual is None else z + residual)
+        targets = [t for t, n in zip(wanted, needed) if n]
+        grads = iter(torch.autograd.grad(output, targets, grad_output, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in needed)
+
+
+def _tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, residual_tangent):
+    """The output's tangent from BatchNorm's: plus the residual's, then times act'(z) (ReLU's mask from the
+    output where the backward reads it there, else z recomputed as the fused backward does)."""
     if residual_tangent is not None:
         tangent = tangent + residual_tangent
-    return torch.where(output > 0, tangent, 0) if relu else tangent
+    name = ctx.act[0]
+    if name == "identity":
+        return tangent
+    if name == "relu" and residual is not None:
+        return torch.where(output > 0, tangent, 0)
+    z = terms.alpha * (terms.x - terms.mean)
+    if bias is not None:
+        z = z + channel_view(bias.to(z.dtype), output)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    z = z.to(output.dtype).to(z.dtype)
+    return (tangent.to(z.dtype) * activations.derivative(ctx.act, z)).to(output.dtype)
 
 
 @cached_signature
@@ -45,28 +77,27 @@ class _BatchNormTraining(torch.autograd.Function):
     invstd); the statistics are not differentiable."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
-        return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
+        return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, *act)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        input, weight, bias, _, _, _, _, residual, relu = inputs
+        input, weight, bias, _, _, _, eps, residual, act = inputs
         output, mean, invstd = outputs
-        mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
-        ctx.save_for_backward(input, weight, mask_bias, mask_output, mean, invstd)
-        ctx.save_for_forward(input, weight, output, mean, invstd)
+        ctx.save_for_backward(input, weight, *_saved_for_activation(bias, output, residual, act), mean, invstd)
+        ctx.save_for_forward(input, weight, bias, output, residual, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
-        ctx.relu = relu
+        ctx.act, ctx.eps = act, eps
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[7]
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
         saved = ctx.saved_tensors
-        grads = _backward(ctx, saved, grad_output, *saved[4:], True)
+        grads = _backward(ctx, saved, grad_output, *saved[5:], True)
         return *grads[:3], None, None, None, None, grads[3], None
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
         if running_mean is not None or running_var is not None:
             raise RuntimeError(
                 "fusedbn: vmap over a training-mode batch norm cannot update running_mean and running_var in "
@@ -75,7 +106,7 @@ class _BatchNormTraining(torch.autograd.Function):
         output, mean, invstd = training_function().apply(
             input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
             param_to_channels(bias, in_dims[2], size), None, None, momentum, eps,
-            input_to_channels(residual, in_dims[7], size), relu)
+            input_to_channels(residual, in_dims[7], size), act)
         return (channels_to_batch(output, size), params_to_batch(mean, size),
                 params_to_batch(invstd, size)), (0, 0, 0)
 
@@ -85,37 +116,36 @@ class _BatchNormEval(torch.autograd.Function):
     """Running statistics: a per-channel affine map of the input."""
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, eps, residual, relu):
-        return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+    def forward(input, weight, bias, running_mean, running_var, eps, residual, act):
+        return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, running_mean, running_var, eps, residual, relu = inputs
-        mask_bias, mask_output = _saved_for_relu_mask(bias, output, residual, relu)
-        ctx.save_for_backward(input, weight, mask_bias, mask_output, running_mean, running_var)
-        ctx.save_for_forward(input, weight, output, running_mean, running_var)
-        ctx.eps = eps
-        ctx.relu = relu
+        input, weight, bias, running_mean, running_var, eps, residual, act = inputs
+        ctx.save_for_backward(input, weight, *_saved_for_activation(bias, output, residual, act), running_mean,
+                              running_var)
+        ctx.save_for_forward(input, weight, bias, output, residual, running_mean, running_var)
+        ctx.act, ctx.eps = act, eps
         ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[6]
 
     @staticmethod
     def backward(ctx, grad_output):
         saved = ctx.saved_tensors
-        grads = _backward(ctx, saved, grad_output, *_running_statistics(ctx, saved[0], *saved[4:]), False)
+        grads = _backward(ctx, saved, grad_output, *_running_statistics(ctx, saved[0], *saved[5:]), False)
         return *grads[:3], None, None, None, grads[3], None
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, relu):
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, act):
         size = info.batch_size
         output = eval_function().apply(
             input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
             param_to_channels(bias, in_dims[2], size), param_to_channels(running_mean, in_dims[3], size),
             param_to_channels(running_var, in_dims[4], size), eps, input_to_channels(residual, in_dims[6], size),
-            relu)
+            act)
         return channels_to_batch(output, size), 0
 
 
-def _jvp(ctx, input, weight, output, mean, invstd, training, d_input, d_weight, d_bias, d_residual):
+def _jvp(ctx, input, weight, bias, output, residual, mean, invstd, training, d_input, d_weight, d_bias, d_residual):
     """Forward-mode derivative of y = x_hat * w + b: dy = w * d x_hat + x_hat * dw + db, where
     w * d x_hat = alpha * P(dx) under batch statistics (they move with x; P in fusedbn/backward.py) and
     alpha * dx under running ones (constants), alpha = w * invstd."""
@@ -129,18 +159,19 @@ def _jvp(ctx, input, weight, output, mean, invstd, training, d_input, d_weight, 
         tangent = tangent + t.x_hat * channel_view(d_weight.to(acc), input)
     if d_bias is not None:
         tangent = tangent + channel_view(d_bias.to(acc), input)
-    return _tangent_through_epilogue(tangent.to(input.dtype), output, d_residual, ctx.relu)
+    return _tangent_through_epilogue(ctx, tangent.to(input.dtype), t, bias, output, residual, d_residual)
 
 
-def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_relu):
-    input, weight, output, mean, invstd = ctx.saved_tensors
-    return _jvp(ctx, input, weight, output, mean, invstd, True, d_input, d_weight, d_bias, d_residual), None, None
+def _training_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_act):
+    saved = ctx.saved_tensors
+    return _jvp(ctx, *saved, True, d_input, d_weight, d_bias, d_residual), None, None
 
 
-def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_relu):
-    input, weight, output, running_mean, running_var = ctx.saved_tensors
-    return _jvp(ctx, input, weight, output, *_running_statistics(ctx, input, running_mean, running_var), False,
-                d_input, d_weight, d_bias, d_residual)
+def _eval_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_act):
+    input, weight, bias, output, residual, running_mean, running_var = ctx.saved_tensors
+    return _jvp(ctx, input, weight, bias, output, residual,
+                *_running_statistics(ctx, input, running_mean, running_var), False, d_input, d_weight, d_bias,
+                d_residual)
 
 
 def _running_statistics(ctx, input, running_mean, running_var):
@@ -186,9 +217,9 @@ def check_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
     """(output, mean, invstd), through the autograd.Function only when something will differentiate it."""
-    args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)
+    args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, act)
     if autograd_needed(input, weight, bias, residual):
         return training_function().apply(*args)
     return _BatchNormTraining.forward(*args)
@@ -198,7 +229,7 @@ def _has_tangent(*tensors):
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act):
     """The output with running statistics, through the autograd.Function only when something will
     differentiate it."""
     # torch's rule, checked here: the jvp rule cannot, as autograd hands it zeros for tangent-less inputs.
@@ -206,7 +237,7 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
             and _has_tangent(input, weight, bias, residual)):
         raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
                            "forward grad defined")
-    args = (input, weight, bias, running_mean, running_var, eps, residual, relu)
+    args = (input, weight, bias, running_mean, running_var, eps, residual, act)
     if autograd_needed(input, weight, bias, residual):
         return eval_function().apply(*args)
     return _BatchNormEval.forward(*args)
@@ -228,7 +259,7 @@ def _check_running_stats(running_mean, running_var, training):
                                    "input cannot have requires_grad True.")
 
 
-def _empty_batch(input, weight, bias, residual, relu):
+def _empty_batch(input, weight, bias, residual, act):
     """What torch's batch_norm returns for an input with no values, whatever the parameters' dtypes or
     sizes: the input's copy scaled by weight[0] plus bias[0] (so gradients still flow to them, as zeros),
     running statistics untouched."""
@@ -239,17 +270,17 @@ def _empty_batch(input, weight, bias, residual, relu):
         output = output + bias[0]
     if residual is not None:
         output = output + residual
-    return torch.relu(output) if relu else output
+    return activations.apply(act, output)
 
 
-def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
     """The same computation in torch's own ops, for torch.compile: inductor lowers torch's batch_norm into the
     code it generates and fuses it with the convolution epilogues, activations and adds around it, where a
     custom op is opaque to it (it can fuse nothing into or around one)."""
     output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         output = output + residual
-    return torch.relu(output) if relu else output
+    return activations.apply(act, output)
 
 
 def compiling_to_torch_ops() -> bool:
@@ -259,9 +290,9 @@ def compiling_to_torch_ops() -> bool:
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
-def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu):
+def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
     if compiling_to_torch_ops():
-        return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, relu)
+        return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)
     check_eps(eps, training)
     if input.dim() < 2:
         # torch.nn.functional.batch_norm's exception types: IndexError where it indexes the missing dims (a
@@ -270,7 +301,7 @@ def _apply(input, running_mean, running_var, weight, bias, training, momentum, e
         raise (IndexError if indexes else RuntimeError)(
             f"batch_norm: expected an input of at least 2 dims (N, C, *), got {input.dim()} dims")
     if input.numel() == 0:
-        return _empty_batch(input, weight, bias, residual, relu)
+        return _empty_batch(input, weight, bias, residual, act)
     _check_running_stats(running_mean, running_var, training)
     if input.dtype not in _SUPPORTED_DTYPES:  # the ops raise it too, but FakeTensor tracing would retype it
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_DTYPE_NAMES.get(input.dtype, input.dtype)}\'')
@@ -278,8 +309,8 @@ def _apply(input, running_mean, running_var, weight, bias, training, momentum, e
     weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
     bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
     if training:
-        return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu)[0]
-    return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, relu)
+        return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act)[0]
+    return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act)
 
 
 def batch_norm(
@@ -293,7 +324,7 @@ def batch_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.batch_norm`, computed by the fusedbn kernels."""
-    return _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, None, False)
+    return _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, None, activations.IDENTITY)
 
 
 def batch_norm_relu(
@@ -308,6 +339,31 @@ def batch_norm_relu(
     residual: Optional[Tensor] = None,
 ) -> Tensor:
     """``relu(batch_norm(input, ...) + residual)`` (``residual`` optional, of the input's shape and dtype)
-    in one fused op. For backward it keeps only the input alive without a residual (relu's mask is
-    recomputed from it), and the input and the output with one."""
-    return _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, True)
+    in one fused op: ``batch_norm_act`` with ``activation="relu"``. For backward it keeps only the input
+    alive without a residual (relu's mask is recomputed from it), and the input and the output with one."""
+    return _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activations.RELU)
+
+
+def batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    activation: str = "relu",
+    activation_param: Optional[float] = None,
+) -> Tensor:
+    """``act(batch_norm(input, ...) + residual)`` in one fused op (``residual`` optional, of the input's shape
+    and dtype). ``activation``: ``"identity"``, ``"relu"``, ``"relu6"``, ``"leaky_relu"``
+    (``activation_param``: negative_slope, default 0.01), ``"elu"`` (alpha, default 1.0), ``"silu"``,
+    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (GELU with ``approximate="tanh"``). The activation sees
+    BatchNorm's output rounded to the input's dtype, as in torch's composition. For backward it keeps the
+    input (and the residual, if any) alive and recomputes the pre-activation from them, where torch's
+    composition keeps the input and the pre-activation as well (ReLU with a residual keeps its output
+    instead, as torch's does)."""
+    act = activations.spec(activation, activation_param)
+    return _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)

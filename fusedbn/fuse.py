@@ -1,14 +1,18 @@
-"""``fuse_model``: in place, every ``relu(bn(x))`` and ``relu(bn(x) + r)`` a model's code computes becomes one
-fused module call, wherever that provably computes what the model computed, in training and in eval.
+"""``fuse_model``: in place, every ``act(bn(x))`` and ``act(bn(x) + r)`` a model's code computes becomes one
+fused module call, wherever that provably computes what the model computed, in training and in eval. The
+activations are those of fusedbn/activations.py, as modules (``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``,
+``nn.LeakyReLU``, ``nn.ELU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.GELU``), functions (``F.relu``,
+``torch.relu_``, ``F.silu``, ``F.gelu(approximate=...)``, ..., ``inplace=True`` included) or ``x.relu()``.
 
 How. Each module's own ``forward`` is traced with torch.fx, every submodule call kept as a call (so the graph
 is that forward's code alone), once in training mode and once in eval mode. Where the two graphs are the
 same (the code does not branch on the mode) and hold a pattern, the module gets an instance-level forward
 generated from the rewritten graph, which looks its submodules up on the module at every call; the
-BatchNorm changes class to ``FusedBatchNormReLU*d``, and the rewritten code calls it through
-``relu_of_batch_norm``, which still computes the relu if the module has been replaced since. Everything else
-stays: the model's classes, methods, attributes and hooks. A BatchNorm or ReLU module with hooks of its own
-is not fused (a hook would see other values), nor a BatchNorm called from more than one place.
+BatchNorm changes class to ``FusedBatchNormReLU*d`` (ReLU) or ``FusedBatchNormAct*d`` (the others, the
+activation in its instance attributes), and the rewritten code calls it through ``activation_of_batch_norm``,
+which still computes the activation if the module has been replaced since. Everything else stays: the
+model's classes, methods, attributes and hooks. A BatchNorm or activation module with hooks of its own is
+not fused (a hook would see other values), nor a BatchNorm called from more than one place.
 
 torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
 self.use_res_connect``) takes the path that attribute chose at fuse time. So the rewritten forward checks the
@@ -25,21 +29,25 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
+from . import activations
 from ._fx import module_call_counts
 from .convert import convert_model
-from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d,
-                      FusedBatchNormReLU2d, FusedBatchNormReLU3d)
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d,
+                      FusedBatchNormAct2d, FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d,
+                      FusedBatchNormReLU3d)
 from .report import Report
 
-_FUSED_RELU_FOR = {nn.BatchNorm1d: FusedBatchNormReLU1d, nn.BatchNorm2d: FusedBatchNormReLU2d,
-                   nn.BatchNorm3d: FusedBatchNormReLU3d, FusedBatchNorm1d: FusedBatchNormReLU1d,
-                   FusedBatchNorm2d: FusedBatchNormReLU2d, FusedBatchNorm3d: FusedBatchNormReLU3d}
-_PLAIN_FOR = {FusedBatchNormReLU1d: FusedBatchNorm1d, FusedBatchNormReLU2d: FusedBatchNorm2d,
-              FusedBatchNormReLU3d: FusedBatchNorm3d}
-_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
+# The BatchNorm classes fuse_model fuses -> (the fused class for ReLU, for the other activations); and each
+# fused class -> the plain fusedbn class its fusion is undone to.
+_FUSED_FOR, _PLAIN_FOR = {}, {}
+for _torch, _plain, _relu, _act in (
+        (nn.BatchNorm1d, FusedBatchNorm1d, FusedBatchNormReLU1d, FusedBatchNormAct1d),
+        (nn.BatchNorm2d, FusedBatchNorm2d, FusedBatchNormReLU2d, FusedBatchNormAct2d),
+        (nn.BatchNorm3d, FusedBatchNorm3d, FusedBatchNormReLU3d, FusedBatchNormAct3d)):
+    _FUSED_FOR[_torch] = _FUSED_FOR[_plain] = (_relu, _act)
+    _PLAIN_FOR[_relu] = _PLAIN_FOR[_act] = _plain
 _ADD_FUNCTIONS = {operator.add, torch.add}
 
 
@@ -151,7 +159,8 @@ def _trace_in_mode(owner: nn.Module, training: bool) -> Optional[fx.Graph]:
 @dataclass
 class _Match:
     bn: fx.Node
-    relu: fx.Node
+    act_node: fx.Node
+    act: activations.Spec
     add: Optional[fx.Node] = None
     residual: Optional[fx.Node] = None
 
@@ -162,14 +171,17 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
+def _activation(node: fx.Node, owner: nn.Module) -> Optional[activations.Spec]:
+    """The activation ``node`` applies to its (first) input, or None."""
     if node.op == "call_module":
         module = owner.get_submodule(node.target)
-        return type(module) is nn.ReLU and not _has_hooks(module) and len(node.args) == 1 and not node.kwargs
+        plain_call = len(node.args) == 1 and not node.kwargs and not _has_hooks(module)
+        return activations.of_module(module) if plain_call else None
     if node.op == "call_function":
-        return (node.target in _RELU_FUNCTIONS and len(node.args) <= 2 and set(node.kwargs) <= {"inplace"}
-                and all(isinstance(a, bool) for a in list(node.args[1:]) + list(node.kwargs.values())))
-    return node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+        return activations.of_call(node.target, node.args[1:], node.kwargs)
+    if node.op == "call_method":
+        return activations.of_method(node.target, node.args[1:], node.kwargs)
+    return None
 
 
 def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
@@ -187,24 +199,28 @@ def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
 
 def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
     """Non-overlapping patterns in graph order: a BatchNorm of ours to fuse (no hooks, called once here and
-    referenced once in the model) whose output feeds only the relu, or only the sum feeding only the relu."""
+    referenced once in the model) whose output feeds only the activation, or only the sum feeding only the
+    activation."""
     calls = module_call_counts(graph)
     claimed = set()
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
             continue
         bn = owner.get_submodule(node.target)
-        if type(bn) not in _FUSED_RELU_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or _has_hooks(bn):
+        if type(bn) not in _FUSED_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or _has_hooks(bn):
             continue
         user = next(iter(node.users))
         match = None
-        if _is_relu(user, owner):
-            match = _Match(node, user)
+        act = _activation(user, owner) if user.args[0] is node else None
+        if act is not None:
+            match = _Match(node, user, act)
         else:
             residual = _other_add_operand(user, node)
-            if residual is not None and len(user.users) == 1 and _is_relu(next(iter(user.users)), owner):
-                match = _Match(node, next(iter(user.users)), user, residual)
-        nodes = {match.bn, match.relu, match.add} - {None} if match is not None else set()
+            after = next(iter(user.users)) if residual is not None and len(user.users) == 1 else None
+            act = _activation(after, owner) if after is not None and after.args[0] is user else None
+            if act is not None:
+                match = _Match(node, after, act, user, residual)
+        nodes = {match.bn, match.act_node, match.add} - {None} if match is not None else set()
         if nodes and claimed.isdisjoint(nodes):
             claimed |= nodes
             yield match
@@ -218,45 +234,58 @@ def unfuse(owner: nn.Module) -> None:
         bn = owner.get_submodule(target)
         if type(bn) in _PLAIN_FOR:
             bn.__class__ = _PLAIN_FOR[type(bn)]
+            bn.__dict__.pop("activation", None)
+            bn.__dict__.pop("activation_param", None)
 
 
-def relu_of_batch_norm(bn: nn.Module, input, residual=None):
-    """``relu(bn(input) [+ residual])``: what a rewritten forward computes where the model's code did, in one
-    call of ``bn`` while it is the fused module fuse_model made it, else (the module replaced since, e.g. by
-    torch's ``SyncBatchNorm.convert_sync_batchnorm``, or reverted) as the model's code computed it."""
-    if getattr(bn, "relu", False) is True:  # FusedBatchNormReLU*d, FrozenBatchNorm*d(relu=True)
+def _fuse_activation(bn: nn.Module, act: activations.Spec) -> None:
+    """Makes ``bn`` (a BatchNorm fuse_model fuses) compute ``act`` after itself, in place."""
+    relu_class, act_class = _FUSED_FOR[type(bn)]
+    if act == activations.RELU:
+        bn.__class__ = relu_class
+    else:
+        bn.__class__ = act_class
+        bn.activation, bn.activation_param = act
+
+
+def activation_of_batch_norm(bn: nn.Module, name: str, param: float, input, residual=None):
+    """``act(bn(input) [+ residual])``: what a rewritten forward computes where the model's code did, in one
+    call of ``bn`` while it computes that activation itself (the fused module fuse_model made it, a
+    ``FrozenBatchNorm*d`` that ``freeze`` made of it), else (the module replaced since, e.g. by torch's
+    ``SyncBatchNorm.convert_sync_batchnorm``, or reverted) as the model's code computed it."""
+    if getattr(bn, "act", None) == (name, param):
         return bn(input) if residual is None else bn(input, residual)
     output = bn(input)
-    return torch.relu(output if residual is None else output + residual)
+    return activations.apply((name, param), output if residual is None else output + residual)
 
 
 def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
-    """Replaces each match by a relu_of_batch_norm call of its BatchNorm, which becomes fused; returns
+    """Replaces each match by an activation_of_batch_norm call of its BatchNorm, which becomes fused; returns
     (name, detail) pairs."""
     fused = []
-    replaced = {}  # a fused relu's node -> the fused call that now computes it (a later match's input)
+    replaced = {}  # a fused activation's node -> the fused call that now computes it (a later match's input)
     for match in matches:
-        bn = owner.get_submodule(match.bn.target)
-        bn.__class__ = _FUSED_RELU_FOR[type(bn)]
+        _fuse_activation(owner.get_submodule(match.bn.target), match.act)
         source = replaced.get(match.bn.args[0], match.bn.args[0])
         args = (source,) if match.residual is None else (source, replaced.get(match.residual, match.residual))
-        with graph.inserting_before(match.relu):  # where the relu was: after the residual is computed
-            call = graph.call_function(relu_of_batch_norm, (graph.get_attr(match.bn.target), *args))
-        match.relu.replace_all_uses_with(call)
-        replaced[match.relu] = call
-        for node in (match.relu, match.add, match.bn):
+        with graph.inserting_before(match.act_node):  # where the activation was: after the residual is computed
+            call = graph.call_function(activation_of_batch_norm,
+                                       (graph.get_attr(match.bn.target), *match.act, *args))
+        match.act_node.replace_all_uses_with(call)
+        replaced[match.act_node] = call
+        for node in (match.act_node, match.add, match.bn):
             if node is not None:
                 graph.erase_node(node)
-        fused.append((match.bn.target, "relu" if match.residual is None else "add+relu"))
+        fused.append((match.bn.target, match.act[0] if match.residual is None else "add+" + match.act[0]))
     graph.lint()
     return fused
 
 
 def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Module:
-    """Fuses, in place, every ``relu(bn(x))`` and ``relu(bn(x) + r)`` of ``model``'s code that provably
+    """Fuses, in place, every ``act(bn(x))`` and ``act(bn(x) + r)`` of ``model``'s code that provably
     computes the same in training and eval (see this module's docstring), converts every other
     ``nn.BatchNorm1d/2d/3d`` with ``convert_model``, and returns ``model``. ``report`` (a
-    :class:`fusedbn.Report`), when given, records each fusion (``("fused", name, "relu" or "add+relu")``),
+    :class:`fusedbn.Report`), when given, records each fusion (``("fused", name, "silu")``, ``"add+relu"``),
     each conversion, and the BatchNorm layers left unfused because their caller's code could not be
     rewritten. ``fusedbn.revert_model`` undoes it."""
     report = Report() if report is None else report
@@ -264,7 +293,7 @@ def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Modul
     names = {id(m): name for name, m in model.named_modules()}
     for owner in list(model.modules()):
         if isinstance(owner.__dict__.get("forward"), RewrittenForward) or not any(
-                type(child) in _FUSED_RELU_FOR for child in owner.children()):
+                type(child) in _FUSED_FOR for child in owner.children()):
             continue
         prefix = names[id(owner)] + "." if names[id(owner)] else ""
         graphs = [_trace_in_mode(owner, training) for training in (True, False)]
@@ -281,7 +310,7 @@ def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Modul
                 report.done.extend(("fused", prefix + target, detail) for target, detail in fused)
             continue
         for name, child in owner.named_children():
-            if type(child) in _FUSED_RELU_FOR:
+            if type(child) in _FUSED_FOR:
                 report.skipped.append((prefix + name, f"not fused: {reason}"))
     convert_model(model, report=report)
     return model

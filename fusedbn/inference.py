@@ -8,21 +8,23 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import activations
 from ._fx import module_call_counts, traced_copy
 from .convert import foreign_batch_norm
 from .functional import batch_norm_eval
-from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d,
-                      FusedBatchNormReLU3d)
+from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d, FusedBatchNormAct2d,
+                      FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 from .report import Report
 
 # The BatchNorm a layer folds into, and the dimensionality of the layer's output (batched, channels at dim 1)
 # for which that BatchNorm normalizes exactly the layer's output channels.
 _FOLDABLE = {nn.Linear: (nn.BatchNorm1d, 2), nn.Conv1d: (nn.BatchNorm1d, 3), nn.Conv2d: (nn.BatchNorm2d, 4),
              nn.Conv3d: (nn.BatchNorm3d, 5)}
-_WITH_RELU = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)  # relu(bn(x) [+ residual])
-# The BatchNorm classes whose eval forward is BatchNorm (then, for _WITH_RELU, the relu kept after folding).
+_WITH_ACT = (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d, FusedBatchNormAct1d,
+             FusedBatchNormAct2d, FusedBatchNormAct3d)  # act(bn(x) [+ residual])
+# The BatchNorm classes whose eval forward is BatchNorm (then, for _WITH_ACT, the activation kept after folding).
 _FOLDS_AS_BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, FusedBatchNorm1d, FusedBatchNorm2d,
-                        FusedBatchNorm3d) + _WITH_RELU
+                        FusedBatchNorm3d) + _WITH_ACT
 
 
 def _unprovable(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, source: fx.Node, shaped: bool):
@@ -90,7 +92,7 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
                 report.skipped.append((node.target, f"{type(bn).__name__} computes more than BatchNorm: not folded"))
             continue
         if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or node.kwargs
-                or (len(node.args) == 2 and not isinstance(bn, _WITH_RELU))
+                or (len(node.args) == 2 and not isinstance(bn, _WITH_ACT))
                 or bn.training or bn.running_mean is None or source.op != "call_module"
                 or len(source.users) != 1 or calls[source.target] != 1 or calls[node.target] != 1):
             continue
@@ -104,11 +106,13 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
             continue
         _fold_into(layer, bn)
         replacement = source
-        if isinstance(bn, _WITH_RELU):  # the fused module's relu (and residual) stay, after the folded layer
+        if isinstance(bn, _WITH_ACT):  # the fused module's activation (and residual) stay, after the folded layer
             with gm.graph.inserting_before(node):
                 if len(node.args) == 2:
                     replacement = gm.graph.call_function(operator.add, (source, node.args[1]))
-                replacement = gm.graph.call_function(torch.relu, (replacement,))
+                function, args = activations.torch_call(bn.act)
+                if function is not None:
+                    replacement = gm.graph.call_function(function, (replacement, *args))
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)
         report.done.append(("folded", node.target, source.target))
@@ -133,23 +137,32 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
 
 class _FrozenBatchNorm(nn.Module):
     """BatchNorm with frozen statistics and affine parameters (buffers, not parameters), computed by the
-    fusedbn eval kernel, then ReLU after adding an optional residual where ``relu``; gradients flow to the
-    inputs only. Loads a ``nn.BatchNorm*d`` state_dict."""
+    fusedbn eval kernel, then ``activation`` (``fusedbn.batch_norm_act``'s; ``"identity"``: none) after
+    adding an optional residual; gradients flow to the inputs only. Loads a ``nn.BatchNorm*d`` state_dict."""
 
     _dims: tuple  # the input dimensionalities the torch class takes
 
-    def __init__(self, num_features: int, eps: float = 1e-5, relu: bool = False, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
+                 activation: str = "identity", activation_param: Optional[float] = None) -> None:
         super().__init__()
-        self.num_features, self.eps, self.relu = num_features, eps, relu
+        self.num_features, self.eps = num_features, eps
+        self.activation, self.activation_param = activations.spec(activation, activation_param)
         options = dict(device=device, dtype=dtype)
         self.register_buffer("weight", torch.ones(num_features, **options))
         self.register_buffer("bias", torch.zeros(num_features, **options))
         self.register_buffer("running_mean", torch.zeros(num_features, **options))
         self.register_buffer("running_var", torch.ones(num_features, **options))
 
+    @property
+    def act(self) -> activations.Spec:
+        return self.activation, self.activation_param
+
     @classmethod
-    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm, relu: bool = False) -> "_FrozenBatchNorm":
-        frozen = cls(bn.num_features, bn.eps, relu, device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm,
+                        act: activations.Spec = activations.IDENTITY) -> "_FrozenBatchNorm":
+        """``bn`` frozen, followed by ``act`` (that of a fused BatchNorm+activation)."""
+        frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype,
+                     activation=act[0], activation_param=act[1] if act[0] in activations.DEFAULT_PARAM else None)
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
@@ -165,18 +178,22 @@ class _FrozenBatchNorm(nn.Module):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if input.dim() not in self._dims:
             raise ValueError(f"expected {' or '.join(f'{d}D' for d in self._dims)} input (got {input.dim()}D input)")
-        if residual is not None and not self.relu:
-            raise TypeError(f"{type(self).__name__} takes a residual only with relu=True")
+        if residual is not None and self.activation == "identity":
+            raise TypeError(f"{type(self).__name__} takes a residual only with an activation")
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
             frozen = batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                                     None, False)
-            return torch.relu(frozen + residual)  # broadcast or promoted, as + allows
+                                     None, activations.IDENTITY)
+            return activations.apply(self.act, frozen + residual)  # broadcast or promoted, as + allows
         return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                               residual, self.relu)
+                               residual, self.act)
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}" + (", relu=True" if self.relu else "")
+        name, param = self.act
+        detail = "" if name == "identity" else f", activation={name!r}"
+        if name in activations.DEFAULT_PARAM:
+            detail += f", activation_param={param}"
+        return f"{self.num_features}, eps={self.eps}" + detail
 
 
 class FrozenBatchNorm1d(_FrozenBatchNorm):
@@ -197,27 +214,31 @@ class FrozenBatchNorm3d(_FrozenBatchNorm):
     _dims = (5,)
 
 
-# What freeze makes of each BatchNorm class: the frozen class, and whether a relu follows.
-_FROZEN_FOR = {nn.BatchNorm1d: (FrozenBatchNorm1d, False), FusedBatchNorm1d: (FrozenBatchNorm1d, False),
-               FusedBatchNormReLU1d: (FrozenBatchNorm1d, True), nn.BatchNorm2d: (FrozenBatchNorm2d, False),
-               FusedBatchNorm2d: (FrozenBatchNorm2d, False), FusedBatchNormReLU2d: (FrozenBatchNorm2d, True),
-               nn.BatchNorm3d: (FrozenBatchNorm3d, False), FusedBatchNorm3d: (FrozenBatchNorm3d, False),
-               FusedBatchNormReLU3d: (FrozenBatchNorm3d, True)}
+# The frozen class freeze makes of each BatchNorm class (a fused one's activation kept).
+_FROZEN_FOR = {nn.BatchNorm1d: FrozenBatchNorm1d, FusedBatchNorm1d: FrozenBatchNorm1d,
+               FusedBatchNormReLU1d: FrozenBatchNorm1d, FusedBatchNormAct1d: FrozenBatchNorm1d,
+               nn.BatchNorm2d: FrozenBatchNorm2d, FusedBatchNorm2d: FrozenBatchNorm2d,
+               FusedBatchNormReLU2d: FrozenBatchNorm2d, FusedBatchNormAct2d: FrozenBatchNorm2d,
+               nn.BatchNorm3d: FrozenBatchNorm3d, FusedBatchNorm3d: FrozenBatchNorm3d,
+               FusedBatchNormReLU3d: FrozenBatchNorm3d, FusedBatchNormAct3d: FrozenBatchNorm3d}
 
 
 def freeze(model: nn.Module, *, report: Optional[Report] = None) -> nn.Module:
     """Replaces every BatchNorm1d/2d/3d with running statistics under ``model`` (torch's or fusedbn's, not
     ``model`` itself) by a ``FrozenBatchNorm1d/2d/3d`` holding its statistics and affine parameters, in
-    place, and returns ``model``; a fused BatchNorm+ReLU keeps its relu (``relu=True``). Any other BatchNorm (timm's BatchNormAct2d or its fusedbn twin, BatchNorm1d/3d, ...) is left
+    place, and returns ``model``; a fused BatchNorm+activation keeps its activation. Any other BatchNorm
+    (timm's BatchNormAct2d or its fusedbn twin, SyncBatchNorm, ...) is left
     alone, with a warning. ``report`` (a :class:`fusedbn.Report`), when given, records what was frozen and left."""
     report = Report() if report is None else report
     for parent_name, parent in model.named_modules():
         for name, child in list(parent.named_children()):
             full_name = f"{parent_name}.{name}" if parent_name else name
-            frozen, relu = _FROZEN_FOR.get(type(child), (None, False))
+            frozen = _FROZEN_FOR.get(type(child))
             if frozen is not None and child.track_running_stats and child.running_mean is not None:
-                setattr(parent, name, frozen.from_batch_norm(child, relu))
-                report.done.append(("frozen", full_name, frozen.__name__ + (" + relu" if relu else "")))
+                act = getattr(child, "act", activations.IDENTITY)
+                setattr(parent, name, frozen.from_batch_norm(child, act))
+                report.done.append(("frozen", full_name,
+                                    frozen.__name__ + ("" if act == activations.IDENTITY else " + " + act[0])))
             elif frozen is None and isinstance(child, nn.modules.batchnorm._BatchNorm) and not foreign_batch_norm(
                     full_name, child, "freeze", report):
                 reason = f"{type(child).__name__} has no frozen twin, its statistics stay as they are"

@@ -1,6 +1,6 @@
-"""``FusedBatchNorm1d/2d/3d``: subclasses of ``nn.BatchNorm1d/2d/3d`` whose forward runs fusedbn, and
-``FusedBatchNormReLU1d/2d/3d``: the same BatchNorm followed by ReLU (with an optional residual added
-before it) in one op.
+"""``FusedBatchNorm1d/2d/3d``: subclasses of ``nn.BatchNorm1d/2d/3d`` whose forward runs fusedbn;
+``FusedBatchNormAct1d/2d/3d``: the same BatchNorm followed by an activation (with an optional residual
+added before it) in one op; ``FusedBatchNormReLU1d/2d/3d``: their ReLU case.
 
 Constructor, parameters, buffers, ``state_dict``, ``.train()/.eval()`` and ``isinstance`` are torch's;
 only ``forward`` differs.
@@ -10,15 +10,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import activations
 from .functional import _apply, compiling_to_torch_ops
 
 
 class _FusedForward:
-    def _fused_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    def _fused_forward(self, input: Tensor, residual: Optional[Tensor], act: activations.Spec) -> Tensor:
         if compiling_to_torch_ops():  # torch's own forward, line for line (momentum=None included)
             output = nn.modules.batchnorm._BatchNorm.forward(self, input)
-            output = output if residual is None else output + residual
-            return torch.relu(output) if relu else output
+            return activations.apply(act, output if residual is None else output + residual)
         self._check_input_dim(input)
         # Each attribute read once: a module's buffers and parameters are found by nn.Module.__getattr__, a
         # Python call each, which at small sizes costs as much as the kernel.
@@ -40,7 +40,7 @@ class _FusedForward:
             factor,
             self.eps,
             residual,
-            relu,
+            act,
         )
         # Counted only once the batch was accepted, so a rejected input leaves the module untouched.
         if tracks:
@@ -50,7 +50,7 @@ class _FusedForward:
 
 class _BatchNorm(_FusedForward):
     def forward(self, input: Tensor) -> Tensor:
-        return self._fused_forward(input, None, False)
+        return self._fused_forward(input, None, activations.IDENTITY)
 
 
 def _check_addable(input: Tensor, residual: Tensor) -> None:
@@ -62,20 +62,40 @@ def _check_addable(input: Tensor, residual: Tensor) -> None:
                            f"{input.device} and {residual.device}! (residual)")
 
 
-class _BatchNormReLU(_FusedForward):
-    relu = True  # computes relu(bn(x) [+ residual]) itself (as FrozenBatchNorm*d(relu=True) does)
+class _BatchNormAct(_FusedForward):
+    """``act(bn(x) [+ residual])``: ``activation`` and ``activation_param`` name the activation (fusedbn/
+    activations.py), class attributes of the ReLU modules, instance attributes of the others (plain
+    Python state, kept by pickle and ``copy.deepcopy``; not in the ``state_dict``, which stays
+    ``nn.BatchNorm*d``'s)."""
+
+    activation, activation_param = activations.RELU
+
+    @property
+    def act(self) -> activations.Spec:
+        return self.activation, self.activation_param
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``relu(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
+        """``act(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
         or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
             _check_addable(input, residual)  # before the BatchNorm updates its statistics
-            return torch.relu(self._fused_forward(input, None, False) + residual)
-        return self._fused_forward(input, residual, True)
+            return activations.apply(self.act, self._fused_forward(input, None, activations.IDENTITY) + residual)
+        return self._fused_forward(input, residual, self.act)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ", relu=True"
+        name, param = self.act
+        detail = f"activation={name!r}" + (f", activation_param={param}" if name in activations.DEFAULT_PARAM else "")
+        return super().extra_repr() + (", relu=True" if self.act == activations.RELU else ", " + detail)
+
+
+class _BatchNormActConstructor(_BatchNormAct):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "relu",
+                 activation_param: Optional[float] = None) -> None:
+        act = activations.spec(activation, activation_param)  # checked before the module is built
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation, self.activation_param = act
 
 
 class FusedBatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -90,13 +110,28 @@ class FusedBatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d`."""
 
 
-class FusedBatchNormReLU1d(_BatchNormReLU, nn.BatchNorm1d):
+class FusedBatchNormReLU1d(_BatchNormAct, nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` then ReLU (after adding an optional residual), fused."""
 
 
-class FusedBatchNormReLU2d(_BatchNormReLU, nn.BatchNorm2d):
+class FusedBatchNormReLU2d(_BatchNormAct, nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` then ReLU (after adding an optional residual), fused."""
 
 
-class FusedBatchNormReLU3d(_BatchNormReLU, nn.BatchNorm3d):
+class FusedBatchNormReLU3d(_BatchNormAct, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` then ReLU (after adding an optional residual), fused."""
+
+
+class FusedBatchNormAct1d(_BatchNormActConstructor, nn.BatchNorm1d):
+    """:class:`torch.nn.BatchNorm1d` then ``activation`` (after adding an optional residual), fused:
+    ``FusedBatchNormAct1d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""
+
+
+class FusedBatchNormAct2d(_BatchNormActConstructor, nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` then ``activation`` (after adding an optional residual), fused:
+    ``FusedBatchNormAct2d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""
+
+
+class FusedBatchNormAct3d(_BatchNormActConstructor, nn.BatchNorm3d):
+    """:class:`torch.nn.BatchNorm3d` then ``activation`` (after adding an optional residual), fused:
+    ``FusedBatchNormAct3d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""

@@ -4,6 +4,7 @@
 from torch import Tensor, nn
 from timm.layers.norm_act import BatchNormAct2d
 
+from . import activations
 from .modules import _FusedForward
 
 
@@ -11,13 +12,16 @@ def _plain(module: nn.Module) -> bool:
     return not (module._forward_hooks or module._forward_pre_hooks)
 
 
-class FusedBatchNormAct2d(_FusedForward, BatchNormAct2d):
+class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
     """timm's ``BatchNormAct2d`` with fusedbn's BatchNorm: ``act(drop(bn(x)))``; one fused op where ``drop`` is
-    an ``nn.Identity`` and ``act`` an ``nn.ReLU`` (neither with hooks), else the BatchNorm op, then
-    timm's layers as they are."""
+    an ``nn.Identity`` and ``act`` an activation module fusedbn fuses (``nn.ReLU``, ``nn.SiLU``, ...,
+    fusedbn/activations.py) or ``nn.Identity``, neither with hooks; else the BatchNorm op, then timm's layers
+    as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
         drop, act = self.drop, self.act
-        if type(drop) is nn.Identity and type(act) is nn.ReLU and _plain(drop) and _plain(act):
-            return self._fused_forward(x, None, True)
-        return act(drop(self._fused_forward(x, None, False)))
+        if type(drop) is nn.Identity and _plain(drop) and _plain(act):
+            spec = activations.IDENTITY if type(act) is nn.Identity else activations.of_module(act)
+            if spec is not None:
+                return self._fused_forward(x, None, spec)
+        return act(drop(self._fused_forward(x, None, activations.IDENTITY)))

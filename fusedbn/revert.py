@@ -6,7 +6,7 @@ from torch import nn
 
 from .convert import original_class
 from .fuse import RewrittenForward, unfuse
-from .modules import FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d
+from .modules import _BatchNormAct
 from .report import Report
 
 
@@ -15,8 +15,8 @@ def revert_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Mod
     ``fuse_model`` rewrote gets its class's forward back (which calls the BatchNorm, then the activation
     module or function, as before fusing), and every ``FusedBatchNorm*d`` and fused BatchNorm becomes the
     ``nn.BatchNorm*d`` (or timm ``BatchNormAct2d``) it was, parameters, buffers and hooks unchanged. A
-    ``FusedBatchNormReLU*d`` built by hand (its own forward applies the relu; no torch module does) is left as
-    it is, recorded in ``report``."""
+    ``FusedBatchNormReLU*d`` or ``FusedBatchNormAct*d`` built by hand (its own forward applies the activation;
+    no torch BatchNorm does) is left as it is, recorded in ``report``."""
     report = Report() if report is None else report
     for name, owner in model.named_modules():
         if isinstance(owner.__dict__.get("forward"), RewrittenForward):
@@ -27,7 +27,7 @@ def revert_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Mod
         if torch_class is not None:
             module.__class__ = torch_class
             report.done.append(("reverted", name, torch_class.__name__))
-        elif isinstance(module, (FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)):
-            report.skipped.append((name, "a FusedBatchNormReLU module not made by fuse_model: no torch module "
-                                         "computes BatchNorm and relu in one call"))
+        elif isinstance(module, _BatchNormAct):
+            report.skipped.append((name, f"a {type(module).__name__} not made by fuse_model: no torch module "
+                                         f"computes BatchNorm and {module.activation} in one call"))
     return model

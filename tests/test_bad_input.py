@@ -381,7 +381,8 @@ def test_meta_backward_describes_the_real_one(shape, memory_format, training, re
         x = x.to(memory_format=memory_format)
     dy = torch.randn(shape)  # channels-first, whatever x is
     w, mean, invstd = torch.rand(shape[1]) + 0.5, torch.zeros(shape[1]), torch.ones(shape[1])
-    options = ([True, True, True], None, None, relu, True)  # output_mask, bias, output, relu, grad_residual
+    # output_mask, bias, output, residual, activation, activation_param, grad_residual
+    options = ([True, True, True], None, None, None, "relu" if relu else "identity", 0.0, True)
     real = fusedbn.ops.backward(dy, x, w, mean, invstd, training, *options)
     meta = fusedbn.ops.backward(*(t.to("meta") for t in (dy, x, w, mean, invstd)), training, *options)
     for r, m in zip(real, meta):

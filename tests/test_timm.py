@@ -65,7 +65,7 @@ def test_norm_act_reverts_and_freeze_leaves_it_alone():
         fusedbn.freeze(copy.deepcopy(model))  # timm's class: left alone, loudly, activation kept
     fusedbn.convert_model(model)
     report = fusedbn.Report()
-    with pytest.warns(UserWarning, match=r"FusedBatchNormAct2d has no frozen twin"):
+    with pytest.warns(UserWarning, match=r"FusedTimmBatchNormAct2d has no frozen twin"):
         fusedbn.freeze(model, report=report)
     assert report.count("frozen") == 0 and len(report.skipped) == 46
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)

@@ -1,12 +1,16 @@
 // Per-tile elementwise passes of the CPU kernels: one read and one write per value (plus the residual
-// and relu epilogue, epilogue.h), per-channel coefficients indexed with a compile-time channel stride so
-// the inner loop vectorizes in both layouts.
+// and the activation, epilogue.h), per-channel coefficients indexed with a compile-time channel stride so
+// the inner loop vectorizes in both layouts. Activations with an exp, erf or tanh run over spans of kSpan
+// values in torch's vectors (vec_math.h); the others inline.
 #pragma once
 
-#include "../epilogue.h"
+#include "vec_math.h"
 #include "tiles.h"
 
 namespace fusedbn::cpu {
+
+// Values per span of the vectorized activations: a stack buffer of them stays in L1.
+constexpr int64_t kSpan = 256;
 
 // The channel of the first value of the tile's next row.
 inline int64_t next_row_channel(const Tile& tile, int64_t channel) {
@@ -14,77 +18,141 @@ inline int64_t next_row_channel(const Tile& tile, int64_t channel) {
   return channel >= tile.channels ? channel - tile.channels : channel;
 }
 
-// y = relu?(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c].
-template <typename scalar_t, typename acc_t, int kChannelStride, bool kAdd, bool kRelu>
+// Calls body(j0, n) for the spans [j0, j0 + n) of [0, width), kSpan values at most.
+template <typename F>
+inline void for_each_span(int64_t width, F&& body) {
+  for (int64_t j0 = 0; j0 < width; j0 += kSpan) body(j0, std::min(kSpan, width - j0));
+}
+
+// y = act(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c].
+template <typename scalar_t, typename acc_t, int kChannelStride, bool kAdd, Activation kAct>
 void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, scalar_t* __restrict__ y,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
-                    const Tile& tile) {
+                    acc_t param, const Tile& tile) {
+  using Act = ActivationFn<kAct>;
   int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
     const acc_t* __restrict__ mu = mean + channel;
     const acc_t* __restrict__ a = alpha + channel;
     const acc_t* __restrict__ b = beta + channel;
     const int64_t base = tile.offset + r * tile.ld;
-    for (int64_t j = 0; j < tile.width; ++j) {
+    auto z_at = [&](int64_t j) {
       const int64_t c = j * kChannelStride;
       acc_t z = normalized(static_cast<acc_t>(x[base + j]), mu[c], a[c], b[c]);
       if constexpr (kAdd) z += static_cast<acc_t>(residual[base + j]);
-      if constexpr (kRelu) z = relu(z);
-      y[base + j] = static_cast<scalar_t>(z);
+      return z;
+    };
+    if constexpr (kAct == Activation::kIdentity) {
+      for (int64_t j = 0; j < tile.width; ++j) y[base + j] = static_cast<scalar_t>(z_at(j));
+    } else if constexpr (!Act::kTranscendental) {
+      for (int64_t j = 0; j < tile.width; ++j) {
+        y[base + j] = static_cast<scalar_t>(Act::forward(as_stored<scalar_t>(z_at(j)), param));
+      }
+    } else {
+      for_each_span(tile.width, [&](int64_t j0, int64_t n) {
+        acc_t z[kSpan];
+        for (int64_t j = 0; j < n; ++j) z[j] = as_stored<scalar_t>(z_at(j0 + j));
+        activation_span<kAct>(z, n, param);
+        for (int64_t j = 0; j < n; ++j) y[base + j0 + j] = static_cast<scalar_t>(z[j]);
+      });
     }
   }
 }
 
-// Where the backward passes read dz (grad_through_relu, epilogue.h): dy, and for relu's mask the op's
-// output (kFromOutput) or the forward's alpha and beta (kFromInput, with the statistics' mean). Plain
-// pointers the tile kernels copy into __restrict__ locals, so their loops vectorize.
+// How a backward pass gets dz from dy (grad_through_activation, epilogue.h), as template arguments.
+template <Activation kAct_, GradFrom kFrom_, bool kResidual_>
+struct GradRule {
+  static constexpr Activation kAct = kAct_;
+  static constexpr GradFrom kFrom = kFrom_;
+  static constexpr bool kResidual = kResidual_;
+  // dz computed a span at a time in torch's vectors (dz_span) rather than value by value (dz_at).
+  static constexpr bool kBuffered = kFrom_ == GradFrom::kRecompute && ActivationFn<kAct_>::kTranscendental;
+};
+
+// What the backward passes read dz from: dy, the op's output (kOutput), the residual (kRecompute with
+// one), and the forward's alpha and beta (kRecompute, with the statistics' mean). Plain pointers the tile
+// kernels copy into __restrict__ locals, so their loops vectorize.
 template <typename scalar_t, typename acc_t>
 struct GradSource {
   const scalar_t* dy;
-  const scalar_t* out;   // kFromOutput, else null
-  const acc_t* alpha;    // kFromInput, else null
+  const scalar_t* out;       // kOutput, else null
+  const scalar_t* residual;  // kRecompute with a residual, else null
+  const acc_t* alpha;        // kRecompute, else null
   const acc_t* beta;
+  acc_t param;
 };
 
-// The output value at i for relu's mask; 0 when the mask is not read from the output.
-template <ReluMask kMask, typename scalar_t>
-inline scalar_t output_at(const scalar_t* __restrict__ out, int64_t i) {
-  if constexpr (kMask == ReluMask::kFromOutput) {
-    return out[i];
-  } else {
-    return scalar_t(0);
+// dz of value i (input xv) with its channel's coefficients.
+template <typename Rule, typename scalar_t, typename acc_t>
+inline acc_t dz_at(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ out,
+                   const scalar_t* __restrict__ residual, int64_t i, acc_t xv, acc_t mean, acc_t alpha, acc_t beta,
+                   acc_t param) {
+  const scalar_t o = Rule::kFrom == GradFrom::kOutput ? out[i] : scalar_t(0);
+  const acc_t r = Rule::kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+  return grad_through_activation<Rule::kAct, Rule::kFrom>(static_cast<acc_t>(dy[i]), xv, o, r, mean, alpha, beta,
+                                                           param);
+}
+
+// dz[j] of the n values from element i on (kBuffered rules), column j's coefficients at j * kStride.
+template <typename Rule, int kStride, typename scalar_t, typename acc_t>
+inline void dz_span(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x, int64_t i, int64_t n,
+                    const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
+                    acc_t* __restrict__ dz) {
+  const scalar_t* __restrict__ dy = source.dy;
+  const scalar_t* __restrict__ residual = source.residual;
+  acc_t z[kSpan];
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t c = j * kStride;
+    acc_t zj = normalized(static_cast<acc_t>(x[i + j]), mean[c], alpha[c], beta[c]);
+    if constexpr (Rule::kResidual) zj += static_cast<acc_t>(residual[i + j]);
+    z[j] = as_stored<scalar_t>(zj);
+    dz[j] = static_cast<acc_t>(dy[i + j]);
   }
+  activation_grad_span<Rule::kAct>(dz, z, n, source.param);
 }
 
 // dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] (kCentered: training), dz * a[c] under eval
 // statistics (x does not enter: a NaN input keeps a finite gradient, as in torch), and dz itself into
 // grad_residual when asked. Subtracting before scaling by a = w * invstd avoids the cancellation between
 // a*dz and a*mean_dz when invstd is large.
-template <typename scalar_t, typename acc_t, int kChannelStride, ReluMask kMask, bool kWriteDz, bool kCentered>
+template <typename scalar_t, typename acc_t, int kChannelStride, typename Rule, bool kWriteDz, bool kCentered>
 void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual,
                          const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_dz,
                          const acc_t* __restrict__ proj, const acc_t* __restrict__ a, const Tile& tile) {
   const scalar_t* __restrict__ dy = source.dy;
   const scalar_t* __restrict__ out = source.out;
+  const scalar_t* __restrict__ residual = source.residual;
   const acc_t* __restrict__ alpha = source.alpha;
   const acc_t* __restrict__ beta = source.beta;
+  const acc_t param = source.param;
   int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
     const int64_t base = tile.offset + r * tile.ld;
-    for (int64_t j = 0; j < tile.width; ++j) {
+    auto write = [&](int64_t j, acc_t dz) {
       const int64_t c = channel + j * kChannelStride;
       const int64_t i = base + j;
-      const acc_t xv = static_cast<acc_t>(x[i]);
-      const acc_t dz = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), mean[c],
-                                                kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
-                                                kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
       if constexpr (kCentered) {
-        dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (xv - mean[c]) * proj[c]) * a[c]);
+        dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (static_cast<acc_t>(x[i]) - mean[c]) * proj[c]) * a[c]);
       } else {
         dx[i] = static_cast<scalar_t>(dz * a[c]);
       }
       if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
+    };
+    if constexpr (Rule::kBuffered) {
+      for_each_span(tile.width, [&](int64_t j0, int64_t n) {
+        acc_t dz[kSpan];
+        const int64_t c0 = channel + j0 * kChannelStride;
+        dz_span<Rule, kChannelStride>(source, x, base + j0, n, mean + c0, alpha + c0, beta + c0, dz);
+        for (int64_t j = 0; j < n; ++j) write(j0 + j, dz[j]);
+      });
+    } else {
+      for (int64_t j = 0; j < tile.width; ++j) {
+        const int64_t c = channel + j * kChannelStride;
+        const bool recompute = Rule::kFrom == GradFrom::kRecompute;
+        write(j, dz_at<Rule>(dy, out, residual, base + j, static_cast<acc_t>(x[base + j]), mean[c],
+                             recompute ? alpha[c] : acc_t(0), recompute ? beta[c] : acc_t(0), param));
+      }
     }
   }
 }

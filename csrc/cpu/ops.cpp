@@ -1,5 +1,7 @@
 // CPU implementations of the fusedbn ops: argument checks, layout resolution, then the tile kernels
 // (tiles.h, reductions.h, elementwise.h) run with at::parallel_for.
+#include "vec_math.h"  // first: it chooses the instruction set of ATen's vector headers
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -74,11 +76,11 @@ void with_flag(bool b, F&& f) {
   }
 }
 
-// y = relu?((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
+// y = act((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
 // (x's when undefined; another tensor in the same view may differ on size-1 dims). `coefficients`: the
 // [3, C] rows mean, alpha, beta (normalize_coefficients).
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coefficients,
-                 const OptTensor& residual = std::nullopt, bool relu = false, const Tensor& like = Tensor()) {
+                 const OptTensor& residual = std::nullopt, Epilogue epilogue = {}, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
@@ -89,11 +91,12 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coe
     const acc_t* mean = coefficients.const_data_ptr<acc_t>();
     const acc_t* alpha = mean + layout.C;
     const acc_t* beta = alpha + layout.C;
+    const auto param = static_cast<acc_t>(epilogue.param);
     with_flag(r.defined(), [&](auto add) {
-      with_flag(relu, [&](auto apply_relu) {
+      with_activation(epilogue.act, [&](auto act) {
         parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
-          tile_normalize<scalar_t, acc_t, decltype(stride)::value, decltype(add)::value, decltype(apply_relu)::value>(
-              in, res, out, mean, alpha, beta, tile);
+          tile_normalize<scalar_t, acc_t, decltype(stride)::value, decltype(add)::value, decltype(act)::value>(
+              in, res, out, mean, alpha, beta, param, tile);
         });
       });
     });
@@ -196,8 +199,10 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight,
                                                  const OptTensor& bias, const OptTensor& running_mean,
                                                  const OptTensor& running_var, double momentum,
-                                                 double eps, const OptTensor& residual, bool relu) {
+                                                 double eps, const OptTensor& residual,
+                                                 c10::string_view activation, double activation_param) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -223,7 +228,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
                                             as_acc(w, acc), as_acc(b, acc), C, acc_options);
   });
-  Tensor y = normalize(x, layout, coefficients, residual, relu);
+  Tensor y = normalize(x, layout, coefficients, residual, epilogue);
 
   // An empty batch leaves the running statistics as they were (as nn.BatchNorm does).
   if (has(running_mean) && count > 0) update_running_stats(*running_mean, *running_var, mean, unbiased_var, momentum);
@@ -250,8 +255,9 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps,
-                    const OptTensor& residual, bool relu) {
+                    const OptTensor& residual, c10::string_view activation, double activation_param) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -265,21 +271,27 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.data(), as_acc(w, acc),
                                             as_acc(b, acc), layout.C, acc_options);
   });
-  return normalize(x, layout, coefficients, residual, relu);
+  return normalize(x, layout, coefficients, residual, epilogue);
 }
 
-// Calls f(std::integral_constant<ReluMask, mask>{}).
+// Calls f(GradRule<...>{}) with the rule of `in`: dy alone, ReLU's mask from the output, or the
+// activation's derivative recomputed (with or without the residual).
 template <typename F>
-void with_relu_mask(ReluMask mask, F&& f) {
-  switch (mask) {
-    case ReluMask::kNone: return f(std::integral_constant<ReluMask, ReluMask::kNone>{});
-    case ReluMask::kFromOutput: return f(std::integral_constant<ReluMask, ReluMask::kFromOutput>{});
-    case ReluMask::kFromInput: return f(std::integral_constant<ReluMask, ReluMask::kFromInput>{});
+void with_grad_rule(const BackwardInputs& in, F&& f) {
+  switch (in.from) {
+    case GradFrom::kDy: return f(GradRule<Activation::kIdentity, GradFrom::kDy, false>{});
+    case GradFrom::kOutput: return f(GradRule<Activation::kRelu, GradFrom::kOutput, false>{});
+    case GradFrom::kRecompute:
+      return with_activation(in.epilogue.act, [&](auto act) {
+        with_flag(in.residual.defined(), [&](auto residual) {
+          f(GradRule<decltype(act)::value, GradFrom::kRecompute, decltype(residual)::value>{});
+        });
+      });
   }
 }
 
 // The backward's coefficients, [3, C] as normalize_coefficients: 0, a = w * invstd (also the forward's
-// alpha, which relu's recomputed mask needs), beta = bias (without `with_bias`: 0).
+// alpha, which the recomputed activation needs), beta = bias (without `with_bias`: 0).
 Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
   return AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
     return normalize_coefficients<scalar_t>(nullptr, in.invstd.const_data_ptr<scalar_t>(), as_acc(in.weight, in.acc),
@@ -288,19 +300,18 @@ Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
   });
 }
 
-// Calls f(scalar_t{}, kMask tag, source) with dz's source (GradSource) for the backward tile kernels;
-// `coefficients` from backward_coefficients.
+// Calls f(scalar_t{}, rule, source) with dz's rule (GradRule) and source (GradSource) for the backward
+// tile kernels; `coefficients` from backward_coefficients.
 template <typename F>
 void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* a = coefficients.const_data_ptr<acc_t>() + in.layout.C;
-    with_relu_mask(in.mask, [&](auto mask_tag) {
-      const GradSource<scalar_t, acc_t> source{
-          in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr, a,
-          a + in.layout.C};
-      f(scalar_t{}, mask_tag, source);
-    });
+    const GradSource<scalar_t, acc_t> source{
+        in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
+        in.residual.defined() ? in.residual.const_data_ptr<scalar_t>() : nullptr, a, a + in.layout.C,
+        static_cast<acc_t>(in.epilogue.param)};
+    with_grad_rule(in, [&](auto rule) { f(scalar_t{}, rule, source); });
   });
 }
 
@@ -309,13 +320,13 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
   Tensor sum_dz = at::empty({C}, acc_options), sum_dz_xmu = at::empty({C}, acc_options);
-  with_grad_source(in, coefficients, [&](auto scalar_tag, auto mask_tag, const auto& source) {
+  with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t parts = num_parts(in.layout);
     std::vector<acc_t> part_dz(parts * C), part_dz_xmu(parts * C);
     parallel_for_tiles(in.layout, [&](const Tile& tile, auto stride) {
-      tile_grad_sums<scalar_t, acc_t, decltype(stride)::value, decltype(mask_tag)::value>(
+      tile_grad_sums<scalar_t, acc_t, decltype(stride)::value, decltype(rule)>(
           source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz.data(),
           part_dz_xmu.data());
     });
@@ -332,14 +343,14 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
 Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tensor& centering,
                const Tensor& grad_residual) {
   Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
-  with_grad_source(in, coefficients, [&](auto scalar_tag, auto mask_tag, const auto& source) {
+  with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     with_flag(grad_residual.defined(), [&](auto write_dz) {
       with_flag(centering.defined(), [&](auto centered) {
         const acc_t* mean_dz = centered ? centering.const_data_ptr<acc_t>() : nullptr;
         parallel_for_elementwise_tiles(in.layout, [&](const Tile& tile, auto stride) {
-          tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(mask_tag)::value,
+          tile_backward_elemt<scalar_t, acc_t, decltype(stride)::value, decltype(rule),
                               decltype(write_dz)::value, decltype(centered)::value>(
               source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
               grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
@@ -367,26 +378,29 @@ Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Ten
 }
 
 // Gradients of y = (x - mean) * invstd * w + b, with a = w * invstd and dz the gradient reaching y
-// (dy, or dy through the relu). Training (mean, invstd are the batch's, m values per channel):
+// (dy, or dy through the activation). Training (mean, invstd are the batch's, m values per channel):
 //   dx = (dz - sum(dz)/m - (x - mean) * invstd^2 * sum(dz*(x-mean))/m) * a
 // Eval statistics: dx = a*dz. Both: dw = sum(dz*(x-mean))*invstd, db = sum(dz), grad_residual = dz.
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const Tensor& mean,
                                                     const Tensor& invstd, bool training,
                                                     std::array<bool, 3> output_mask, const OptTensor& bias,
-                                                    const OptTensor& output, bool relu, bool want_grad_residual) {
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                                    const OptTensor& output, const OptTensor& residual,
+                                                    c10::string_view activation, double activation_param,
+                                                    bool want_grad_residual) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
   // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
-  const bool dx_is_scaled_dy = !training && in.mask == ReluMask::kNone && !want_grad_residual;
+  const bool dx_is_scaled_dy = !training && in.from == GradFrom::kDy && !want_grad_residual;
   const Tensor coefficients = backward_coefficients(in, !dx_is_scaled_dy);
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
   const auto [sum_dz, sum_dz_xmu] = need_sums ? channel_grad_sums(in, coefficients) : std::make_tuple(Tensor(), Tensor());
   Tensor grad_input, grad_weight;
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (dx_is_scaled_dy) {
-    if (output_mask[0]) grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, false, in.x);
+    if (output_mask[0]) grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
   } else if (output_mask[0] || want_grad_residual) {
     // Without dx asked for, only grad_residual = dz is: no centering needed.
     const bool centered = training && output_mask[0];
@@ -409,17 +423,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
 // The two halves of the backward apart, for statistics computed over several processes (SyncBatchNorm).
 std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                      const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                     const OptTensor& output, bool relu) {
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                     const OptTensor& output, const OptTensor& residual,
+                                     c10::string_view activation, double activation_param) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   return channel_grad_sums(in, backward_coefficients(in));
 }
 
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
-                                          bool relu, bool want_grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                          const OptTensor& residual, c10::string_view activation,
+                                          double activation_param, bool want_grad_residual) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   const Tensor centering = at::stack({mean_dz.to(in.acc), proj.to(in.acc)}).contiguous();
   Tensor grad_input = dx_pass(in, backward_coefficients(in), centering, grad_residual);

@@ -365,32 +365,44 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
 }
 
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
-// read through relu's mask (grad_through_relu, epilogue.h). Long channels-first runs: lane sums per chunk,
+// read through the activation (GradRule, elementwise.h). Long channels-first runs: lane sums per chunk,
 // chunks summed pairwise. Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
-template <typename scalar_t, typename acc_t, int kMultiChannel, ReluMask kMask>
+template <typename scalar_t, typename acc_t, int kMultiChannel, typename Rule>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                     const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
                     acc_t* __restrict__ sum_dz_xmu) {
   const scalar_t* __restrict__ dy = source.dy;
   const scalar_t* __restrict__ out = source.out;
+  const scalar_t* __restrict__ residual = source.residual;
   const acc_t* __restrict__ alpha = source.alpha;
   const acc_t* __restrict__ beta = source.beta;
-  auto dz_at = [&](int64_t i, int64_t c) {
-    return grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), output_at<kMask>(out, i),
-                                    mean[c], kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0),
-                                    kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
-  };
+  const acc_t param = source.param;
+  constexpr bool kRecompute = Rule::kFrom == GradFrom::kRecompute;
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
   if (kMultiChannel == 0 && W >= kLongRun) {
-    // The second lane sum re-reads the chunk from cache.
+    // The second lane sum re-reads the chunk (and its dz) from cache.
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
+    const acc_t a = kRecompute ? alpha[c] : acc_t(0), b = kRecompute ? beta[c] : acc_t(0);
     PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
-      total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return dz_at(offset + j, c); }));
-      total_dz_xmu.push(run_sum<acc_t>(
-          n, [&](int64_t j) { return dz_at(offset + j, c) * (static_cast<acc_t>(x[offset + j]) - mu); }));
+      auto add_sums = [&](auto dz) {
+        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return dz(j); }));
+        total_dz_xmu.push(
+            run_sum<acc_t>(n, [&](int64_t j) { return dz(j) * (static_cast<acc_t>(x[offset + j]) - mu); }));
+      };
+      if constexpr (Rule::kBuffered) {
+        acc_t buf[kBlockValues];
+        for_each_span(n, [&](int64_t j0, int64_t m) {
+          dz_span<Rule, 0>(source, x, offset + j0, m, &mean[c], &alpha[c], &beta[c], buf + j0);
+        });
+        add_sums([&](int64_t j) { return buf[j]; });
+      } else {
+        add_sums([&](int64_t j) {
+          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(x[offset + j]), mu, a, b, param);
+        });
+      }
     });
     sum_dz[slot] = total_dz.total();
     sum_dz_xmu[slot] = total_dz_xmu.total();
@@ -403,8 +415,8 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   for (int64_t k = 0; span > 1 && k < W / span; ++k) {
     const int64_t c = tile.channel + k, j = k * span;
     std::fill_n(spread_buf.begin() + j, span, mean[c]);
-    std::fill_n(spread_buf.begin() + W + j, span, kMask == ReluMask::kFromInput ? alpha[c] : acc_t(0));
-    std::fill_n(spread_buf.begin() + 2 * W + j, span, kMask == ReluMask::kFromInput ? beta[c] : acc_t(0));
+    std::fill_n(spread_buf.begin() + W + j, span, kRecompute ? alpha[c] : acc_t(0));
+    std::fill_n(spread_buf.begin() + 2 * W + j, span, kRecompute ? beta[c] : acc_t(0));
   }
   const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf.data();
   const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf.data() + W;
@@ -416,14 +428,21 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data() + b * W;
     for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
-      for (int64_t j = 0; j < W; ++j) {
-        const int64_t i = base + j;
-        const acc_t xv = static_cast<acc_t>(x[i]);
-        const acc_t g = grad_through_relu<kMask>(static_cast<acc_t>(dy[i]), xv, output_at<kMask>(out, i), col_mean[j],
-                                                 kMask == ReluMask::kFromInput ? col_alpha[j] : acc_t(0),
-                                                 kMask == ReluMask::kFromInput ? col_beta[j] : acc_t(0));
+      auto add = [&](int64_t j, acc_t g) {
         block_dz[j] += g;
-        block_dz_xmu[j] += g * (xv - col_mean[j]);
+        block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - col_mean[j]);
+      };
+      if constexpr (Rule::kBuffered) {
+        for_each_span(W, [&](int64_t j0, int64_t n) {
+          acc_t dz[kSpan];
+          dz_span<Rule, 1>(source, x, base + j0, n, col_mean + j0, col_alpha + j0, col_beta + j0, dz);
+          for (int64_t j = 0; j < n; ++j) add(j0 + j, dz[j]);
+        });
+      } else {
+        for (int64_t j = 0; j < W; ++j) {
+          add(j, dz_at<Rule>(dy, out, residual, base + j, static_cast<acc_t>(x[base + j]), col_mean[j],
+                             kRecompute ? col_alpha[j] : acc_t(0), kRecompute ? col_beta[j] : acc_t(0), param));
+        }
       }
     }
   }

@@ -169,12 +169,12 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// y = relu?((x - mean) * alpha + beta [+ residual]) per channel, with the strides of `like` (x's when
+// y = act((x - mean) * alpha + beta [+ residual]) per channel, with the strides of `like` (x's when
 // undefined; another tensor in the same view may differ on size-1 dims).
 template <typename Context>
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt, bool relu = false,
-                 const Tensor& like = Tensor()) {
+                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt,
+                 Epilogue epilogue = {}, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
@@ -182,7 +182,8 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
     const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(),      y.mutable_data_ptr<scalar_t>(),
                                           mean.const_data_ptr<acc_t>(),       alpha.const_data_ptr<acc_t>(),
                                           beta.const_data_ptr<acc_t>(),
-                                          r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, relu};
+                                          r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
+                                          epilogue.act,                       static_cast<acc_t>(epilogue.param)};
     launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
                                               aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)), ctx);
   });
@@ -192,8 +193,10 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
-                                                 double momentum, double eps, const OptTensor& residual, bool relu) {
+                                                 double momentum, double eps, const OptTensor& residual,
+                                                 c10::string_view activation, double activation_param) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const Context ctx(input);
   // The statistics kernel indexes per-channel tensors by channel and updates the running statistics in
   // place (the kernel is the one place they are written): strided ones are read from contiguous copies,
@@ -229,13 +232,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
     }
   }
-  return {normalize(x, layout, mean, alpha, beta, ctx, residual, relu), mean, invstd};
+  return {normalize(x, layout, mean, alpha, beta, ctx, residual, epilogue), mean, invstd};
 }
 
 template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
-                    const Tensor& running_var, double eps, const OptTensor& residual, bool relu) {
+                    const Tensor& running_var, double eps, const OptTensor& residual, c10::string_view activation,
+                    double activation_param) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Context ctx(input);
   const Tensor x = dense_input(input);
@@ -246,11 +251,11 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   if (has(w)) alpha = alpha.mul(w->to(acc));
   alpha = alpha.contiguous();
   const Tensor beta = has(b) ? b->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
-  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, relu);
+  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, epilogue);
 }
 
 // What every backward op needs besides the checked inputs: a = w * invstd (also the forward's alpha,
-// which relu's recomputed mask needs), beta = bias (may be undefined), and relu's gate.
+// which the recomputed z needs), beta = bias (may be undefined), and the activation's gate.
 struct BackwardCoefficients {
   Tensor a, beta;
 };
@@ -261,14 +266,19 @@ inline BackwardCoefficients backward_coefficients(const BackwardInputs& in) {
 }
 
 template <typename scalar_t, typename acc_t>
-ReluGate<scalar_t, acc_t> relu_gate(const BackwardInputs& in, const BackwardCoefficients& k) {
-  return {in.mask, in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
-          in.mask == ReluMask::kFromInput ? k.a.const_data_ptr<acc_t>() : nullptr,
+ActivationGate<scalar_t, acc_t> activation_gate(const BackwardInputs& in, const BackwardCoefficients& k) {
+  const Tensor& side = in.from == GradFrom::kOutput ? in.out : in.residual;
+  return {in.from,
+          in.epilogue.act,
+          static_cast<acc_t>(in.epilogue.param),
+          side.defined() ? side.const_data_ptr<scalar_t>() : nullptr,
+          in.from == GradFrom::kRecompute ? k.a.const_data_ptr<acc_t>() : nullptr,
           k.beta.defined() ? k.beta.const_data_ptr<acc_t>() : nullptr};
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
-  return aligned16(in.x) && aligned16(in.dy) && (!in.out.defined() || aligned16(in.out));
+  return aligned16(in.x) && aligned16(in.dy) && (!in.out.defined() || aligned16(in.out)) &&
+         (!in.residual.defined() || aligned16(in.residual));
 }
 
 // The per-channel gradient reduction, its total handed to `make_finisher(scalar_t{}, param_t{})`'s finisher.
@@ -279,7 +289,7 @@ void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       const GradReducer<scalar_t, acc_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
-                                                 in.mean.const_data_ptr<acc_t>(), relu_gate<scalar_t, acc_t>(in, k)};
+                                                 in.mean.const_data_ptr<acc_t>(), activation_gate<scalar_t, acc_t>(in, k)};
       launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, make_finisher(scalar_t{}, param_tag),
                                            backward_aligned(in), in.x, ctx);
     });
@@ -300,7 +310,7 @@ Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Te
         in.mean.const_data_ptr<acc_t>(),
         mean_dz.defined() ? mean_dz.const_data_ptr<acc_t>() : nullptr,
         proj.defined() ? proj.const_data_ptr<acc_t>() : nullptr,
-        k.a.const_data_ptr<acc_t>(),       relu_gate<scalar_t, acc_t>(in, k)};
+        k.a.const_data_ptr<acc_t>(),       activation_gate<scalar_t, acc_t>(in, k)};
     launch_elementwise<vec_width<scalar_t>()>(
         in.layout, op, in.x.numel(),
         backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
@@ -309,15 +319,17 @@ Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Te
 }
 
 // Gradients of y = (x - mean) * invstd * w + b, with dz the gradient reaching y (dy, or dy through the
-// relu): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
+// activation): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
 // pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas.
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
                                                     bool training, std::array<bool, 3> output_mask,
-                                                    const OptTensor& bias, const OptTensor& output, bool relu,
-                                                    bool want_grad_residual) {
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                                    const OptTensor& bias, const OptTensor& output,
+                                                    const OptTensor& residual, c10::string_view activation,
+                                                    double activation_param, bool want_grad_residual) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   const Context ctx(input);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
@@ -346,11 +358,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     });
   }
   Tensor grad_input;
-  if (!training && in.mask == ReluMask::kNone && !want_grad_residual) {
+  if (!training && in.from == GradFrom::kDy && !want_grad_residual) {
     // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
     if (output_mask[0]) {
       const Tensor zeros = at::zeros({C}, acc_options);
-      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx, std::nullopt, false, in.x);
+      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx, std::nullopt, {}, in.x);
     }
   } else if (output_mask[0] || want_grad_residual) {
     grad_input = dx_pass(in, k, mean_dz, proj, grad_residual, ctx);
@@ -380,8 +392,10 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 template <typename Context>
 std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                      const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                     const OptTensor& output, bool relu) {
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                     const OptTensor& output, const OptTensor& residual, c10::string_view activation,
+                                     double activation_param) {
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   const Context ctx(input);
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
@@ -397,9 +411,11 @@ template <typename Context>
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
-                                          bool relu, bool want_grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output);
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, relu);
+                                          const OptTensor& residual, c10::string_view activation,
+                                          double activation_param, bool want_grad_residual) {
+  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
+  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
+                                             activation, activation_param);
   const Context ctx(input);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};

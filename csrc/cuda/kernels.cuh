@@ -155,26 +155,34 @@ struct WelfordReducer {
   }
 };
 
-// dz, the gradient reaching BatchNorm's output: dy, or dy through the relu that followed it (epilogue.h),
-// its mask read from the forward's output or recomputed from x with the forward's coefficients.
+// dz, the gradient reaching BatchNorm's output: dy, or dy through the activation that followed it
+// (grad_through_activation, epilogue.h): ReLU's mask read from the forward's output, or the derivative at
+// z recomputed from x with the forward's coefficients (and the residual). The activation is a run-time
+// value: one uniform branch per value, where a template argument would multiply the kernels nine times.
 template <typename scalar_t, typename acc_t>
-struct ReluGate {
-  ReluMask mask;
-  const scalar_t* __restrict__ out;  // kFromOutput
-  const acc_t* __restrict__ alpha;   // kFromInput, with the channel's mean and beta
+struct ActivationGate {
+  GradFrom from;
+  Activation act;
+  acc_t param;
+  const scalar_t* __restrict__ side;  // kOutput: the output; kRecompute: the residual (may be null)
+  const acc_t* __restrict__ alpha;    // kRecompute, with the channel's mean and beta
   const acc_t* __restrict__ beta;
 
+  // The values the gate reads besides dy and x (zeros where it reads none).
   template <int kVec>
-  __device__ __forceinline__ Vec<scalar_t, kVec> load_out(int64_t offset) const {
-    return mask == ReluMask::kFromOutput ? load_vec<kVec>(out + offset) : Vec<scalar_t, kVec>{};
+  __device__ __forceinline__ Vec<scalar_t, kVec> load_side(int64_t offset) const {
+    return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
   }
-  // g = dy of one value, x its input, o its output (from load_out), (mu, a, b) its channel's coefficients.
+  // g = dy of one value, x its input, o its side value (from load_side), (mu, a, b) its channel's coefficients.
   __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t a, acc_t b) const {
-    switch (mask) {
-      case ReluMask::kFromOutput:
-        return grad_through_relu<ReluMask::kFromOutput>(g, x, o, mu, a, b);
-      case ReluMask::kFromInput:
-        return grad_through_relu<ReluMask::kFromInput>(g, x, o, mu, a, b);
+    switch (from) {
+      case GradFrom::kOutput:
+        return grad_through_activation<Activation::kRelu, GradFrom::kOutput>(g, x, o, acc_t(0), mu, a, b, param);
+      case GradFrom::kRecompute:
+        return with_activation(act, [&](auto kind) {
+          return grad_through_activation<decltype(kind)::value, GradFrom::kRecompute, scalar_t>(
+              g, x, o, static_cast<acc_t>(o), mu, a, b, param);
+        });
       default:
         return g;
     }
@@ -189,7 +197,7 @@ struct GradReducer {
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ mean;
-  ReluGate<scalar_t, acc_t> gate;
+  ActivationGate<scalar_t, acc_t> gate;
 
   struct Local {
     const GradReducer* r;
@@ -199,7 +207,7 @@ struct GradReducer {
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
       const auto g = load_vec<kVec>(r->dy + offset);
       const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->gate.template load_out<kVec>(offset);
+      const auto ov = r->gate.template load_side<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.val[k]);
@@ -218,7 +226,7 @@ struct GradReducer {
     __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
       const auto g = load_vec<kVec>(r->dy + offset);
       const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->gate.template load_out<kVec>(offset);
+      const auto ov = r->gate.template load_side<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.val[k]);
@@ -470,7 +478,8 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
 // Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
 // reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
 
-// y = relu?((x - mean[c]) * alpha[c] + beta[c] [+ residual])
+// y = act((x - mean[c]) * alpha[c] + beta[c] [+ residual]), the activation a run-time value as in
+// ActivationGate.
 template <typename scalar_t, typename acc_t>
 struct NormalizeOp {
   const scalar_t* __restrict__ x;
@@ -479,7 +488,8 @@ struct NormalizeOp {
   const acc_t* __restrict__ alpha;
   const acc_t* __restrict__ beta;
   const scalar_t* __restrict__ residual;  // may be null
-  bool relu;
+  Activation act;
+  acc_t param;
 
   struct Coeffs {
     acc_t mean, alpha, beta;
@@ -495,7 +505,9 @@ struct NormalizeOp {
     for (int k = 0; k < kVec; ++k) {
       acc_t z = normalized(static_cast<acc_t>(xv.val[k]), co[k].mean, co[k].alpha, co[k].beta);
       if (residual) z += static_cast<acc_t>(rv.val[k]);
-      out.val[k] = static_cast<scalar_t>(relu ? fusedbn::relu(z) : z);
+      const acc_t stored = as_stored<scalar_t>(z);
+      out.val[k] = static_cast<scalar_t>(
+          with_activation(act, [&](auto kind) { return ActivationFn<decltype(kind)::value>::forward(stored, param); }));
     }
     store_vec<kVec>(y + offset, out);
   }
@@ -504,7 +516,7 @@ struct NormalizeOp {
 // dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] with dz from the gate; under eval statistics
 // (mean_dz and proj null) dx = dz * a[c], which x does not enter (a NaN input keeps a finite gradient, as
 // in torch). dz itself goes into grad_residual when that is not null. a = w * invstd is also the
-// forward's alpha, which the gate's kFromInput mask needs with beta.
+// forward's alpha, which the gate's recomputed z needs with beta.
 template <typename scalar_t, typename acc_t>
 struct BackwardElemtOp {
   const scalar_t* __restrict__ dy;
@@ -515,7 +527,7 @@ struct BackwardElemtOp {
   const acc_t* __restrict__ mean_dz;
   const acc_t* __restrict__ proj;
   const acc_t* __restrict__ a;
-  ReluGate<scalar_t, acc_t> gate;
+  ActivationGate<scalar_t, acc_t> gate;
 
   struct Coeffs {
     acc_t mean, mean_dz, proj, a, beta;
@@ -528,7 +540,7 @@ struct BackwardElemtOp {
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto gv = load_vec<kVec>(dy + offset);
     const auto xv = load_vec<kVec>(x + offset);
-    const auto ov = gate.template load_out<kVec>(offset);
+    const auto ov = gate.template load_side<kVec>(offset);
     Vec<scalar_t, kVec> out, dz_out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {

@@ -1,0 +1,153 @@
+"""The activations the fused ops apply after BatchNorm (and an optional residual), by the names the ops take
+(csrc/epilogue.h), each with its parameter: ``leaky_relu``'s negative_slope, ``elu``'s alpha (others take
+none, 0.0). Here in torch's ops: the function itself (for paths that compute the composition unfused) and
+its derivative as the fused backward takes it (torch's one-sided gradient at ties); and which torch modules
+and functional calls compute each, for ``fuse_model`` and ``revert_model``."""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# (name, parameter): what a fused module or op applies.
+Spec = Tuple[str, float]
+
+IDENTITY: Spec = ("identity", 0.0)
+RELU: Spec = ("relu", 0.0)
+
+# name -> (function, its arguments after z): act(z) = function(z, *args) in torch's ops, p the parameter.
+_TORCH_CALLS = {
+    "identity": lambda p: (None, ()),
+    "relu": lambda p: (torch.relu, ()),
+    "relu6": lambda p: (F.hardtanh, (0.0, 6.0)),
+    "leaky_relu": lambda p: (F.leaky_relu, (p,)),
+    "elu": lambda p: (F.elu, (p,)),
+    "silu": lambda p: (F.silu, ()),
+    "hardswish": lambda p: (F.hardswish, ()),
+    "gelu": lambda p: (F.gelu, ()),
+    "gelu_tanh": lambda p: (_gelu_tanh, ()),
+}
+
+
+def _gelu_tanh(z: Tensor) -> Tensor:
+    return F.gelu(z, approximate="tanh")
+
+
+NAMES = tuple(_TORCH_CALLS)
+DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
+# act' is piecewise constant: it gates the gradient and has no derivative of its own (double backward).
+PIECEWISE_LINEAR = frozenset({"identity", "relu", "relu6", "leaky_relu"})
+
+
+def spec(name: str, param: Optional[float] = None) -> Spec:
+    """A checked (name, parameter) pair; the parameter defaults to torch's (0.01 for leaky_relu, 1.0 for elu)."""
+    if name not in _TORCH_CALLS:
+        raise ValueError(f"fusedbn: unknown activation {name!r}; expected one of {', '.join(NAMES)}")
+    if param is not None and name not in DEFAULT_PARAM:
+        raise ValueError(f"fusedbn: activation {name!r} takes no parameter, got {param}")
+    return name, float(DEFAULT_PARAM.get(name, 0.0) if param is None else param)
+
+
+def torch_call(act: Spec):
+    """(function, args) with act(z) = function(z, *args) in torch's ops; function None for identity."""
+    name, param = act
+    return _TORCH_CALLS[name](param)
+
+
+def apply(act: Spec, z: Tensor) -> Tensor:
+    """act(z) in torch's ops."""
+    function, args = torch_call(act)
+    return z if function is None else function(z, *args)
+
+
+def derivative(act: Spec, z: Tensor) -> Tensor:
+    """act'(z) in torch's ops, as the fused backward takes it (zero at ReLU's 0, ReLU6's 0 and 6; Hardswish's
+    middle piece up to 3 inclusive, as torch's backward kernels choose)."""
+    name, p = act
+    one, zero = torch.ones_like(z), torch.zeros_like(z)
+    if name == "identity":
+        return one
+    if name == "relu":
+        return torch.where(z > 0, one, zero)
+    if name == "relu6":
+        return torch.where((z > 0) & (z < 6), one, zero)
+    if name == "leaky_relu":
+        return torch.where(z > 0, one, one * p)
+    if name == "elu":
+        return torch.where(z <= 0, p * torch.exp(z), one)
+    if name == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if name == "hardswish":
+        return torch.where(z < -3, zero, torch.where(z <= 3, z / 3 + 0.5, one))
+    if name == "gelu":
+        return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    beta, kappa = math.sqrt(2 / math.pi), 0.044715  # gelu_tanh
+    t = torch.tanh(beta * (z + kappa * z ** 3))
+    return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * beta * (1 + 3 * kappa * z * z)
+
+
+def module(act: Spec) -> nn.Module:
+    """The torch module that computes ``act`` (revert_model's)."""
+    name, p = act
+    return {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": lambda: nn.LeakyReLU(p),
+            "elu": lambda: nn.ELU(p), "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
+            "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[name]()
+
+
+def of_module(m: nn.Module) -> Optional[Spec]:
+    """The activation a torch activation module computes (its own class, not a subclass), or None."""
+    cls = type(m)
+    if cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish):
+        return {nn.ReLU: RELU, nn.ReLU6: ("relu6", 0.0), nn.SiLU: ("silu", 0.0), nn.Hardswish: ("hardswish", 0.0)}[cls]
+    if cls is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):
+        return "relu6", 0.0
+    if cls is nn.LeakyReLU:
+        return "leaky_relu", float(m.negative_slope)
+    if cls is nn.ELU:
+        return "elu", float(m.alpha)
+    if cls is nn.GELU and m.approximate in ("none", "tanh"):
+        return ("gelu", 0.0) if m.approximate == "none" else ("gelu_tanh", 0.0)
+    return None
+
+
+# Functional calls: function -> (name, names of its arguments after the input, their defaults).
+_CALLS = {
+    torch.relu: ("relu", (), ()), torch.relu_: ("relu", (), ()), F.relu: ("relu", ("inplace",), (False,)),
+    F.relu6: ("relu6", ("inplace",), (False,)),
+    F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace"), (-1.0, 1.0, False)),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace"), (0.01, False)),
+    F.elu: ("elu", ("alpha", "inplace"), (1.0, False)),
+    F.silu: ("silu", ("inplace",), (False,)), F.hardswish: ("hardswish", ("inplace",), (False,)),
+    F.gelu: ("gelu", ("approximate",), ("none",)),
+}
+_METHODS = {"relu": RELU, "relu_": RELU}
+
+
+def of_call(function, args: tuple, kwargs: dict) -> Optional[Spec]:
+    """The activation ``function(input, *args, **kwargs)`` computes (a torch.fx call_function node's target
+    and arguments after the input), or None where it is not one of ours or an argument is not a constant."""
+    if function not in _CALLS:
+        return None
+    name, arg_names, defaults = _CALLS[function]
+    if len(args) > len(arg_names) or not set(kwargs) <= set(arg_names):
+        return None
+    values = dict(zip(arg_names, defaults))
+    values.update(zip(arg_names, args))
+    values.update(kwargs)
+    if not all(isinstance(v, (bool, int, float, str)) for v in values.values()):
+        return None
+    if name == "hardtanh":
+        return ("relu6", 0.0) if (values["min_val"], values["max_val"]) == (0.0, 6.0) else None
+    if name == "gelu":
+        return {"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(values["approximate"])
+    if name in DEFAULT_PARAM:
+        key = "negative_slope" if name == "leaky_relu" else "alpha"
+        return name, float(values[key])
+    return name, 0.0
+
+
+def of_method(method: str, args: tuple, kwargs: dict) -> Optional[Spec]:
+    """The activation ``input.method()`` computes (``x.relu()``, ``x.relu_()``), or None."""
+    return _METHODS.get(method) if not args and not kwargs else None
