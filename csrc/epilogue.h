@@ -1,7 +1,7 @@
 // What may follow BatchNorm inside the fused ops, per value, shared by every backend:
-//   z = bn(x) [+ residual],  out = act(z).
-// The activation sees z rounded to the input's dtype, as it sees BatchNorm's output in torch's composition
-// (a no-op for float32 and float64). Each activation's math is written once, as a template over the value
+//   z = bn(x) [+ residual],  out = act(z),
+// z and act(z) in the accumulation type, the output rounded once (torch's composition rounds z to the
+// input's dtype first: for float16 and bfloat16 ours is the more exact). Each activation's math is written once, as a template over the value
 // type T: the accumulation scalar (CUDA, the SIMT emulator, CPU scalar code) or, on the CPU, a vector of
 // them (csrc/cpu/vec_math.h). Forward and derivative follow torch's own kernels (aten Activation.cpp), so
 // a tie (ReLU at 0, ReLU6 at 0 and 6, Hardswish at -3 and 3) gets torch's one-sided gradient.
@@ -207,7 +207,8 @@ FUSEDBN_HOST_DEVICE inline acc_t normalized(acc_t x, acc_t mean, acc_t alpha, ac
   return (x - mean) * alpha + beta;
 }
 
-// z as the activation sees it: rounded to the input's dtype.
+// z rounded to the input's dtype: ReLU's mask is taken on it, so that it is the mask of the output, as
+// torch's threshold_backward takes it (a z that rounds to 0 gets no gradient).
 template <typename scalar_t, typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t as_stored(acc_t z) {
   return static_cast<acc_t>(static_cast<scalar_t>(z));
@@ -227,8 +228,8 @@ FUSEDBN_HOST_DEVICE inline acc_t grad_through_activation(acc_t g, acc_t x, scala
   if constexpr (kFrom == GradFrom::kOutput) {
     return static_cast<acc_t>(out) <= acc_t(0) ? acc_t(0) : g;
   } else if constexpr (kFrom == GradFrom::kRecompute) {
-    const acc_t z = as_stored<scalar_t>(normalized(x, mean, alpha, beta) + r);
-    return ActivationFn<kAct>::grad(g, z, param);
+    const acc_t z = normalized(x, mean, alpha, beta) + r;
+    return ActivationFn<kAct>::grad(g, kAct == Activation::kRelu ? as_stored<scalar_t>(z) : z, param);
   } else {
     return g;
   }

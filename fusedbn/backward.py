@@ -59,7 +59,9 @@ class _Terms(ChannelTerms):
                 z = z + channel_view(bias.to(self.x.dtype), input)
             if residual is not None:
                 z = z + residual.to(self.x.dtype)
-            self.slope = activations.derivative(act, z.to(input.dtype).to(self.x.dtype))
+            if act[0] == "relu":  # its mask is the output's, on z rounded (grad_through_activation)
+                z = z.to(input.dtype).to(self.x.dtype)
+            self.slope = activations.derivative(act, z)
         self.g = self.gate(grad_output.to(self.x.dtype))
 
     def gate(self, t):

@@ -67,7 +67,8 @@ def _tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, resid
         z = z + channel_view(bias.to(z.dtype), output)
     if residual is not None:
         z = z + residual.to(z.dtype)
-    z = z.to(output.dtype).to(z.dtype)
+    if name == "relu":  # its mask is the output's, on z rounded, as the fused backward takes it
+        z = z.to(output.dtype).to(z.dtype)
     return (tangent.to(z.dtype) * activations.derivative(ctx.act, z)).to(output.dtype)
 
 
@@ -360,8 +361,8 @@ def batch_norm_act(
     """``act(batch_norm(input, ...) + residual)`` in one fused op (``residual`` optional, of the input's shape
     and dtype). ``activation``: ``"identity"``, ``"relu"``, ``"relu6"``, ``"leaky_relu"``
     (``activation_param``: negative_slope, default 0.01), ``"elu"`` (alpha, default 1.0), ``"silu"``,
-    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (GELU with ``approximate="tanh"``). The activation sees
-    BatchNorm's output rounded to the input's dtype, as in torch's composition. For backward it keeps the
+    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (GELU with ``approximate="tanh"``). BatchNorm's output and
+    the activation are computed in float32 (float64 for float64 input) and rounded once. For backward it keeps the
     input (and the residual, if any) alive and recomputes the pre-activation from them, where torch's
     composition keeps the input and the pre-activation as well (ReLU with a residual keeps its output
     instead, as torch's does)."""

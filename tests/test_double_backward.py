@@ -129,3 +129,45 @@ def test_gradient_penalty(device, fused_relu):
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-9, atol=1e-9, msg=name)
     torch.testing.assert_close(ours.state_dict(), critic.state_dict(), rtol=1e-12, atol=1e-12)
+
+
+ACTIVATIONS = [("relu6", None), ("leaky_relu", 0.2), ("elu", 0.7), ("silu", None), ("hardswish", None), ("gelu", None),
+               ("gelu_tanh", None)]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["bn-act", "bn-add-act"])
+@pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_gradgradcheck_activations(device, training, with_residual, activation, param):
+    """First and second derivatives of every activation epilogue against finite differences, in float64:
+    piecewise-linear ones through fusedbn/backward.py, the others through their torch-op recomputation."""
+    x, w, b, r, running = _problem(device, shape=(3, 4, 2, 3))
+    x = x * 2  # values across ReLU6's and Hardswish's kinks (none within finite differences' reach of one)
+    inputs = [t.requires_grad_() for t in (x, w, b) + ((r,) if with_residual else ())]
+
+    def fn(x, w, b, r=None):
+        stats = [None if t is None else t.clone() for t in running]
+        return fusedbn.batch_norm_act(x, *stats, w, b, training=training, residual=r, activation=activation,
+                                      activation_param=param)
+
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_forward_mode_ad_of_activations(device, activation, param):
+    """jvp (the forward's jvp rule, act'(z) recomputed) against reverse mode's Jacobian, training and eval."""
+    x, w, b, r, running = _problem(device, shape=(3, 4, 2, 3))
+    for training in (True, False):
+        stats = (None, None) if training else running
+
+        def fn(x, w, b, r):
+            return fusedbn.batch_norm_act(x, *stats, w, b, training=training, residual=r, activation=activation,
+                                          activation_param=param)
+
+        tangents = tuple(torch.randn_like(t) for t in (x, w, b, r))
+        _, ours = torch.func.jvp(fn, (x, w, b, r), tangents)
+        # Reverse mode's vector-Jacobian products give the Jacobian; its product with the tangents is the oracle.
+        jac = torch.autograd.functional.jacobian(fn, (x, w, b, r))
+        expected = sum((j.flatten(x.dim()) @ t.flatten()).reshape(x.shape) for j, t in zip(jac, tangents))
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)

@@ -46,12 +46,12 @@ void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       for (int64_t j = 0; j < tile.width; ++j) y[base + j] = static_cast<scalar_t>(z_at(j));
     } else if constexpr (!Act::kTranscendental) {
       for (int64_t j = 0; j < tile.width; ++j) {
-        y[base + j] = static_cast<scalar_t>(Act::forward(as_stored<scalar_t>(z_at(j)), param));
+        y[base + j] = static_cast<scalar_t>(Act::forward(z_at(j), param));
       }
     } else {
       for_each_span(tile.width, [&](int64_t j0, int64_t n) {
         acc_t z[kSpan];
-        for (int64_t j = 0; j < n; ++j) z[j] = as_stored<scalar_t>(z_at(j0 + j));
+        for (int64_t j = 0; j < n; ++j) z[j] = z_at(j0 + j);
         activation_span<kAct>(z, n, param);
         for (int64_t j = 0; j < n; ++j) y[base + j0 + j] = static_cast<scalar_t>(z[j]);
       });
@@ -105,7 +105,7 @@ inline void dz_span(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     const int64_t c = j * kStride;
     acc_t zj = normalized(static_cast<acc_t>(x[i + j]), mean[c], alpha[c], beta[c]);
     if constexpr (Rule::kResidual) zj += static_cast<acc_t>(residual[i + j]);
-    z[j] = as_stored<scalar_t>(zj);
+    z[j] = zj;  // buffered rules are smooth activations: no ReLU rounding (grad_through_activation)
     dz[j] = static_cast<acc_t>(dy[i + j]);
   }
   activation_grad_span<Rule::kAct>(dz, z, n, source.param);

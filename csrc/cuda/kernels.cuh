@@ -505,9 +505,8 @@ struct NormalizeOp {
     for (int k = 0; k < kVec; ++k) {
       acc_t z = normalized(static_cast<acc_t>(xv.val[k]), co[k].mean, co[k].alpha, co[k].beta);
       if (residual) z += static_cast<acc_t>(rv.val[k]);
-      const acc_t stored = as_stored<scalar_t>(z);
       out.val[k] = static_cast<scalar_t>(
-          with_activation(act, [&](auto kind) { return ActivationFn<decltype(kind)::value>::forward(stored, param); }));
+          with_activation(act, [&](auto kind) { return ActivationFn<decltype(kind)::value>::forward(z, param); }));
     }
     store_vec<kVec>(y + offset, out);
   }
