@@ -11,7 +11,10 @@ generated from the rewritten graph, which looks its submodules up on the module 
 BatchNorm changes class to ``FusedBatchNormReLU*d`` (ReLU) or ``FusedBatchNormAct*d`` (the others, the
 activation in its instance attributes), and the rewritten code calls it through ``activation_of_batch_norm``,
 which still computes the activation if the module has been replaced since. Everything else stays: the
-model's classes, methods, attributes and hooks. A BatchNorm or activation module with hooks of its own is
+model's classes, methods, attributes and hooks. The forward of the model itself is never rewritten (its
+submodules' are): torch.fx, and every tool built on it, traces the model it is given through its class's
+forward, where it would see each fused module and the activation the model's code still applies after it.
+A BatchNorm or activation module with hooks of its own is
 not fused (a hook would see other values), nor a BatchNorm called from more than one place.
 
 torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
@@ -135,6 +138,21 @@ class _OwnCode(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.owner
+
+
+def _batch_norms_called_by(owner: nn.Module) -> list:
+    """The names (relative to ``owner``) of the BatchNorm modules fuse_model fuses that ``owner``'s forward
+    may call: its children, and the children of its ModuleList and ModuleDict children (containers have no
+    forward: their parent's code calls ``self.bns[i]``). None for a container itself."""
+    if isinstance(owner, (nn.ModuleList, nn.ModuleDict)):
+        return []
+    names = []
+    for name, child in owner.named_children():
+        if type(child) in _FUSED_FOR:
+            names.append(name)
+        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            names.extend(f"{name}.{key}" for key, m in child.named_children() if type(m) in _FUSED_FOR)
+    return names
 
 
 def _trace_in_mode(owner: nn.Module, training: bool) -> Optional[fx.Graph]:
@@ -292,12 +310,15 @@ def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Modul
     references = Counter(id(child) for m in model.modules() for child in m._modules.values() if child is not None)
     names = {id(m): name for name, m in model.named_modules()}
     for owner in list(model.modules()):
-        if isinstance(owner.__dict__.get("forward"), RewrittenForward) or not any(
-                type(child) in _FUSED_FOR for child in owner.children()):
+        candidates = _batch_norms_called_by(owner)
+        if isinstance(owner.__dict__.get("forward"), RewrittenForward) or not candidates:
             continue
         prefix = names[id(owner)] + "." if names[id(owner)] else ""
-        graphs = [_trace_in_mode(owner, training) for training in (True, False)]
-        if any(graph is None for graph in graphs):
+        graphs = [_trace_in_mode(owner, training) for training in (True, False)] if owner is not model else []
+        if owner is model:
+            reason = ("the model's own forward is not rewritten (torch.fx traces a model from its class's forward); "
+                      "fuse a module that holds the model to fuse these")
+        elif any(graph is None for graph in graphs):
             reason = f"torch.fx cannot trace the forward of {type(owner).__name__}"
         elif graphs[0].python_code("self").src != graphs[1].python_code("self").src:
             reason = f"the forward of {type(owner).__name__} differs between training and eval"
@@ -309,8 +330,6 @@ def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Modul
                 owner.forward = RewrittenForward(owner, code.src, code.globals, [target for target, _ in fused])
                 report.done.extend(("fused", prefix + target, detail) for target, detail in fused)
             continue
-        for name, child in owner.named_children():
-            if type(child) in _FUSED_FOR:
-                report.skipped.append((prefix + name, f"not fused: {reason}"))
+        report.skipped.extend((prefix + name, f"not fused: {reason}") for name in candidates)
     convert_model(model, report=report)
     return model
