@@ -18,7 +18,7 @@ import torch
 
 import bench_lib
 import report
-from bench_lib import ANCHORS, COPY_PASSES, LAYOUTS, MODES, OURS, PRESETS, WORKLOADS, Setup
+from bench_lib import ANCHORS, COPY_PASSES, DEFAULT_WORKLOADS, LAYOUTS, MODES, OURS, PRESETS, WORKLOADS, Setup
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -47,9 +47,10 @@ def parse_args(argv=None):
     parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
     parser.add_argument("--mode", type=_choices(MODES, "all"), default=list(MODES),
                         help=f"{', '.join(MODES)}, comma-separated, or all (default)")
-    parser.add_argument("--workload", type=_choices(list(WORKLOADS), "all"), default=list(WORKLOADS),
+    parser.add_argument("--workload", type=_choices(list(WORKLOADS), "all"), default=DEFAULT_WORKLOADS,
                         help="what follows BatchNorm: bn (nothing), bn+relu, bn+add+relu (a residual added, "
-                        "then relu), comma-separated, or all (default)")
+                        "then relu), bn+relu6, bn+leaky_relu, bn+elu, bn+silu, bn+hardswish, bn+gelu, bn+gelu_tanh, "
+                        "bn+add+silu; comma-separated, or all (default: bn, bn+relu, bn+add+relu)")
     parser.add_argument("--compare", type=_choices(list(ANCHORS), "all"), default=["eager"],
                         help="anchors: eager (always) and compile (torch.compile, slow to compile on CPU)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,

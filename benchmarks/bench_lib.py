@@ -29,21 +29,34 @@ COPY_PASSES = 2
 
 @dataclass(frozen=True)
 class Workload:
-    """What the measured op computes: BatchNorm alone, relu(bn(x)), or relu(bn(x) + r) (ResNet's block end).
-    `passes` per mode: relu adds none (its mask is recomputed from x); the residual adds a read of r in the
-    forward, and in the backward reads of the output (relu's mask) in both passes and a write of r's
-    gradient."""
+    """What the measured op computes: BatchNorm alone ("identity"), act(bn(x)), or act(bn(x) + r) (ResNet's
+    block end). `passes` per mode: an activation adds none (act' is recomputed from x); the residual adds a
+    read of r in the forward, and in the backward reads of r (or, for relu, of the output: its mask) in
+    both passes and a write of r's gradient."""
     name: str
-    relu: bool
+    activation: str
     residual: bool
     passes: dict
 
+    @property
+    def fused(self) -> bool:
+        return self.activation != "identity"
 
+
+_ADD_PASSES = {"train-fwd": 4, "train-fwd-bwd": 12, "eval": 3}
 WORKLOADS = {w.name: w for w in (
-    Workload("bn", False, False, PASSES),
-    Workload("bn+relu", True, False, PASSES),
-    Workload("bn+add+relu", True, True, {"train-fwd": 4, "train-fwd-bwd": 12, "eval": 3}),
-)}
+    [Workload("bn", "identity", False, PASSES), Workload("bn+relu", "relu", False, PASSES),
+     Workload("bn+add+relu", "relu", True, _ADD_PASSES)]
+    + [Workload(f"bn+{a}", a, False, PASSES) for a in ("relu6", "leaky_relu", "elu", "silu", "hardswish", "gelu",
+                                                      "gelu_tanh")]
+    + [Workload("bn+add+silu", "silu", True, _ADD_PASSES)])}
+DEFAULT_WORKLOADS = ["bn", "bn+relu", "bn+add+relu"]
+# The torch module each activation is in torch's composition (default parameters).
+TORCH_ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
+                     "elu": nn.ELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
+                     "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+# Where each activation's derivative jumps (the pre-activation values whose gradient --check cannot pin).
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0)}
 LAYOUTS = ("NCHW", "NHWC")
 
 # (C, H, W) of every BatchNorm2d input in torchvision's ResNet-50 at 224x224, stem to last stage
@@ -82,6 +95,7 @@ class Composition(nn.Module):
     def __init__(self, bn, workload, fused, residual):
         super().__init__()
         self.bn, self.workload, self.fused, self.residual = bn, workload, fused, residual
+        self.act = TORCH_ACTIVATIONS[workload.activation]()
 
     weight = property(lambda self: self.bn.weight)
     bias = property(lambda self: self.bn.bias)
@@ -91,10 +105,9 @@ class Composition(nn.Module):
     def forward(self, x):
         r = self.residual if self.workload.residual else None
         if self.fused:
-            return self.bn(x, r) if self.workload.relu else self.bn(x)
+            return self.bn(x, r) if self.workload.fused else self.bn(x)
         y = self.bn(x)
-        y = y if r is None else y + r
-        return torch.relu(y) if self.workload.relu else y
+        return self.act(y if r is None else y + r)
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,13 @@ def _compiled_composition(c, device, dtype, workload, residual):
 
 
 def _fused(c, device, dtype, workload, residual):
-    cls = fusedbn.FusedBatchNormReLU2d if workload.relu else fusedbn.FusedBatchNorm2d
-    return Composition(cls(c, device=device, dtype=dtype), workload, True, residual)
+    if workload.activation == "identity":
+        bn = fusedbn.FusedBatchNorm2d(c, device=device, dtype=dtype)
+    elif workload.activation == "relu":
+        bn = fusedbn.FusedBatchNormReLU2d(c, device=device, dtype=dtype)
+    else:
+        bn = fusedbn.FusedBatchNormAct2d(c, device=device, dtype=dtype, activation=workload.activation)
+    return Composition(bn, workload, True, residual)
 
 
 # What users would run instead: eager is always measured and is --check's reference; --compare adds compile.
@@ -127,7 +145,8 @@ ANCHORS = {
     "compile": Contender("compile", "the same torch.compile'd (inductor)", _compiled_composition),
 }
 # Ours: each is timed against every anchor. Later kernels join by adding an entry.
-OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d, or FusedBatchNormReLU2d for the relu workloads", _fused)]
+OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d, or FusedBatchNormReLU2d / FusedBatchNormAct2d for the "
+                   "activation workloads", _fused)]
 
 
 @dataclass(frozen=True)
@@ -268,19 +287,26 @@ def _check_results(module, x, grad, residual):
     return results
 
 
-def _relu_flip_allowance(expected, results, grad, x, weight):
-    """relu's gradient jumps at 0: where two correct float computations of a pre-activation within rounding
-    of 0 land on either side (one output 0, the other positive), their gradients rightly differ there.
-    Those values are left out of the elementwise gradients, and what they can add to a channel's sums
-    (|dy|, times |x_hat| for the weight) is allowed on top of the tolerance; through the training dx's
-    mean terms, each other value of the channel may move by (sum_dy + |x_hat| sum_dy_xhat) * |a| / m,
-    a = weight / std."""
-    flips = (expected["output"] > 0) != (results["output"] > 0)
+def _kink_allowance(setup, x, grad, residual, weight, bias):
+    """An activation's gradient jumps at its kinks (relu's 0): where two correct float computations of a
+    pre-activation within rounding of a kink land on either side, their gradients rightly differ there
+    (by at most 1.5 dy). The training step's pre-activations in float64 locate those values ("flips"), left
+    out of the elementwise gradients; what they can add to a channel's sums (1.5 |dy|, times |x_hat| for
+    the weight) is allowed on top of the tolerance; through the training dx's mean terms, each other value
+    of the channel may move by (sum_dy + |x_hat| sum_dy_xhat) * |a| / m, a = weight / std."""
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [-1 if d == 1 else 1 for d in range(x.dim())]
+    z = torch.nn.functional.batch_norm(x.double(), None, None, weight.detach().double(), bias.detach().double(),
+                                       training=True)
+    if setup.workload.residual:
+        z = z + residual.detach().double()
+    rounding = 64 * torch.finfo(setup.dtype).eps * (z.abs() + 1)
+    flips = torch.zeros_like(z, dtype=torch.bool)
+    for kink in KINKS[setup.workload.activation]:
+        flips |= (z - kink).abs() <= rounding
     std = x.double().std(dims, keepdim=True)
     x_hat = ((x.double() - x.double().mean(dims, keepdim=True)) / std).abs()
-    dy = torch.where(flips, grad.double().abs(), 0)
+    dy = torch.where(flips, 1.5 * grad.double().abs(), 0)
     sum_dy, sum_dy_xhat = dy.sum(dims), (dy * x_hat).sum(dims)
     a = weight.detach().double().abs().view(shape) / std
     count = x.numel() // x.shape[1]
@@ -297,8 +323,8 @@ def check(setup, modules, x, grad, residual, reference):
         if name == reference:
             continue
         results = _check_results(module, x, grad, residual)
-        flips, allowance = (_relu_flip_allowance(expected, results, grad, x, module.weight)
-                            if setup.workload.relu else (None, {}))
+        flips, allowance = (_kink_allowance(setup, x, grad, residual, module.weight, module.bias)
+                            if setup.workload.activation in KINKS else (None, {}))
         for quantity, value in results.items():
             want = expected[quantity]
             if value is None or value.shape != want.shape or value.dtype != want.dtype:
