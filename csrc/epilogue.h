@@ -193,6 +193,11 @@ FUSEDBN_HOST_DEVICE inline auto with_activation(Activation act, F&& f) {
   }
 }
 
+// Whether the activation computes an exp, erf or tanh.
+inline bool is_transcendental(Activation act) {
+  return with_activation(act, [](auto kind) { return ActivationFn<decltype(kind)::value>::kTranscendental; });
+}
+
 // The activation and its parameter, as the ops take them.
 struct Epilogue {
   Activation act = Activation::kIdentity;

@@ -38,6 +38,11 @@ NAMES = tuple(_TORCH_CALLS)
 DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
 # act' is piecewise constant: it gates the gradient and has no derivative of its own (double backward).
 PIECEWISE_LINEAR = frozenset({"identity", "relu", "relu6", "leaky_relu"})
+# What fuse_model (and timm's norm-act twin) fuse on their own. Exact GELU and ELU are left to torch's
+# composition: on the CPU their fused kernels measured slower than it (benchmarks/results/cpu/
+# activations.txt: GELU eval 1.3-1.75x, ELU 1.0-1.2x, both bound by their erf / expm1), and a transform
+# must not make a model slower. FusedBatchNormAct*d and batch_norm_act compute them when asked.
+AUTO_FUSED = frozenset(NAMES) - {"gelu", "elu"}
 
 
 def spec(name: str, param: Optional[float] = None) -> Spec:

@@ -190,16 +190,18 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _activation(node: fx.Node, owner: nn.Module) -> Optional[activations.Spec]:
-    """The activation ``node`` applies to its (first) input, or None."""
+    """The activation ``node`` applies to its (first) input, where fuse_model fuses it (activations.AUTO_FUSED),
+    or None."""
+    act = None
     if node.op == "call_module":
         module = owner.get_submodule(node.target)
         plain_call = len(node.args) == 1 and not node.kwargs and not _has_hooks(module)
-        return activations.of_module(module) if plain_call else None
-    if node.op == "call_function":
-        return activations.of_call(node.target, node.args[1:], node.kwargs)
-    if node.op == "call_method":
-        return activations.of_method(node.target, node.args[1:], node.kwargs)
-    return None
+        act = activations.of_module(module) if plain_call else None
+    elif node.op == "call_function":
+        act = activations.of_call(node.target, node.args[1:], node.kwargs)
+    elif node.op == "call_method":
+        act = activations.of_method(node.target, node.args[1:], node.kwargs)
+    return act if act is not None and act[0] in activations.AUTO_FUSED else None
 
 
 def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:

@@ -15,13 +15,13 @@ def _plain(module: nn.Module) -> bool:
 class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
     """timm's ``BatchNormAct2d`` with fusedbn's BatchNorm: ``act(drop(bn(x)))``; one fused op where ``drop`` is
     an ``nn.Identity`` and ``act`` an activation module fusedbn fuses (``nn.ReLU``, ``nn.SiLU``, ...,
-    fusedbn/activations.py) or ``nn.Identity``, neither with hooks; else the BatchNorm op, then timm's layers
+    fusedbn/activations.py's AUTO_FUSED) or ``nn.Identity``, neither with hooks; else the BatchNorm op, then timm's layers
     as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
         drop, act = self.drop, self.act
         if type(drop) is nn.Identity and _plain(drop) and _plain(act):
             spec = activations.IDENTITY if type(act) is nn.Identity else activations.of_module(act)
-            if spec is not None:
+            if spec is not None and spec[0] in activations.AUTO_FUSED:
                 return self._fused_forward(x, None, spec)
         return act(drop(self._fused_forward(x, None, activations.IDENTITY)))

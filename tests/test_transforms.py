@@ -63,8 +63,9 @@ class ActivationsNet(nn.Module):
         return F.silu(x + bn[8](conv[8](x)))  # the residual first
 
 
-FUSED_IN_ACTIVATIONS_NET = {"silu": 1, "relu6": 1, "leaky_relu": 1, "gelu_tanh": 1, "elu": 1, "add+hardswish": 1,
-                            "add+gelu": 1, "relu": 1, "add+silu": 1}
+# Exact GELU and ELU stay torch's (activations.AUTO_FUSED).
+FUSED_IN_ACTIVATIONS_NET = {"silu": 1, "relu6": 1, "leaky_relu": 1, "gelu_tanh": 1, "add+hardswish": 1, "relu": 1,
+                            "add+silu": 1}
 
 
 def _activations_net():
@@ -93,7 +94,7 @@ def test_fuse_model_fuses_every_activation():
         if _ == "fused":
             fused[detail] = fused.get(detail, 0) + 1
     assert fused == FUSED_IN_ACTIVATIONS_NET, str(report)
-    assert {type(bn).__name__ for bn in model[0].bns} == {"FusedBatchNormAct2d", "FusedBatchNormReLU2d"}
+    assert {type(bn).__name__ for bn in model[0].bns} == {"FusedBatchNormAct2d", "FusedBatchNormReLU2d", "FusedBatchNorm2d"}
     unfused = fusedbn.Report()
     fusedbn.fuse_model(ActivationsNet(), report=unfused)
     assert unfused.count("fused") == 0 and "the model's own forward is not rewritten" in str(unfused)

@@ -24,12 +24,60 @@ inline void for_each_span(int64_t width, F&& body) {
   for (int64_t j0 = 0; j0 < width; j0 += kSpan) body(j0, std::min(kSpan, width - j0));
 }
 
+// Calls f(i, n, z) for kSpan-value spans of an elementwise tile's values (its rows back to back: they are
+// contiguous, ld == width), z[0..n) the values of elements i.. as fill(row, channel, j0, m, z) computes
+// columns [j0, j0 + m) of a row of that (first) channel: the spans run across rows, so short rows (7x7)
+// still fill the vectors of the activation.
+template <typename acc_t, typename Fill, typename F>
+inline void for_each_tile_span(const Tile& tile, Fill&& fill, F&& f) {
+  acc_t z[kSpan];
+  int64_t filled = 0, start = tile.offset;
+  int64_t channel = tile.channel;
+  for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
+    for (int64_t j0 = 0; j0 < tile.width;) {
+      const int64_t m = std::min(tile.width - j0, kSpan - filled);
+      fill(r, channel, j0, m, z + filled);
+      filled += m;
+      j0 += m;
+      if (filled == kSpan) {
+        f(start, filled, z);
+        start += filled;
+        filled = 0;
+      }
+    }
+  }
+  if (filled > 0) f(start, filled, z);
+}
+
 // y = act(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c].
 template <typename scalar_t, typename acc_t, int kChannelStride, bool kAdd, Activation kAct>
 void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, scalar_t* __restrict__ y,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
                     acc_t param, const Tile& tile) {
   using Act = ActivationFn<kAct>;
+  if constexpr (Act::kTranscendental) {
+    auto fill = [&](int64_t r, int64_t channel, int64_t j0, int64_t m, acc_t* __restrict__ z) {
+      const int64_t i = tile.offset + r * tile.ld + j0;
+      const scalar_t* __restrict__ xr = x + i;
+      const scalar_t* __restrict__ rr = kAdd ? residual + i : nullptr;
+      const int64_t c0 = channel + j0 * kChannelStride;
+      const acc_t* __restrict__ mu = mean + c0;
+      const acc_t* __restrict__ a = alpha + c0;
+      const acc_t* __restrict__ b = beta + c0;
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t c = j * kChannelStride;
+        acc_t zj = normalized(static_cast<acc_t>(xr[j]), mu[c], a[c], b[c]);
+        if constexpr (kAdd) zj += static_cast<acc_t>(rr[j]);
+        z[j] = zj;
+      }
+    };
+    for_each_tile_span<acc_t>(tile, fill, [&](int64_t i, int64_t n, acc_t* __restrict__ z) {
+      activation_span<kAct>(z, n, param);
+      scalar_t* __restrict__ out = y + i;
+      for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(z[j]);
+    });
+    return;
+  }
   int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
     const acc_t* __restrict__ mu = mean + channel;
@@ -42,20 +90,7 @@ void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       if constexpr (kAdd) z += static_cast<acc_t>(residual[base + j]);
       return z;
     };
-    if constexpr (kAct == Activation::kIdentity) {
-      for (int64_t j = 0; j < tile.width; ++j) y[base + j] = static_cast<scalar_t>(z_at(j));
-    } else if constexpr (!Act::kTranscendental) {
-      for (int64_t j = 0; j < tile.width; ++j) {
-        y[base + j] = static_cast<scalar_t>(Act::forward(z_at(j), param));
-      }
-    } else {
-      for_each_span(tile.width, [&](int64_t j0, int64_t n) {
-        acc_t z[kSpan];
-        for (int64_t j = 0; j < n; ++j) z[j] = z_at(j0 + j);
-        activation_span<kAct>(z, n, param);
-        for (int64_t j = 0; j < n; ++j) y[base + j0 + j] = static_cast<scalar_t>(z[j]);
-      });
-    }
+    for (int64_t j = 0; j < tile.width; ++j) y[base + j] = static_cast<scalar_t>(Act::forward(z_at(j), param));
   }
 }
 
@@ -80,6 +115,7 @@ struct GradSource {
   const acc_t* alpha;        // kRecompute, else null
   const acc_t* beta;
   acc_t param;
+  scalar_t* dz_out = nullptr;  // kBuffered rules in the gradient sums: where to keep dz for the dx pass
 };
 
 // dz of value i (input xv) with its channel's coefficients.

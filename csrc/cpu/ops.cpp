@@ -301,22 +301,24 @@ Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
 }
 
 // Calls f(scalar_t{}, rule, source) with dz's rule (GradRule) and source (GradSource) for the backward
-// tile kernels; `coefficients` from backward_coefficients.
+// tile kernels; `coefficients` from backward_coefficients; dz kept in `dz_out` when that is defined.
 template <typename F>
-void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f) {
+void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f, const Tensor& dz_out = Tensor()) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* a = coefficients.const_data_ptr<acc_t>() + in.layout.C;
     const GradSource<scalar_t, acc_t> source{
         in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
         in.residual.defined() ? in.residual.const_data_ptr<scalar_t>() : nullptr, a, a + in.layout.C,
-        static_cast<acc_t>(in.epilogue.param)};
+        static_cast<acc_t>(in.epilogue.param), dz_out.defined() ? dz_out.mutable_data_ptr<scalar_t>() : nullptr};
     with_grad_rule(in, [&](auto rule) { f(scalar_t{}, rule, source); });
   });
 }
 
-// sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output.
-std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients) {
+// sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output; dz itself
+// written into `dz_out` when that is defined (only for the activations computed in spans, GradRule::kBuffered).
+std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients,
+                                             const Tensor& dz_out = Tensor()) {
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
   Tensor sum_dz = at::empty({C}, acc_options), sum_dz_xmu = at::empty({C}, acc_options);
@@ -334,7 +336,7 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
     sum_rows_pairwise(part_dz_xmu.data(), parts, C);
     std::copy(part_dz.begin(), part_dz.begin() + C, sum_dz.mutable_data_ptr<acc_t>());
     std::copy(part_dz_xmu.begin(), part_dz_xmu.begin() + C, sum_dz_xmu.mutable_data_ptr<acc_t>());
-  });
+  }, dz_out);
   return {sum_dz, sum_dz_xmu};
 }
 
@@ -396,10 +398,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const bool dx_is_scaled_dy = !training && in.from == GradFrom::kDy && !want_grad_residual;
   const Tensor coefficients = backward_coefficients(in, !dx_is_scaled_dy);
   const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
-  const auto [sum_dz, sum_dz_xmu] = need_sums ? channel_grad_sums(in, coefficients) : std::make_tuple(Tensor(), Tensor());
+  // An activation computed in spans (SiLU, GELU, ELU: exp, erf, tanh) keeps dz from the sums' pass for the
+  // dx pass instead of computing its derivative twice: one more tensor written and read, where the CPU is
+  // compute-bound on the derivative.
+  const bool keep_dz = need_sums && (output_mask[0] || want_grad_residual) && in.from == GradFrom::kRecompute &&
+                       is_transcendental(in.epilogue.act);
+  const Tensor dz = keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
+  const auto [sum_dz, sum_dz_xmu] =
+      need_sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor());
   Tensor grad_input, grad_weight;
-  Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  if (dx_is_scaled_dy) {
+  Tensor grad_residual = want_grad_residual && !keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
+  if (keep_dz) {
+    BackwardInputs from_dz = in;  // dz as the gradient of an op without activation
+    from_dz.dy = dz;
+    from_dz.from = GradFrom::kDy;
+    from_dz.residual = Tensor();
+    if (output_mask[0]) {
+      grad_input = dx_pass(from_dz, coefficients, training ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor(),
+                           Tensor());
+    }
+    if (want_grad_residual) grad_residual = dz;
+  } else if (dx_is_scaled_dy) {
     if (output_mask[0]) grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
   } else if (output_mask[0] || want_grad_residual) {
     // Without dx asked for, only grad_residual = dz is: no centering needed.

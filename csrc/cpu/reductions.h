@@ -364,8 +364,16 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   for (int64_t k = 0; k < channels; ++k) out_m2[k] += seen * spread[k];
 }
 
+// dz_out[i + j] = dz[j] for j < n, when dz_out is given.
+template <typename scalar_t, typename acc_t>
+inline void keep_dz(scalar_t* __restrict__ dz_out, int64_t i, int64_t n, const acc_t* __restrict__ dz) {
+  if (dz_out == nullptr) return;
+  for (int64_t j = 0; j < n; ++j) dz_out[i + j] = static_cast<scalar_t>(dz[j]);
+}
+
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
-// read through the activation (GradRule, elementwise.h). Long channels-first runs: lane sums per chunk,
+// read through the activation (GradRule, elementwise.h); for the kBuffered rules (SiLU, GELU, ELU) also
+// kept in source.dz_out when given, so the dx pass need not compute the activation's derivative again. Long channels-first runs: lane sums per chunk,
 // chunks summed pairwise. Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
 template <typename scalar_t, typename acc_t, int kMultiChannel, typename Rule>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
@@ -397,6 +405,7 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
         for_each_span(n, [&](int64_t j0, int64_t m) {
           dz_span<Rule, 0>(source, x, offset + j0, m, &mean[c], &alpha[c], &beta[c], buf + j0);
         });
+        keep_dz(source.dz_out, offset, n, buf);
         add_sums([&](int64_t j) { return buf[j]; });
       } else {
         add_sums([&](int64_t j) {
@@ -436,6 +445,7 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
         for_each_span(W, [&](int64_t j0, int64_t n) {
           acc_t dz[kSpan];
           dz_span<Rule, 1>(source, x, base + j0, n, col_mean + j0, col_alpha + j0, col_beta + j0, dz);
+          keep_dz(source.dz_out, base + j0, n, dz);
           for (int64_t j = 0; j < n; ++j) add(j0 + j, dz[j]);
         });
       } else {
