@@ -84,13 +84,12 @@ void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__
     const acc_t* __restrict__ a = alpha + channel;
     const acc_t* __restrict__ b = beta + channel;
     const int64_t base = tile.offset + r * tile.ld;
-    auto z_at = [&](int64_t j) {
+    for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       acc_t z = normalized(static_cast<acc_t>(x[base + j]), mu[c], a[c], b[c]);
       if constexpr (kAdd) z += static_cast<acc_t>(residual[base + j]);
-      return z;
-    };
-    for (int64_t j = 0; j < tile.width; ++j) y[base + j] = static_cast<scalar_t>(Act::forward(z_at(j), param));
+      y[base + j] = static_cast<scalar_t>(Act::forward(z, param));
+    }
   }
 }
 
@@ -147,10 +146,20 @@ inline void dz_span(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   activation_grad_span<Rule::kAct>(dz, z, n, source.param);
 }
 
-// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] (kCentered: training), dz * a[c] under eval
-// statistics (x does not enter: a NaN input keeps a finite gradient, as in torch), and dz itself into
-// grad_residual when asked. Subtracting before scaling by a = w * invstd avoids the cancellation between
-// a*dz and a*mean_dz when invstd is large.
+// dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * a (kCentered: training), dz * a under
+// eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting before
+// scaling by a = w * invstd avoids the cancellation between a*dz and a*mean_dz when invstd is large.
+template <bool kCentered, typename acc_t>
+inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t a) {
+  if constexpr (kCentered) {
+    return (dz - mean_dz - (x - mean) * proj) * a;
+  } else {
+    return dz * a;
+  }
+}
+
+// dx per value (dx_of; mean_dz and proj per channel, read only when kCentered), and dz itself into
+// grad_residual when asked.
 template <typename scalar_t, typename acc_t, int kChannelStride, typename Rule, bool kWriteDz, bool kCentered>
 void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual,
@@ -162,32 +171,37 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
   const acc_t* __restrict__ alpha = source.alpha;
   const acc_t* __restrict__ beta = source.beta;
   const acc_t param = source.param;
+  constexpr bool kRecompute = Rule::kFrom == GradFrom::kRecompute;
   int64_t channel = tile.channel;
   for (int64_t r = 0; r < tile.rows; ++r, channel = next_row_channel(tile, channel)) {
     const int64_t base = tile.offset + r * tile.ld;
-    auto write = [&](int64_t j, acc_t dz) {
-      const int64_t c = channel + j * kChannelStride;
-      const int64_t i = base + j;
-      if constexpr (kCentered) {
-        dx[i] = static_cast<scalar_t>((dz - mean_dz[c] - (static_cast<acc_t>(x[i]) - mean[c]) * proj[c]) * a[c]);
-      } else {
-        dx[i] = static_cast<scalar_t>(dz * a[c]);
-      }
-      if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
-    };
     if constexpr (Rule::kBuffered) {
       for_each_span(tile.width, [&](int64_t j0, int64_t n) {
         acc_t dz[kSpan];
         const int64_t c0 = channel + j0 * kChannelStride;
         dz_span<Rule, kChannelStride>(source, x, base + j0, n, mean + c0, alpha + c0, beta + c0, dz);
-        for (int64_t j = 0; j < n; ++j) write(j0 + j, dz[j]);
+        const scalar_t* __restrict__ xs = x + base + j0;
+        scalar_t* __restrict__ dxs = dx + base + j0;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t c = c0 + j * kChannelStride;
+          dxs[j] = static_cast<scalar_t>(dx_of<kCentered>(dz[j], static_cast<acc_t>(xs[j]), mean[c],
+                                                          kCentered ? mean_dz[c] : acc_t(0),
+                                                          kCentered ? proj[c] : acc_t(0), a[c]));
+        }
+        if constexpr (kWriteDz) {
+          for (int64_t j = 0; j < n; ++j) grad_residual[base + j0 + j] = static_cast<scalar_t>(dz[j]);
+        }
       });
     } else {
       for (int64_t j = 0; j < tile.width; ++j) {
         const int64_t c = channel + j * kChannelStride;
-        const bool recompute = Rule::kFrom == GradFrom::kRecompute;
-        write(j, dz_at<Rule>(dy, out, residual, base + j, static_cast<acc_t>(x[base + j]), mean[c],
-                             recompute ? alpha[c] : acc_t(0), recompute ? beta[c] : acc_t(0), param));
+        const int64_t i = base + j;
+        const acc_t xv = static_cast<acc_t>(x[i]);
+        const acc_t dz = dz_at<Rule>(dy, out, residual, i, xv, mean[c], kRecompute ? alpha[c] : acc_t(0),
+                                     kRecompute ? beta[c] : acc_t(0), param);
+        dx[i] = static_cast<scalar_t>(dx_of<kCentered>(dz, xv, mean[c], kCentered ? mean_dz[c] : acc_t(0),
+                                                       kCentered ? proj[c] : acc_t(0), a[c]));
+        if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
       }
     }
   }

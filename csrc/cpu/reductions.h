@@ -437,21 +437,28 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data() + b * W;
     for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
-      auto add = [&](int64_t j, acc_t g) {
-        block_dz[j] += g;
-        block_dz_xmu[j] += g * (static_cast<acc_t>(x[base + j]) - col_mean[j]);
-      };
       if constexpr (Rule::kBuffered) {
         for_each_span(W, [&](int64_t j0, int64_t n) {
           acc_t dz[kSpan];
           dz_span<Rule, 1>(source, x, base + j0, n, col_mean + j0, col_alpha + j0, col_beta + j0, dz);
           keep_dz(source.dz_out, base + j0, n, dz);
-          for (int64_t j = 0; j < n; ++j) add(j0 + j, dz[j]);
+          acc_t* __restrict__ sums = block_dz + j0;
+          acc_t* __restrict__ sums_xmu = block_dz_xmu + j0;
+          const scalar_t* __restrict__ xs = x + base + j0;
+          const acc_t* __restrict__ mu = col_mean + j0;
+          for (int64_t j = 0; j < n; ++j) {
+            sums[j] += dz[j];
+            sums_xmu[j] += dz[j] * (static_cast<acc_t>(xs[j]) - mu[j]);
+          }
         });
       } else {
         for (int64_t j = 0; j < W; ++j) {
-          add(j, dz_at<Rule>(dy, out, residual, base + j, static_cast<acc_t>(x[base + j]), col_mean[j],
-                             kRecompute ? col_alpha[j] : acc_t(0), kRecompute ? col_beta[j] : acc_t(0), param));
+          const int64_t i = base + j;
+          const acc_t xv = static_cast<acc_t>(x[i]);
+          const acc_t g = dz_at<Rule>(dy, out, residual, i, xv, col_mean[j], kRecompute ? col_alpha[j] : acc_t(0),
+                                      kRecompute ? col_beta[j] : acc_t(0), param);
+          block_dz[j] += g;
+          block_dz_xmu[j] += g * (xv - col_mean[j]);
         }
       }
     }
