@@ -90,6 +90,9 @@ class _BatchNormAct(_FusedForward):
 
 
 class _BatchNormActConstructor(_BatchNormAct):
+    """``_BatchNormAct`` built with its activation: nn.BatchNorm*d's arguments, then ``activation`` and
+    ``activation_param`` (keywords)."""
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "relu",
                  activation_param: Optional[float] = None) -> None:
