@@ -395,22 +395,23 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     const acc_t a = kRecompute ? alpha[c] : acc_t(0), b = kRecompute ? beta[c] : acc_t(0);
     PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
-      auto add_sums = [&](auto dz) {
-        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return dz(j); }));
-        total_dz_xmu.push(
-            run_sum<acc_t>(n, [&](int64_t j) { return dz(j) * (static_cast<acc_t>(x[offset + j]) - mu); }));
-      };
+      const scalar_t* __restrict__ xs = x + offset;
       if constexpr (Rule::kBuffered) {
         acc_t buf[kBlockValues];
         for_each_span(n, [&](int64_t j0, int64_t m) {
           dz_span<Rule, 0>(source, x, offset + j0, m, &mean[c], &alpha[c], &beta[c], buf + j0);
         });
         keep_dz(source.dz_out, offset, n, buf);
-        add_sums([&](int64_t j) { return buf[j]; });
+        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return buf[j]; }));
+        total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) { return buf[j] * (static_cast<acc_t>(xs[j]) - mu); }));
       } else {
-        add_sums([&](int64_t j) {
-          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(x[offset + j]), mu, a, b, param);
-        });
+        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) {
+          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b, param);
+        }));
+        total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) {
+          const acc_t xv = static_cast<acc_t>(xs[j]);
+          return dz_at<Rule>(dy, out, residual, offset + j, xv, mu, a, b, param) * (xv - mu);
+        }));
       }
     });
     sum_dz[slot] = total_dz.total();
