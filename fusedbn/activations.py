@@ -2,7 +2,7 @@
 (csrc/epilogue.h), each with its parameter: ``leaky_relu``'s negative_slope, ``elu``'s alpha (others take
 none, 0.0). Here in torch's ops: the function itself (for paths that compute the composition unfused) and
 its derivative as the fused backward takes it (torch's one-sided gradient at ties); and which torch modules
-and functional calls compute each, for ``fuse_model`` and ``revert_model``."""
+and functional calls compute each, for ``fuse_model``."""
 import math
 from typing import Optional, Tuple
 
@@ -91,14 +91,6 @@ def derivative(act: Spec, z: Tensor) -> Tensor:
     beta, kappa = math.sqrt(2 / math.pi), 0.044715  # gelu_tanh
     t = torch.tanh(beta * (z + kappa * z ** 3))
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * beta * (1 + 3 * kappa * z * z)
-
-
-def module(act: Spec) -> nn.Module:
-    """The torch module that computes ``act`` (revert_model's)."""
-    name, p = act
-    return {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": lambda: nn.LeakyReLU(p),
-            "elu": lambda: nn.ELU(p), "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
-            "gelu_tanh": lambda: nn.GELU(approximate="tanh")}[name]()
 
 
 def of_module(m: nn.Module) -> Optional[Spec]:
