@@ -50,3 +50,9 @@ def plain_eager() -> bool:
     """Whether no torch.func transform, forward-mode AD or tracing is active: an eager twin serves."""
     return not (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
                 or torch.compiler.is_compiling())
+
+
+# The ops carry autograd of their own (fusedbn/_op_autograd.py), a Python kernel at the Autograd key; an
+# autograd.Function's forward, or a call nothing differentiates, runs them below it (a C++ guard, well under
+# a microsecond, where entering that kernel to learn that nothing needs gradients costs several).
+below_autograd = torch._C._AutoDispatchBelowAutograd

@@ -18,7 +18,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import activations, ops
-from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
+from ._autograd import autograd_needed, below_autograd, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
 
@@ -130,8 +130,9 @@ class BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(grad_output, input, weight, bias, output, residual, mean, invstd, training, act, output_mask,
                 grad_residual):
-        return tuple(ops.backward(grad_output, input, weight, mean, invstd, training, output_mask, bias, output,
-                                  residual, *act, grad_residual))
+        with below_autograd():
+            return tuple(ops.backward(grad_output, input, weight, mean, invstd, training, output_mask, bias, output,
+                                      residual, *act, grad_residual))
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):

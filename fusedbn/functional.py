@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import activations, ops
-from ._autograd import autograd_needed, cached_signature, eager_twin, plain_eager
+from ._autograd import autograd_needed, below_autograd, cached_signature, eager_twin, plain_eager
 from ._shapes import channel_view, channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 from .backward import ChannelTerms, batch_norm_backward
 
@@ -79,7 +79,8 @@ class _BatchNormTraining(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
-        return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, *act)
+        with below_autograd():
+            return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, *act)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -118,7 +119,8 @@ class _BatchNormEval(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, eps, residual, act):
-        return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act)
+        with below_autograd():
+            return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

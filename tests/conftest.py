@@ -10,6 +10,9 @@ import fusedbn
 HAS_SIMT = importlib.util.find_spec("fusedbn._simt") is not None
 if HAS_SIMT:
     import fusedbn._simt  # noqa: F401  (registers torch.ops.fusedbn_simt)
+    from fusedbn._op_autograd import register_autograd_kernels
+
+    register_autograd_kernels("fusedbn_simt")  # the ops' autograd, as fusedbn's own have it
 
 # Where a test runs. A device joins the whole suite by being added here.
 #   cpu  - the C++ CPU kernels

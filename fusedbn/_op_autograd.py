@@ -1,0 +1,67 @@
+"""Autograd kernels registered on the ops themselves (the Autograd dispatch key), for whatever runs the op
+graph rather than fusedbn's Python: a torch.export'ed program's module (training included), AOTAutograd,
+opcheck, TorchScript, a user calling ``torch.ops.fusedbn.*`` directly. (torch.library.register_autograd
+refuses ops that mutate an argument, as forward_train does its running statistics, so the kernels are
+registered as it would register them.)
+
+Each differentiable op's kernel applies fusedbn's own autograd.Function (fusedbn/functional.py,
+fusedbn/backward.py): one formula for both layers. fusedbn's eager calls apply those Functions directly, as
+they add what an op-level kernel cannot reach (forward-mode AD's jvp rules and the classic-style twin, a few
+microseconds less host time per call), and their forwards run the ops below the Autograd key
+(``below_autograd``), so these kernels are not entered twice. batch_stats, grad_sums and backward_elemt are
+pieces of SyncBatchNorm's Function (fusedbn/sync.py), not differentiable on their own: their kernels only
+step below autograd, as torch asks of a non-differentiable op.
+"""
+import torch
+
+from ._autograd import below_autograd
+from .backward import BatchNormBackward
+from .functional import _BatchNormEval, _BatchNormTraining, _check_running_stats
+
+_LIBRARIES = []  # a torch.library.Library's registrations last as long as the object
+
+
+def _register(library, name, function_args=None, function=None):
+    """The Autograd kernel of the op ``name``: ``function.apply(*function_args(op_args))`` where grad mode
+    is on and a tensor argument requires grad, else the op below autograd."""
+    op = getattr(getattr(torch.ops, library.ns), name).default
+    defaults = [a.default_value for a in op._schema.arguments]
+
+    def kernel(keyset, *args):
+        if function is not None and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if name.startswith("forward"):  # the kernels' own check, which the Function's no-grad forward skips
+                _check_running_stats(args[3], args[4], training=True)
+            # The dispatcher drops trailing arguments equal to their defaults; the Functions take them all.
+            return function.apply(*function_args(args + tuple(defaults[len(args):])))
+        with below_autograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    library.impl(name, kernel, "Autograd", with_keyset=True)
+
+
+def _training_args(args):
+    # The op takes the activation as two arguments, the Functions as one (name, parameter) pair.
+    *rest, name, param = args
+    return *rest, (name, param)
+
+
+def _backward_args(args):
+    (grad_output, input, weight, mean, invstd, training, output_mask, bias, output, residual, name, param,
+     grad_residual) = args
+    return (grad_output, input, weight, bias, output, residual, mean, invstd, training, (name, param), output_mask,
+            grad_residual)
+
+
+def register_autograd_kernels(namespace: str) -> None:
+    """Registers the kernels for the ops of ``namespace``: "fusedbn", and the tests' "fusedbn_simt" (the same
+    schemas, csrc/schemas.h)."""
+    library = torch.library.Library(namespace, "IMPL")
+    _register(library, "forward_train", _training_args, _BatchNormTraining)
+    _register(library, "forward_eval", _training_args, _BatchNormEval)
+    _register(library, "backward", _backward_args, BatchNormBackward)
+    for name in ("batch_stats", "grad_sums", "backward_elemt"):
+        _register(library, name)
+    _LIBRARIES.append(library)
+
+
+register_autograd_kernels("fusedbn")
