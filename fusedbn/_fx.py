@@ -32,6 +32,19 @@ def traced_copy(model: nn.Module, caller: str, instead: str, leaves: tuple = ())
         return model, None
 
 
+def as_fx_leaf(module: nn.Module, input, *rest):
+    """While torch.fx traces ``module`` (``input`` a Proxy), its call recorded as one ``call_module`` node, as
+    torch.fx records torch.nn's own modules: any tracer (torch.fx.symbolic_trace's, quantization's) then keeps
+    fusedbn's modules whole, and the traced model runs them (train and eval alike). None otherwise. ``rest``:
+    further arguments, trailing Nones dropped."""
+    if not isinstance(input, fx.Proxy):
+        return None
+    args = (input, *rest)
+    while args[-1] is None:
+        args = args[:-1]
+    return input.tracer.create_proxy("call_module", input.tracer.path_of_module(module), args, {})
+
+
 def module_call_counts(graph: fx.Graph) -> Counter:
     """How many times the graph calls each submodule (a module called twice is shared: not rewritable)."""
     return Counter(node.target for node in graph.nodes if node.op == "call_module")

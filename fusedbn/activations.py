@@ -54,6 +54,28 @@ def spec(name: str, param: Optional[float] = None) -> Spec:
     return name, float(DEFAULT_PARAM.get(name, 0.0) if param is None else param)
 
 
+def apply_scripted(name: str, param: float, z: Tensor) -> Tensor:
+    """``apply((name, param), z)`` in TorchScript's subset of Python (which cannot call the lambdas above);
+    tests/test_deployment.py checks the two agree for every activation."""
+    if name == "relu":
+        return torch.relu(z)
+    if name == "relu6":
+        return F.hardtanh(z, 0.0, 6.0)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, param)
+    if name == "elu":
+        return F.elu(z, param)
+    if name == "silu":
+        return F.silu(z)
+    if name == "hardswish":
+        return F.hardswish(z)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    return z
+
+
 def torch_call(act: Spec):
     """(function, args) with act(z) = function(z, *args) in torch's ops; function None for identity."""
     name, param = act

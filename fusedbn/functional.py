@@ -286,15 +286,20 @@ def _with_torch_ops(input, running_mean, running_var, weight, bias, training, mo
     return activations.apply(act, output)
 
 
-def compiling_to_torch_ops() -> bool:
-    """Whether torch.compile is tracing: it gets the graph torch's BatchNorm would give it, so a model
-    compiles to what the same model with nn.BatchNorm*d compiles to. torch.export (deployment, where nothing
-    fuses around an op) keeps the fusedbn ops."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+def computes_in_torch_ops() -> bool:
+    """Whether this call computes in torch's own ops: under torch.compile, so a model compiles to what the
+    same model with nn.BatchNorm*d compiles to; under ONNX export (both exporters), which then emits standard
+    operators; under torch.jit.trace, so a saved trace runs wherever TorchScript runs, without fusedbn.
+    torch.export (deployment, where nothing fuses around an op) keeps the fusedbn ops."""
+    if torch.jit.is_tracing():  # the TorchScript-based ONNX exporter traces too
+        return True
+    if not torch.compiler.is_compiling():  # eager: the cheap checks first (is_in_onnx_export costs ~0.8 us)
+        return False
+    return not torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 def _apply(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
-    if compiling_to_torch_ops():
+    if computes_in_torch_ops():
         return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)
     check_eps(eps, training)
     if input.dim() < 2:

@@ -8,15 +8,41 @@ only ``forward`` differs.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import activations
-from .functional import _apply, compiling_to_torch_ops
+from ._fx import as_fx_leaf
+from .functional import _apply, computes_in_torch_ops
 
 
 class _FusedForward:
+    # The activation after BatchNorm (fusedbn/activations.py); the act modules set their own. Constants for
+    # TorchScript, as nn.BatchNorm*d's hyperparameters are.
+    activation, activation_param = activations.IDENTITY
+    __constants__ = nn.modules.batchnorm._NormBase.__constants__ + ["activation", "activation_param"]
+
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """The forward TorchScript compiles (torch.jit.script): nn.BatchNorm*d's, then the residual and the
+        activation, in torch's ops, so a scripted model runs wherever TorchScript runs, without fusedbn."""
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running = not self.training or self.track_running_stats
+        output = F.batch_norm(input, self.running_mean if use_running else None,
+                              self.running_var if use_running else None, self.weight, self.bias, use_batch_stats,
+                              factor, self.eps)
+        if residual is not None:
+            output = output + residual
+        return activations.apply_scripted(self.activation, self.activation_param, output)
+
+    @torch.jit.unused
     def _fused_forward(self, input: Tensor, residual: Optional[Tensor], act: activations.Spec) -> Tensor:
-        if compiling_to_torch_ops():  # torch's own forward, line for line (momentum=None included)
+        if computes_in_torch_ops():  # torch's own forward, line for line (momentum=None included)
             output = nn.modules.batchnorm._BatchNorm.forward(self, input)
             return activations.apply(act, output if residual is None else output + residual)
         self._check_input_dim(input)
@@ -50,7 +76,14 @@ class _FusedForward:
 
 class _BatchNorm(_FusedForward):
     def forward(self, input: Tensor) -> Tensor:
-        return self._fused_forward(input, None, activations.IDENTITY)
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, None)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
+        leaf = as_fx_leaf(self, input)
+        return self._fused_forward(input, None, activations.IDENTITY) if leaf is None else leaf
 
 
 def _check_addable(input: Tensor, residual: Tensor) -> None:
@@ -77,6 +110,15 @@ class _BatchNormAct(_FusedForward):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """``act(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
         or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input, residual)
+        return self._eager_forward(input, residual)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        leaf = as_fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
             _check_addable(input, residual)  # before the BatchNorm updates its statistics
