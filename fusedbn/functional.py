@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from torch.autograd import forward_ad
 
@@ -319,6 +320,25 @@ def _apply(input, running_mean, running_var, weight, bias, training, momentum, e
     if training:
         return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act)[0]
     return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act)
+
+
+# What torch.utils.checkpoint raises to end a recomputation early, once it has the tensors it needs.
+_STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
+
+
+def counted_apply(num_batches_tracked: Tensor, *args) -> Tensor:
+    """``_apply(*args)`` for a module that tracks its batches: the batch counted first, as torch's BatchNorm
+    counts it (a non-reentrant checkpoint stops recomputing right after the BatchNorm op, so torch's module
+    counts the recomputed batch again, and so must this), and uncounted if the call is rejected, so a rejected
+    input leaves the module as it was."""
+    num_batches_tracked.add_(1)
+    try:
+        return _apply(*args)
+    except _STOP_RECOMPUTATION:
+        raise
+    except BaseException:
+        num_batches_tracked.sub_(1)
+        raise
 
 
 def batch_norm(

@@ -98,6 +98,13 @@ class RewrittenForward:
         return self.function.__code__
 
     @property
+    def __globals__(self):
+        # torch.jit.script compiles a forward from its Python source, which a rewritten one has not.
+        raise AttributeError(f"fusedbn: {type(self.owner).__name__}.forward was rewritten by fuse_model and has no "
+                             "source for torch.jit.script: use torch.jit.trace (or torch.export), or script a "
+                             "copy after fusedbn.revert_model(copy) or before fuse_model")
+
+    @property
     def __signature__(self):
         signature = inspect.signature(self.function)
         return signature.replace(parameters=list(signature.parameters.values())[1:])

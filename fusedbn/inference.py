@@ -5,13 +5,14 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import activations
-from ._fx import module_call_counts, traced_copy
+from ._fx import as_fx_leaf, module_call_counts, traced_copy
 from .convert import foreign_batch_norm
-from .functional import batch_norm_eval
+from .functional import batch_norm_eval, computes_in_torch_ops
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d, FusedBatchNormAct2d,
                       FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 from .report import Report
@@ -141,6 +142,8 @@ class _FrozenBatchNorm(nn.Module):
     adding an optional residual; gradients flow to the inputs only. Loads a ``nn.BatchNorm*d`` state_dict."""
 
     _dims: tuple  # the input dimensionalities the torch class takes
+    _dims_text: str  # in words, for the error
+    __constants__ = ["num_features", "eps", "activation", "activation_param", "_dims", "_dims_text"]
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
                  activation: str = "identity", activation_param: Optional[float] = None) -> None:
@@ -176,10 +179,32 @@ class _FrozenBatchNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._in_torch_ops(input, residual)
+        return self._eager_forward(input, residual)
+
+    def _in_torch_ops(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """The forward in torch's ops: what TorchScript compiles, jit.trace and ONNX export record."""
+        self._check_call(input, residual)
+        output = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if residual is not None:
+            output = output + residual
+        return activations.apply_scripted(self.activation, self.activation_param, output)
+
+    def _check_call(self, input: Tensor, residual: Optional[Tensor]) -> None:
         if input.dim() not in self._dims:
-            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self._dims)} input (got {input.dim()}D input)")
+            raise ValueError(f"expected {self._dims_text} input (got {input.dim()}D input)")
         if residual is not None and self.activation == "identity":
-            raise TypeError(f"{type(self).__name__} takes a residual only with an activation")
+            raise TypeError("a FrozenBatchNorm takes a residual only with an activation")
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+        leaf = as_fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        if computes_in_torch_ops():
+            return self._in_torch_ops(input, residual)
+        self._check_call(input, residual)
         if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
                                      or residual.device != input.device):
             frozen = batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
@@ -199,19 +224,19 @@ class _FrozenBatchNorm(nn.Module):
 class FrozenBatchNorm1d(_FrozenBatchNorm):
     """Frozen :class:`torch.nn.BatchNorm1d` (see ``_FrozenBatchNorm``)."""
 
-    _dims = (2, 3)
+    _dims, _dims_text = (2, 3), "2D or 3D"
 
 
 class FrozenBatchNorm2d(_FrozenBatchNorm):
     """Frozen :class:`torch.nn.BatchNorm2d`, as detection models use it (see ``_FrozenBatchNorm``)."""
 
-    _dims = (4,)
+    _dims, _dims_text = (4,), "4D"
 
 
 class FrozenBatchNorm3d(_FrozenBatchNorm):
     """Frozen :class:`torch.nn.BatchNorm3d` (see ``_FrozenBatchNorm``)."""
 
-    _dims = (5,)
+    _dims, _dims_text = (5,), "5D"
 
 
 # The frozen class freeze makes of each BatchNorm class (a fused one's activation kept).

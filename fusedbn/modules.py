@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import activations
 from ._fx import as_fx_leaf
-from .functional import _apply, computes_in_torch_ops
+from .functional import _apply, computes_in_torch_ops, counted_apply
 
 
 class _FusedForward:
@@ -56,22 +56,9 @@ class _FusedForward:
             factor = 1.0 / float(num_batches_tracked + 1)
         use_batch_stats = training or (running_mean is None and running_var is None)
         use_running = not training or track_running_stats
-        output = _apply(
-            input,
-            running_mean if use_running else None,
-            running_var if use_running else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            residual,
-            act,
-        )
-        # Counted only once the batch was accepted, so a rejected input leaves the module untouched.
-        if tracks:
-            num_batches_tracked.add_(1)
-        return output
+        args = (input, running_mean if use_running else None, running_var if use_running else None, self.weight,
+                self.bias, use_batch_stats, factor, self.eps, residual, act)
+        return counted_apply(num_batches_tracked, *args) if tracks else _apply(*args)
 
 
 class _BatchNorm(_FusedForward):

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 from timm.layers.norm_act import BatchNormAct2d
 
 from . import activations
+from ._fx import as_fx_leaf
 from .modules import _FusedForward
 
 
@@ -19,6 +20,9 @@ class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
     as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = as_fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
         drop, act = self.drop, self.act
         if type(drop) is nn.Identity and _plain(drop) and _plain(act):
             spec = activations.IDENTITY if type(act) is nn.Identity else activations.of_module(act)

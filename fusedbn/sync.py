@@ -22,7 +22,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import ops
-from .functional import batch_norm, check_eps
+from ._autograd import below_autograd
+from ._fx import as_fx_leaf
+from . import activations
+from .functional import _apply, check_eps, counted_apply
 from .fuse import RewrittenForward
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
 from .report import Report
@@ -144,7 +147,8 @@ class _SyncBatchNorm(torch.autograd.Function):
         # exact), whatever dtype the parameters are kept in.
         weight_acc = None if weight is None else weight.to(mean.dtype)
         bias_acc = None if bias is None else bias.to(mean.dtype)
-        output = ops.forward_eval(input, weight_acc, bias_acc, mean, var, eps)
+        with below_autograd():
+            output = ops.forward_eval(input, weight_acc, bias_acc, mean, var, eps)
         invstd = torch.rsqrt(var + eps)  # bit for bit the forward_eval's
         ctx.save_for_backward(input, weight_acc, mean, invstd, total)
         ctx.group = group
@@ -262,6 +266,9 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def forward(self, input: Tensor) -> Tensor:
+        leaf = as_fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
         if tracks and self.momentum is None:
@@ -282,11 +289,9 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                                     group, self.num_batches_tracked if tracks else None, checks)
         for check in checks:
             check(input)
-        output = batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor,
-                            self.eps)
-        if tracks:
-            self.num_batches_tracked.add_(1)
-        return output
+        args = (input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, None,
+                activations.IDENTITY)
+        return counted_apply(self.num_batches_tracked, *args) if tracks else _apply(*args)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None, *, report: Optional[Report] = None) -> nn.Module:
