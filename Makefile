@@ -2,12 +2,16 @@
 #   make test      - .venv with the pinned torch, build fusedbn, run the whole test suite
 #   make bench     - same set-up, then the benchmark against nn.BatchNorm2d
 #   make examples  - same set-up, then the training examples that make examples/results
+#   make sdist-check - the source package installs: build the sdist, install it in a fresh venv, smoke test
+#                    (`make test` runs it first; `make test SDIST_CHECK=0` skips it)
 # Both are idempotent: the venv is made once, ninja rebuilds only what changed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.deps-installed
-TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+TORCH := torch==2.14.1
+TORCH_PIN := $(TORCH) torchvision==0.29.1
+ONNX_PIN := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 TIMM_PIN := timm==1.0.26
 
 CUDA_HOME_FILE := $(VENV)/.cuda-home
@@ -33,18 +37,18 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	mv $@.tmp $@
 	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
-.PHONY: test bench build clean fuzz examples
+.PHONY: test bench build clean fuzz examples sdist sdist-check wheel
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) ninja pybind11 setuptools wheel pytest hypothesis rich matplotlib scikit-learn
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) ninja pybind11 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) $(PY) setup.py --quiet build_ext --inplace
 
 # The tests also build the SIMT emulator library (fusedbn._simt), which runs the CUDA kernel source on the CPU.
-test: $(DEPS_STAMP) $(CUDA_HOME_FILE)
+test: $(if $(filter 0,$(SDIST_CHECK)),,sdist-check) $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
 	$(PY) -m pytest tests
 
@@ -64,6 +68,38 @@ examples: build
 	PYTHONPATH=. $(PY) examples/train.py --model mlp --lr 0.5
 	PYTHONPATH=. $(PY) examples/lr_sweep.py
 	PYTHONPATH=. $(PY) examples/landscape.py
+
+# The source package (MANIFEST.in says what it holds beyond fusedbn/), in build/sdist/. A fusedbn.egg-info
+# left from an earlier build is removed first: setuptools would add every file its SOURCES.txt lists.
+SDIST_DIR := build/sdist
+VERSION = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' fusedbn/_version.py)
+sdist: $(DEPS_STAMP)
+	rm -rf $(SDIST_DIR) *.egg-info && mkdir -p $(SDIST_DIR)
+	FUSEDBN_CUDA=0 $(PY) -m build --sdist --no-isolation --outdir $(SDIST_DIR) . >build/sdist.log 2>&1 || { cat build/sdist.log; exit 1; }
+	$(PY) .ci/sdist_contents.py $(SDIST_DIR)/fusedbn-$(VERSION).tar.gz
+
+# That the sdist installs and works outside this tree: a fresh venv with the pinned torch only (from the
+# package index), the sdist installed into it (one CPU build, -march=native, no CUDA, to stay quick: ~4 min on
+# 2 cores), then .ci/sdist_smoke.py run from an empty folder elsewhere. A file the build needs but missing from
+# the sdist (MANIFEST.in) fails here. --no-build-isolation: an isolated build would install torch a second time.
+SDIST_VENV := build/sdist-venv
+sdist-check: sdist
+	@start=$$(date +%s); set -e; \
+	rm -rf $(SDIST_VENV); \
+	$(PYTHON) -m venv $(SDIST_VENV); \
+	$(SDIST_VENV)/bin/python -m pip install -qq $(TORCH) numpy ninja pybind11 'setuptools>=77' wheel; \
+	echo "fusedbn: sdist-check: venv with $(TORCH) in $$(( $$(date +%s) - start )) s, building the sdist into it"; \
+	smoke=$$(mktemp -d); cd $$smoke; \
+	FUSEDBN_CUDA=0 FUSEDBN_CPU_ARCH=native $(CURDIR)/$(SDIST_VENV)/bin/python -m pip install -qq --no-build-isolation \
+	  $(CURDIR)/$(SDIST_DIR)/fusedbn-$(VERSION).tar.gz; \
+	$(CURDIR)/$(SDIST_VENV)/bin/python $(CURDIR)/.ci/sdist_smoke.py $(VERSION); \
+	cd $(CURDIR); rm -rf $$smoke $(SDIST_VENV); \
+	echo "fusedbn: sdist-check passed in $$(( $$(date +%s) - start )) s"
+
+# A wheel of this tree into build/wheels (as `make build`: CUDA when found, the CPU kernels for this machine;
+# FUSEDBN_CPU_ARCH= for the portable set, see setup.py).
+wheel: $(DEPS_STAMP) $(CUDA_HOME_FILE)
+	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) $(PY) -m pip wheel --no-build-isolation --no-deps . -w build/wheels
 
 clean:
 	rm -rf build fusedbn/*.so
