@@ -39,17 +39,23 @@ def _register(library, name, function_args=None, function=None):
     library.impl(name, kernel, "Autograd", with_keyset=True)
 
 
+def _flat(t):
+    """weight or bias of any shape with C elements (the ops read them so) as the Functions take it, 1-D;
+    autograd returns its gradient in the shape given, through the reshape."""
+    return t.reshape(-1) if t is not None and t.dim() != 1 else t
+
+
 def _training_args(args):
     # The op takes the activation as two arguments, the Functions as one (name, parameter) pair.
-    *rest, name, param = args
-    return *rest, (name, param)
+    input, weight, bias, *rest, name, param = args
+    return input, _flat(weight), _flat(bias), *rest, (name, param)
 
 
 def _backward_args(args):
     (grad_output, input, weight, mean, invstd, training, output_mask, bias, output, residual, name, param,
      grad_residual) = args
-    return (grad_output, input, weight, bias, output, residual, mean, invstd, training, (name, param), output_mask,
-            grad_residual)
+    return (grad_output, input, _flat(weight), _flat(bias), output, residual, mean, invstd, training, (name, param),
+            output_mask, grad_residual)
 
 
 def register_autograd_kernels(namespace: str) -> None:
