@@ -12,6 +12,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 TORCH := torch==2.14.1
 TORCH_PIN := $(TORCH) torchvision==0.29.1
 ONNX_PIN := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+TORCHAO_PIN := torchao==0.18.0
 TIMM_PIN := timm==1.0.26
 
 CUDA_HOME_FILE := $(VENV)/.cuda-home
@@ -41,7 +42,7 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) ninja pybind11 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) $(TORCHAO_PIN) ninja pybind11 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
