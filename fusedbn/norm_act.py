@@ -1,6 +1,7 @@
 """fusedbn's twin of timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` layers, in one
 ``nn.BatchNorm2d`` subclass, as timm's EfficientNets, MobileNetV3, RegNets and CSPNets use it). Imported by
 ``convert_model`` only for a model that holds one, so fusedbn does not need timm."""
+import torch
 from torch import Tensor, nn
 from timm.layers.norm_act import BatchNormAct2d
 
@@ -20,6 +21,12 @@ class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
     as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # torch's BatchNorm, then timm's layers, as timm's module scripts
+            return self.act(self.drop(self._scripted_forward(x, None)))
+        return self._eager_forward(x)
+
+    @torch.jit.unused
+    def _eager_forward(self, x: Tensor) -> Tensor:
         leaf = as_fx_leaf(self, x)
         if leaf is not None:
             return leaf

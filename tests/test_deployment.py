@@ -271,6 +271,20 @@ def test_torchscript_script_fused_modules(make):
         _assert_same_state(scripted, module)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript_script_timm_norm_act(training):
+    """timm's BatchNormAct2d scripts; so does its fusedbn twin, to timm's computation."""
+    norm_act = pytest.importorskip("timm.layers.norm_act", reason="pip install .[test] installs timm")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), norm_act.BatchNormAct2d(4, act_layer=nn.SiLU)).train(training)
+    converted = fusedbn.convert_model(copy.deepcopy(reference))
+    assert type(converted[1]).__name__ == "FusedTimmBatchNormAct2d"
+    scripted = _round_trip(torch.jit.script(converted))
+    x = _input()
+    torch.testing.assert_close(scripted(x), reference(x))
+    _assert_same_state(scripted, reference)
+
+
 @pytest.mark.parametrize("name", activations.NAMES)
 def test_scripted_activation_is_apply(name):
     z = torch.linspace(-8, 8, 101, dtype=torch.float64)
