@@ -21,10 +21,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from . import ops
+from . import activations, ops
 from ._autograd import below_autograd
 from ._fx import as_fx_leaf
-from . import activations
 from .functional import _apply, check_eps, counted_apply
 from .fuse import RewrittenForward
 from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
