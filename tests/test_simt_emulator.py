@@ -18,7 +18,7 @@ def ops():
     load(
         name="_simt_selftest",
         sources=[str(ROOT / "csrc" / "simt" / "selftest.cpp")],
-        extra_cflags=["-O1", "-std=c++20", "-DFUSEDBN_SIMT"],
+        extra_cflags=["-O1", "-std=c++20"],
         is_python_module=True,
         verbose=False,
     )

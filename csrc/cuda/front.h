@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cstdint>
@@ -422,6 +423,18 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   const Tensor grad_input = dx_pass(in, backward_coefficients(in), mean_dz.to(in.acc).contiguous(),
                                     proj.to(in.acc).contiguous(), grad_residual, ctx);
   return {grad_input, grad_residual};
+}
+
+// The six ops' kernels for one Context, under the names csrc/schemas.h defines (the CUDA build and the
+// emulator's register the same set).
+template <typename Context>
+void register_kernels(torch::Library& m) {
+  m.impl("forward_train", &forward_train<Context>);
+  m.impl("forward_eval", &forward_eval<Context>);
+  m.impl("backward", &backward<Context>);
+  m.impl("batch_stats", &batch_stats<Context>);
+  m.impl("grad_sums", &grad_sums<Context>);
+  m.impl("backward_elemt", &backward_elemt<Context>);
 }
 
 }  // namespace fusedbn::cuda

@@ -25,13 +25,6 @@ struct CudaContext {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
-  m.impl("forward_train", &forward_train<CudaContext>);
-  m.impl("forward_eval", &forward_eval<CudaContext>);
-  m.impl("backward", &backward<CudaContext>);
-  m.impl("batch_stats", &batch_stats<CudaContext>);
-  m.impl("grad_sums", &grad_sums<CudaContext>);
-  m.impl("backward_elemt", &backward_elemt<CudaContext>);
-}
+TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) { register_kernels<CudaContext>(m); }
 
 }  // namespace fusedbn::cuda

@@ -3,7 +3,7 @@
 // the same schemas as `fusedbn`. The equivalence suite runs it as one more device.
 #include <Python.h>
 
-#include "../cuda/launch.h"  // with FUSEDBN_SIMT: the emulator's launch
+#include "simt.h"  // first: the emulator's FUSEDBN_LAUNCH, which csrc/cuda/launch.h then leaves alone
 #include "../cuda/front.h"
 #include "../meta_kernels.h"
 #include "../schemas.h"
@@ -26,14 +26,7 @@ TORCH_LIBRARY(fusedbn_simt, m) { define_schemas(m); }
 
 TORCH_LIBRARY_IMPL(fusedbn_simt, Meta, m) { meta::register_kernels(m); }
 
-TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) {
-  m.impl("forward_train", &forward_train<SimtContext>);
-  m.impl("forward_eval", &forward_eval<SimtContext>);
-  m.impl("backward", &backward<SimtContext>);
-  m.impl("batch_stats", &batch_stats<SimtContext>);
-  m.impl("grad_sums", &grad_sums<SimtContext>);
-  m.impl("backward_elemt", &backward_elemt<SimtContext>);
-}
+TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_kernels<SimtContext>(m); }
 
 }  // namespace fusedbn::cuda
 

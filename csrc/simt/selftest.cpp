@@ -1,8 +1,5 @@
 // Self-tests of the SIMT emulator (simt.h): small kernels written as CUDA, run on CPU tensors through
 // TORCH_LIBRARY(fusedbn_simt_selftest) ops. Built only by tests/test_simt_emulator.py.
-#ifndef FUSEDBN_SIMT
-#define FUSEDBN_SIMT 1
-#endif
 #include "simt.h"
 
 #include <Python.h>
@@ -13,8 +10,6 @@
 #include <algorithm>
 #include <string>
 #include <vector>
-
-#define FUSEDBN_LAUNCH(kernel, grid, block, smem, stream) ::fusedbn::simt::launch(kernel, grid, block, smem)
 
 namespace {
 

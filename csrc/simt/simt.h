@@ -1,7 +1,7 @@
 // SIMT emulator: lets kernel source written in a small CUDA subset compile as host C++20 and run on the
 // CPU, one real OS thread per CUDA thread, so CI machines without a GPU execute the real kernel code.
 //
-// Include this header (with FUSEDBN_SIMT defined) before any kernel source. What is emulated:
+// Include this header before any kernel source. What is emulated:
 //   * threadIdx / blockIdx / blockDim / gridDim, __syncthreads, warp shuffles (full mask), atomics,
 //     __threadfence, static __shared__ arrays, and a launcher with CUDA's launch-size checks.
 // Execution model and its limits (a kernel author must respect these):
@@ -21,9 +21,6 @@
 
 #if defined(__CUDACC__)
 #error "simt.h is the host emulation of CUDA; do not include it in nvcc builds"
-#endif
-#ifndef FUSEDBN_SIMT
-#define FUSEDBN_SIMT 1
 #endif
 
 #include <atomic>
@@ -347,6 +344,12 @@ auto launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem
 }
 
 }  // namespace fusedbn::simt
+
+// The kernels' launch macro (csrc/cuda/launch.h) under the emulator: the grid runs here, synchronously, and
+// there is no CUDA error state to check.
+#define FUSEDBN_LAUNCH(kernel, grid, block, shared_bytes, stream) \
+  ::fusedbn::simt::launch(kernel, grid, block, shared_bytes)
+#define FUSEDBN_LAUNCH_CHECK() ((void)0)
 
 // ---- Device functions, in the global namespace like CUDA's.
 
