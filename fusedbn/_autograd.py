@@ -32,7 +32,7 @@ def eager_twin(function_class):
     same forward, saved state and backward. torch binds a setup_context-style Function's arguments through
     inspect.signature on every apply (about 10 us of host time, more than the kernel at small sizes); the
     classic style skips that. torch.func transforms, forward-mode AD and tracing need the setup_context
-    style: ``pick(function_class, twin)`` says which to apply."""
+    style: ``pick`` says which to apply."""
 
     def forward(ctx, *args):
         outputs = function_class.forward(*args)
@@ -46,10 +46,15 @@ def eager_twin(function_class):
         "forward": staticmethod(forward), "backward": staticmethod(function_class.backward)})
 
 
-def plain_eager() -> bool:
-    """Whether no torch.func transform, forward-mode AD or tracing is active: an eager twin serves."""
-    return not (forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-                or torch.compiler.is_compiling())
+def pick(function, with_jvp, eager):
+    """Which variant of an autograd.Function to apply: ``with_jvp`` (the subclass with its jvp rule) while
+    forward-mode AD is active; ``eager`` (its ``eager_twin``) in plain eager autograd; else ``function`` (the
+    setup_context style that torch.func transforms and tracing need)."""
+    if forward_ad._current_level >= 0:
+        return with_jvp
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return function
+    return eager
 
 
 # The ops carry autograd of their own (fusedbn/_op_autograd.py), a Python kernel at the Autograd key; an

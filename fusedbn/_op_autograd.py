@@ -4,8 +4,7 @@ opcheck, TorchScript, a user calling ``torch.ops.fusedbn.*`` directly. (torch.li
 refuses ops that mutate an argument, as forward_train does its running statistics, so the kernels are
 registered as it would register them.)
 
-Each differentiable op's kernel applies fusedbn's own autograd.Function (fusedbn/functional.py,
-fusedbn/backward.py): one formula for both layers. fusedbn's eager calls apply those Functions directly, as
+Each differentiable op's kernel applies fusedbn's own autograd.Function (fusedbn/_functions.py): one formula for both layers. fusedbn's eager calls apply those Functions directly, as
 they add what an op-level kernel cannot reach (forward-mode AD's jvp rules and the classic-style twin, a few
 microseconds less host time per call), and their forwards run the ops below the Autograd key
 (``below_autograd``), so these kernels are not entered twice. batch_stats, grad_sums and backward_elemt are
@@ -15,8 +14,8 @@ step below autograd, as torch asks of a non-differentiable op.
 import torch
 
 from ._autograd import below_autograd
-from .backward import BatchNormBackward
-from .functional import _BatchNormEval, _BatchNormTraining, _check_running_stats
+from ._functions import BackwardFunction, EvalFunction, TrainingFunction
+from .functional import _check_running_stats
 
 _LIBRARIES = []  # a torch.library.Library's registrations last as long as the object
 
@@ -45,26 +44,31 @@ def _flat(t):
     return t.reshape(-1) if t is not None and t.dim() != 1 else t
 
 
+def _flat_params(args, weight, bias):
+    args = list(args)
+    args[weight], args[bias] = _flat(args[weight]), _flat(args[bias])
+    return args
+
+
 def _training_args(args):
-    # The op takes the activation as two arguments, the Functions as one (name, parameter) pair.
-    input, weight, bias, *rest, name, param = args
-    return input, _flat(weight), _flat(bias), *rest, (name, param)
+    # The op takes the activation as two arguments, the Functions as one (name, parameter) pair; otherwise
+    # each Function takes its op's arguments in its op's order.
+    *rest, name, param = args
+    return *_flat_params(rest, weight=1, bias=2), (name, param)
 
 
 def _backward_args(args):
-    (grad_output, input, weight, mean, invstd, training, output_mask, bias, output, residual, name, param,
-     grad_residual) = args
-    return (grad_output, input, _flat(weight), _flat(bias), output, residual, mean, invstd, training, (name, param),
-            output_mask, grad_residual)
+    *rest, name, param, grad_residual = args
+    return *_flat_params(rest, weight=2, bias=7), (name, param), grad_residual
 
 
 def register_autograd_kernels(namespace: str) -> None:
     """Registers the kernels for the ops of ``namespace``: "fusedbn", and the tests' "fusedbn_simt" (the same
     schemas, csrc/schemas.h)."""
     library = torch.library.Library(namespace, "IMPL")
-    _register(library, "forward_train", _training_args, _BatchNormTraining)
-    _register(library, "forward_eval", _training_args, _BatchNormEval)
-    _register(library, "backward", _backward_args, BatchNormBackward)
+    _register(library, "forward_train", _training_args, TrainingFunction)
+    _register(library, "forward_eval", _training_args, EvalFunction)
+    _register(library, "backward", _backward_args, BackwardFunction)
     for name in ("batch_stats", "grad_sums", "backward_elemt"):
         _register(library, name)
     _LIBRARIES.append(library)

@@ -12,7 +12,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import activations
 from ._fx import as_fx_leaf, module_call_counts, traced_copy
 from .convert import foreign_batch_norm
-from .functional import batch_norm_eval, computes_in_torch_ops
+from ._functions import batch_norm_eval
+from .functional import computes_in_torch_ops
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d, FusedBatchNormAct2d,
                       FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 from .report import Report

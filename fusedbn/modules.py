@@ -5,7 +5,7 @@ added before it) in one op; ``FusedBatchNormReLU1d/2d/3d``: their ReLU case.
 Constructor, parameters, buffers, ``state_dict``, ``.train()/.eval()`` and ``isinstance`` are torch's;
 only ``forward`` differs.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,23 @@ from torch import Tensor, nn
 
 from . import activations
 from ._fx import as_fx_leaf
-from .functional import _apply, computes_in_torch_ops, counted_apply
+from .functional import computes_in_torch_ops, counted_apply, run_batch_norm
+
+
+def running_statistics_use(training: bool, track_running_stats: bool, momentum: Optional[float],
+                           num_batches_tracked: Optional[Tensor], running_mean: Optional[Tensor],
+                           running_var: Optional[Tensor]) -> Tuple[bool, float, bool, bool]:
+    """nn.BatchNorm*d's forward's decisions, one place for every module and TorchScript: (tracks: this batch
+    is counted in num_batches_tracked; factor: the running statistics' update factor, momentum or, for
+    momentum None, the cumulative average's 1 / (batches counted, this one included); use_batch_stats; and
+    use_running: the running statistics are passed, to be updated or used)."""
+    tracks = training and track_running_stats and num_batches_tracked is not None
+    factor = 0.0 if momentum is None else momentum
+    if tracks and momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / float(num_batches_tracked + 1)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    use_running = not training or track_running_stats
+    return tracks, factor, use_batch_stats, use_running
 
 
 class _FusedForward:
@@ -26,13 +42,11 @@ class _FusedForward:
         """The forward TorchScript compiles (torch.jit.script): nn.BatchNorm*d's, then the residual and the
         activation, in torch's ops, so a scripted model runs wherever TorchScript runs, without fusedbn."""
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        tracks, factor, use_batch_stats, use_running = running_statistics_use(
+            self.training, self.track_running_stats, self.momentum, self.num_batches_tracked, self.running_mean,
+            self.running_var)
+        if tracks and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
         output = F.batch_norm(input, self.running_mean if use_running else None,
                               self.running_var if use_running else None, self.weight, self.bias, use_batch_stats,
                               factor, self.eps)
@@ -50,18 +64,14 @@ class _FusedForward:
         # Python call each, which at small sizes costs as much as the kernel.
         training, track_running_stats, momentum = self.training, self.track_running_stats, self.momentum
         running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
-        tracks = training and track_running_stats and num_batches_tracked is not None
-        factor = 0.0 if momentum is None else momentum
-        if tracks and momentum is None:  # cumulative moving average
-            factor = 1.0 / float(num_batches_tracked + 1)
-        use_batch_stats = training or (running_mean is None and running_var is None)
-        use_running = not training or track_running_stats
+        tracks, factor, use_batch_stats, use_running = running_statistics_use(
+            training, track_running_stats, momentum, num_batches_tracked, running_mean, running_var)
         args = (input, running_mean if use_running else None, running_var if use_running else None, self.weight,
                 self.bias, use_batch_stats, factor, self.eps, residual, act)
-        return counted_apply(num_batches_tracked, *args) if tracks else _apply(*args)
+        return counted_apply(num_batches_tracked, *args) if tracks else run_batch_norm(*args)
 
 
-class _BatchNorm(_FusedForward):
+class _FusedBatchNorm(_FusedForward):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._scripted_forward(input, None)
@@ -82,7 +92,7 @@ def _check_addable(input: Tensor, residual: Tensor) -> None:
                            f"{input.device} and {residual.device}! (residual)")
 
 
-class _BatchNormAct(_FusedForward):
+class _FusedBatchNormAct(_FusedForward):
     """``act(bn(x) [+ residual])``: ``activation`` and ``activation_param`` name the activation (fusedbn/
     activations.py), class attributes of the ReLU modules, instance attributes of the others (plain
     Python state, kept by pickle and ``copy.deepcopy``; not in the ``state_dict``, which stays
@@ -118,8 +128,8 @@ class _BatchNormAct(_FusedForward):
         return super().extra_repr() + (", relu=True" if self.act == activations.RELU else ", " + detail)
 
 
-class _BatchNormActConstructor(_BatchNormAct):
-    """``_BatchNormAct`` built with its activation: nn.BatchNorm*d's arguments, then ``activation`` and
+class _FusedBatchNormActConstructor(_FusedBatchNormAct):
+    """``_FusedBatchNormAct`` built with its activation: nn.BatchNorm*d's arguments, then ``activation`` and
     ``activation_param`` (keywords)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -130,40 +140,40 @@ class _BatchNormActConstructor(_BatchNormAct):
         self.activation, self.activation_param = act
 
 
-class FusedBatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+class FusedBatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):
     """Drop-in for :class:`torch.nn.BatchNorm1d`."""
 
 
-class FusedBatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+class FusedBatchNorm2d(_FusedBatchNorm, nn.BatchNorm2d):
     """Drop-in for :class:`torch.nn.BatchNorm2d`."""
 
 
-class FusedBatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+class FusedBatchNorm3d(_FusedBatchNorm, nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d`."""
 
 
-class FusedBatchNormReLU1d(_BatchNormAct, nn.BatchNorm1d):
+class FusedBatchNormReLU1d(_FusedBatchNormAct, nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` then ReLU (after adding an optional residual), fused."""
 
 
-class FusedBatchNormReLU2d(_BatchNormAct, nn.BatchNorm2d):
+class FusedBatchNormReLU2d(_FusedBatchNormAct, nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` then ReLU (after adding an optional residual), fused."""
 
 
-class FusedBatchNormReLU3d(_BatchNormAct, nn.BatchNorm3d):
+class FusedBatchNormReLU3d(_FusedBatchNormAct, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` then ReLU (after adding an optional residual), fused."""
 
 
-class FusedBatchNormAct1d(_BatchNormActConstructor, nn.BatchNorm1d):
+class FusedBatchNormAct1d(_FusedBatchNormActConstructor, nn.BatchNorm1d):
     """:class:`torch.nn.BatchNorm1d` then ``activation`` (after adding an optional residual), fused:
     ``FusedBatchNormAct1d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""
 
 
-class FusedBatchNormAct2d(_BatchNormActConstructor, nn.BatchNorm2d):
+class FusedBatchNormAct2d(_FusedBatchNormActConstructor, nn.BatchNorm2d):
     """:class:`torch.nn.BatchNorm2d` then ``activation`` (after adding an optional residual), fused:
     ``FusedBatchNormAct2d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""
 
 
-class FusedBatchNormAct3d(_BatchNormActConstructor, nn.BatchNorm3d):
+class FusedBatchNormAct3d(_FusedBatchNormActConstructor, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` then ``activation`` (after adding an optional residual), fused:
     ``FusedBatchNormAct3d(C, activation="silu")``; the activations of ``fusedbn.batch_norm_act``."""

@@ -6,7 +6,7 @@ from torch import nn
 
 from .convert import original_class
 from .fuse import RewrittenForward, unfuse
-from .modules import _BatchNormAct
+from .modules import _FusedBatchNormAct
 from .report import Report
 
 
@@ -27,7 +27,7 @@ def revert_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Mod
         if torch_class is not None:
             module.__class__ = torch_class
             report.done.append(("reverted", name, torch_class.__name__))
-        elif isinstance(module, _BatchNormAct):
+        elif isinstance(module, _FusedBatchNormAct):
             report.skipped.append((name, f"a {type(module).__name__} not made by fuse_model: no torch module "
                                          f"computes BatchNorm and {module.activation} in one call"))
     return model

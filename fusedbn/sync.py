@@ -19,14 +19,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from . import activations, ops
-from ._autograd import below_autograd
+from ._functions import SyncFunction
 from ._fx import as_fx_leaf
-from .functional import _apply, check_eps, counted_apply
+from .functional import check_eps, counted_apply, run_batch_norm
 from .fuse import RewrittenForward
-from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d
+from .modules import FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, running_statistics_use
 from .report import Report
 
 # What a rank's rejection is reported as on the other ranks: code 1 + the index of the first type here the
@@ -137,53 +136,6 @@ def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_v
             num_batches_tracked.add_(1)
 
 
-class _SyncBatchNorm(torch.autograd.Function):
-    """Normalizes with the group's (mean, biased var); backward sums two per-channel terms over the group."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, mean, var, total, eps, group):
-        # forward_eval takes weight and bias in the statistics' dtype (float32 for half and bfloat16 input:
-        # exact), whatever dtype the parameters are kept in.
-        weight_acc = None if weight is None else weight.to(mean.dtype)
-        bias_acc = None if bias is None else bias.to(mean.dtype)
-        with below_autograd():
-            output = ops.forward_eval(input, weight_acc, bias_acc, mean, var, eps)
-        invstd = torch.rsqrt(var + eps)  # bit for bit the forward_eval's
-        ctx.save_for_backward(input, weight_acc, mean, invstd, total)
-        ctx.group = group
-        ctx.params = [(p.dtype, p.shape) if p is not None else None for p in (weight, bias)]
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        input, weight, mean, invstd, total = ctx.saved_tensors
-        channels = input.shape[1]
-        if input.numel() == 0:
-            zeros = mean.new_zeros(channels)
-            sum_dz, sum_dz_xmu = zeros, zeros
-        else:
-            sum_dz, sum_dz_xmu = ops.grad_sums(grad_output, input, weight, mean, invstd)
-        packed = torch.cat([sum_dz, sum_dz_xmu])
-        dist.all_reduce(packed, group=ctx.group)
-        global_dz, global_dz_xmu = packed[:channels], packed[channels:]
-        n = total.to(mean.dtype).clamp(min=1)
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            if input.numel() == 0:
-                grad_input = torch.zeros_like(input)
-            else:
-                grad_input, _ = ops.backward_elemt(grad_output, input, weight, mean, invstd, global_dz / n,
-                                                   invstd * invstd * global_dz_xmu / n)
-        # Parameter gradients are this process's (DistributedDataParallel averages them), in their dtype.
-        grads = [None, None]
-        for i, term in enumerate((sum_dz_xmu * invstd, sum_dz)):
-            if ctx.needs_input_grad[1 + i]:
-                dtype, shape = ctx.params[i]
-                grads[i] = term.to(dtype).view(shape)
-        return grad_input, *grads, None, None, None, None, None
-
-
 def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, group,
                      num_batches_tracked=None, module_checks=()):
     """sync_batch_norm, plus the module's num_batches_tracked (written with the running statistics) and
@@ -224,7 +176,7 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
             new_mean = torch.where(keep, old_mean, old_mean * (1 - momentum) + mean * momentum)
             new_var = torch.where(keep, old_var, old_var * (1 - momentum) + unbiased * momentum)
     # Normalizing with given statistics is the eval op with (mean, biased var).
-    output = _SyncBatchNorm.apply(input, weight, bias, mean, var, total, eps, group)
+    output = SyncFunction.apply(input, weight, bias, mean, var, total, eps, group)
     _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var)
     return output
 
@@ -268,12 +220,9 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         leaf = as_fx_leaf(self, input)
         if leaf is not None:
             return leaf
-        tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if tracks and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
+        tracks, factor, use_batch_stats, use_running = running_statistics_use(
+            self.training, self.track_running_stats, self.momentum, self.num_batches_tracked, self.running_mean,
+            self.running_var)
         running_mean = self.running_mean if use_running else None
         running_var = self.running_var if use_running else None
         initialized = dist.is_available() and dist.is_initialized()
@@ -290,7 +239,7 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             check(input)
         args = (input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, None,
                 activations.IDENTITY)
-        return counted_apply(self.num_batches_tracked, *args) if tracks else _apply(*args)
+        return counted_apply(self.num_batches_tracked, *args) if tracks else run_batch_norm(*args)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None, *, report: Optional[Report] = None) -> nn.Module:

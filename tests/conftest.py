@@ -1,6 +1,7 @@
 """Shared fixtures: the devices every equivalence test runs on, and the per-dtype tolerances."""
 import importlib.util
 import math
+import os
 
 import pytest
 import torch
@@ -35,6 +36,10 @@ DEVICES = [
         ],
     ),
 ]
+
+# FUSEDBN_TEST_DEVICES=cpu,simt (ids, comma-separated) runs only those (`make test-fast`: cpu).
+if os.environ.get("FUSEDBN_TEST_DEVICES"):
+    DEVICES = [d for d in DEVICES if d.id in os.environ["FUSEDBN_TEST_DEVICES"].split(",")]
 
 # Accuracy oracle: torch computes the same thing in float64; fusedbn's largest error against that must be
 # within twice torch's own largest error in the tested dtype, plus a floor for cases where torch happens to

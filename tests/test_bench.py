@@ -1,5 +1,5 @@
 """The benchmark command lines (benchmarks/): argument parsing, shape presets, byte accounting, the check,
-output formats and the README's generated table; tiny shapes and no assertions on timings."""
+output formats and benchmarks/README.md's generated table; tiny shapes and no assertions on timings."""
 import json
 import os
 import subprocess
@@ -255,10 +255,10 @@ def test_whole_model_rows(tmp_path, capsys):
 
 
 def test_readme_table_is_rendered_from_the_results():
-    """The README's benchmark table is what report.py renders from the committed results files:
-    `python benchmarks/report.py --readme README.md` refreshes it."""
-    text = (ROOT / "README.md").read_text()
-    (begin, end), rendered = report.readme_table(text, ROOT)
+    """benchmarks/README.md's table is what report.py renders from the committed results files:
+    `python benchmarks/report.py --readme benchmarks/README.md` refreshes it."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    (begin, end), rendered = report.readme_table(text, ROOT / "benchmarks")
     assert text[begin:end] == rendered
 
 

@@ -1,11 +1,11 @@
-"""The autograd.Functions are applied only where something will differentiate the call (fusedbn/_autograd.py):
+"""The autograd.Functions are applied only where something will differentiate the call (fusedbn/_functions.py):
 inference and first-order backward run the ops alone, and still give torch's results."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedbn
-from fusedbn import backward, functional
+from fusedbn import _functions
 
 
 def _refuse(*args, **kwargs):
@@ -18,9 +18,9 @@ def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch
     w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     stats = (torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
     expected = F.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
-    for name in ("_BatchNormTraining", "_BatchNormEval", "_BatchNormTrainingForwardAD", "_BatchNormEvalForwardAD",
-                 "_BatchNormTrainingEager", "_BatchNormEvalEager"):
-        monkeypatch.setattr(getattr(functional, name), "apply", _refuse)
+    for name in ("TrainingFunction", "EvalFunction", "TrainingFunctionWithJvp", "EvalFunctionWithJvp",
+                 "TrainingFunctionEager", "EvalFunctionEager"):
+        monkeypatch.setattr(getattr(_functions, name), "apply", _refuse)
     with torch.no_grad():
         actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w, None, training=training)
     torch.testing.assert_close(actual, expected)
@@ -33,7 +33,7 @@ def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch
 def test_backward_function_only_for_gradients_of_gradients(device, monkeypatch):
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
     y = fusedbn.batch_norm(x, None, None, training=True)
-    for function in (backward.BatchNormBackward, backward._BatchNormBackwardEager):
+    for function in (_functions.BackwardFunction, _functions.BackwardFunctionEager):
         monkeypatch.setattr(function, "apply", _refuse)
     (first,) = torch.autograd.grad(y.sin().sum(), x, retain_graph=True)
     (expected,) = torch.autograd.grad(F.batch_norm(x, None, None, training=True).sin().sum(), x)

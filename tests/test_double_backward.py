@@ -1,4 +1,4 @@
-"""Gradients of gradients (fusedbn/backward.py): gradgradcheck in float64 against finite differences, and
+"""Gradients of gradients (fusedbn/_functions.py, fusedbn/_derivatives.py): gradgradcheck in float64 against finite differences, and
 Hessians, Hessian-vector products and a gradient penalty against torch's batch norm under torch.autograd."""
 import copy
 import itertools
@@ -140,7 +140,7 @@ ACTIVATIONS = [("relu6", None), ("leaky_relu", 0.2), ("elu", 0.7), ("silu", None
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
 def test_gradgradcheck_activations(device, training, with_residual, activation, param):
     """First and second derivatives of every activation epilogue against finite differences, in float64:
-    piecewise-linear ones through fusedbn/backward.py, the others through their torch-op recomputation."""
+    piecewise-linear ones through fusedbn/_derivatives.py, the others through their torch-op recomputation."""
     x, w, b, r, running = _problem(device, shape=(3, 4, 2, 3))
     x = x * 2  # values across ReLU6's and Hardswish's kinks (none within finite differences' reach of one)
     inputs = [t.requires_grad_() for t in (x, w, b) + ((r,) if with_residual else ())]

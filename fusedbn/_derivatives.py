@@ -1,0 +1,194 @@
+"""BatchNorm's derivatives in torch's ops, for the autograd.Functions of fusedbn/_functions.py: what the
+backward keeps for the activation, its gradients recomputed in torch's ops (create_graph with a smooth
+activation), forward-mode tangents, and the second derivatives of the fused backward (double backward and
+the jvp of the backward), differentiable again to any order.
+
+Per channel, over the m values that share it, with x_hat = (x - mean) * invstd, alpha = weight * invstd,
+g = dy * act'(z) (z = bn(x) [+ residual]), for the activations whose act' is piecewise constant (identity,
+ReLU, ReLU6, LeakyReLU):
+
+    training: grad_input = alpha * P(g),  P(v) = v - mean(v) - x_hat * mean(x_hat * v)
+              d x_hat = invstd * P(dx),   d invstd = -invstd**2 * mean(x_hat * dx)
+    eval:     grad_input = alpha * g      (mean and invstd are constants)
+    both:     grad_weight = sum(g * x_hat),  grad_bias = sum(g),  grad_residual = g
+
+P is symmetric, which makes the adjoints below short. act' gates g and contributes no derivative of its
+own; the other activations' backward is differentiated in torch's ops (backward_in_torch_ops).
+"""
+import torch
+import torch.nn.functional as F
+
+from . import activations, ops
+from ._shapes import channel_view
+
+
+def saved_for_activation(bias, output, residual, act):
+    """(bias, output, residual): what the backward needs for act'(z), z = bn(x) [+ residual]. Nothing without
+    an activation; for ReLU with a residual its output (its mask; torch's composition keeps it too); else the
+    bias and the residual, to recompute z from x and the statistics."""
+    if act[0] == "identity":
+        return None, None, None
+    if act[0] == "relu" and residual is not None:
+        return None, output, None
+    return bias, None, residual
+
+
+def backward_in_torch_ops(ctx, saved, grad_output, training, mask):
+    """The gradients of act(bn(x) [+ residual]) recomputed in torch's ops with a graph (create_graph)."""
+    input, weight, bias, _, residual, stat_a, stat_b = saved
+    wanted = [input, weight, bias, residual]
+    needed = mask + [ctx.needs_residual_grad]
+    with torch.enable_grad():
+        running = (None, None) if training else (stat_a, stat_b)
+        z = F.batch_norm(input, *running, weight, bias, training, 0.0, ctx.eps)
+        output = activations.apply(ctx.act, z if residual is None else z + residual)
+        targets = [t for t, n in zip(wanted, needed) if n]
+        grads = iter(torch.autograd.grad(output, targets, grad_output, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in needed)
+
+
+def tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, residual_tangent):
+    """The output's tangent from BatchNorm's: plus the residual's, then times act'(z) (ReLU's mask from the
+    output where the backward reads it there, else z recomputed as the fused backward does)."""
+    if residual_tangent is not None:
+        tangent = tangent + residual_tangent
+    name = ctx.act[0]
+    if name == "identity":
+        return tangent
+    if name == "relu" and residual is not None:
+        return torch.where(output > 0, tangent, 0)
+    z = terms.alpha * (terms.x - terms.mean)
+    if bias is not None:
+        z = z + channel_view(bias.to(z.dtype), output)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    if name == "relu":  # its mask is the output's, on z rounded, as the fused backward takes it
+        z = z.to(output.dtype).to(z.dtype)
+    return (tangent.to(z.dtype) * activations.derivative(ctx.act, z)).to(output.dtype)
+
+
+def forward_jvp(ctx, input, weight, bias, output, residual, mean, invstd, training, d_input, d_weight, d_bias, d_residual):
+    """Forward-mode derivative of y = x_hat * w + b: dy = w * d x_hat + x_hat * dw + db, where
+    w * d x_hat = alpha * P(dx) under batch statistics (they move with x; P above) and
+    alpha * dx under running ones (constants), alpha = w * invstd."""
+    t = ChannelTerms(input, weight, mean, invstd)
+    acc = t.x.dtype
+    tangent = torch.zeros_like(t.x)
+    if d_input is not None:
+        dx = d_input.to(acc)
+        tangent = t.alpha * (t.project(dx) if training else dx)
+    if d_weight is not None:
+        tangent = tangent + t.x_hat * channel_view(d_weight.to(acc), input)
+    if d_bias is not None:
+        tangent = tangent + channel_view(d_bias.to(acc), input)
+    return tangent_through_epilogue(ctx, tangent.to(input.dtype), t, bias, output, residual, d_residual)
+
+
+def running_statistics(ctx, input, running_mean, running_var):
+    """(mean, invstd) of eval mode, in the statistics' dtype."""
+    acc = ops.acc_dtype(input.dtype)
+    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)
+
+
+class ChannelTerms:
+    """x_hat, alpha and the per-channel reductions of one call, in the statistics' dtype, broadcast over the
+    input (N, C, *)."""
+
+    def __init__(self, input, weight, mean, invstd):
+        acc = mean.dtype
+        self.dims = [d for d in range(input.dim()) if d != 1]
+        self.x = input.to(acc)
+        self.mean, self.invstd = channel_view(mean, input), channel_view(invstd, input)
+        self.x_hat = (self.x - self.mean) * self.invstd
+        self.alpha = self.invstd if weight is None else self.invstd * channel_view(weight.to(acc), input)
+
+    def channel_mean(self, t):
+        return t.mean(self.dims, keepdim=True)
+
+    def channel_sum(self, t):
+        return t.sum(self.dims)
+
+    def project(self, v):
+        """P(v): v without its channel mean and its component along x_hat."""
+        return v - self.channel_mean(v) - self.x_hat * self.channel_mean(self.x_hat * v)
+
+
+class BackwardTerms(ChannelTerms):
+    """ChannelTerms plus what the backward's derivatives need: act'(z) and g, dy gated by it."""
+
+    def __init__(self, grad_output, input, weight, bias, output, residual, mean, invstd, act):
+        super().__init__(input, weight, mean, invstd)
+        self.slope = None
+        if act[0] == "relu" and output is not None:  # the mask as the fused kernels take it (csrc/epilogue.h)
+            self.slope = (output > 0).to(self.x.dtype)
+        elif act[0] != "identity":
+            z = (self.x - self.mean) * self.alpha
+            if bias is not None:
+                z = z + channel_view(bias.to(self.x.dtype), input)
+            if residual is not None:
+                z = z + residual.to(self.x.dtype)
+            if act[0] == "relu":  # its mask is the output's, on z rounded (grad_through_activation)
+                z = z.to(input.dtype).to(self.x.dtype)
+            self.slope = activations.derivative(act, z)
+        self.g = self.gate(grad_output.to(self.x.dtype))
+
+    def gate(self, t):
+        return t if self.slope is None else torch.where(self.slope == 0, 0, t * self.slope)
+
+
+def double_backward(terms, training, gg_input, gg_weight, gg_bias, gg_residual, needs):
+    """The adjoint of (grad_input, grad_weight, grad_bias, grad_residual) with respect to (grad_output,
+    input, weight), given the gradients gg_* that reach those outputs."""
+    t = terms
+    gg_w = channel_view(gg_weight, t.x)
+    gg_b = channel_view(gg_bias, t.x)
+    d_grad_output = d_input = d_weight = None
+    if needs[0]:
+        d_g = torch.zeros_like(t.x)
+        if gg_input is not None:
+            d_g = d_g + t.alpha * (t.project(gg_input) if training else gg_input)
+        if gg_w is not None:
+            d_g = d_g + gg_w * t.x_hat
+        if gg_b is not None:
+            d_g = d_g + gg_b
+        if gg_residual is not None:
+            d_g = d_g + gg_residual
+        d_grad_output = t.gate(d_g)
+    if needs[2] and gg_input is not None:
+        d_weight = t.channel_sum(gg_input * (t.project(t.g) if training else t.g)) * t.invstd.flatten()
+    if needs[1]:
+        # grad_weight depends on x through x_hat; in training grad_input does too, and through invstd:
+        # d_input = invstd * P(v) - alpha * invstd * mean(gg_input * P(g)) * x_hat, with v below.
+        v = torch.zeros_like(t.x) if gg_w is None else gg_w * t.g
+        if not training:
+            d_input = t.invstd * v
+        elif gg_input is None:
+            d_input = t.invstd * t.project(v)
+        else:
+            v = v - t.alpha * (t.channel_mean(t.x_hat * t.g) * gg_input + t.channel_mean(gg_input * t.x_hat) * t.g)
+            d_input = t.invstd * t.project(v) - t.alpha * t.invstd * t.channel_mean(
+                gg_input * t.project(t.g)) * t.x_hat
+    return d_grad_output, d_input, d_weight
+
+
+def backward_jvp(terms, training, d_grad_output, d_input, d_weight):
+    """The tangents of (grad_input, grad_weight, grad_bias, grad_residual) given those of (grad_output,
+    input, weight)."""
+    t = terms
+    zero = torch.zeros_like(t.x)
+    d_g = zero if d_grad_output is None else t.gate(d_grad_output)
+    dx = zero if d_input is None else d_input
+    d_x_hat = t.invstd * (t.project(dx) if training else dx)  # eval holds the statistics still
+    d_alpha = zero if d_weight is None else t.invstd * channel_view(d_weight, t.x)
+    if training:
+        d_alpha = d_alpha - t.alpha * t.invstd * t.channel_mean(t.x_hat * dx)
+        d_p_g = t.project(d_g) - d_x_hat * t.channel_mean(t.x_hat * t.g) - t.x_hat * t.channel_mean(d_x_hat * t.g)
+        d_grad_input = d_alpha * t.project(t.g) + t.alpha * d_p_g
+    else:
+        d_grad_input = d_alpha * t.g + t.alpha * d_g
+    d_grad_weight = t.channel_sum(d_g * t.x_hat + t.g * d_x_hat)
+    return d_grad_input, d_grad_weight, t.channel_sum(d_g), d_g
+
+
+def to_dtype(t, dtype):
+    return None if t is None else t.to(dtype)

@@ -1,0 +1,292 @@
+"""Every autograd.Function of fusedbn, and when each is applied: the training and eval forwards
+(fusedbn/functional.py's entry points), the fused backward as a Function of its own (so gradients of
+gradients exist), SyncBatchNorm's (fusedbn/sync.py). Their derivative math is fusedbn/_derivatives.py.
+
+Each Function comes in three variants: setup_context style (torch.func transforms, tracing), with a jvp rule
+(forward-mode AD; torch.compile cannot trace a Function that has one, so it is a subclass used only then),
+and a classic-style twin for plain eager autograd (fusedbn/_autograd.py). The ops themselves carry the same
+Functions as autograd kernels (fusedbn/_op_autograd.py).
+"""
+import torch
+import torch.distributed as dist
+from torch.autograd import forward_ad
+from torch.autograd.function import once_differentiable
+
+from . import activations, ops
+from ._autograd import autograd_needed, below_autograd, cached_signature, eager_twin, pick
+from ._derivatives import (BackwardTerms, backward_in_torch_ops, backward_jvp, double_backward, forward_jvp,
+                           running_statistics, saved_for_activation, to_dtype)
+from ._shapes import channels_to_batch, input_to_channels, param_to_channels, params_to_batch
+
+
+def gradients(ctx, saved, grad_output, mean, invstd, training):
+    """The fused backward, itself differentiable for gradients of gradients: fusedbn/_derivatives.py where act'
+    is piecewise constant, else (create_graph with SiLU, GELU, ...) the composition in torch's ops, whose
+    second derivatives torch has. `saved`: ctx.saved_tensors, read once by the caller (each read unpacks
+    every saved tensor)."""
+    input, weight, bias, output, residual = saved[:5]
+    mask = list(ctx.needs_input_grad[:3])
+    if ctx.act[0] not in activations.PIECEWISE_LINEAR and autograd_needed(grad_output, input, weight, bias, residual):
+        return backward_in_torch_ops(ctx, saved, grad_output, training, mask)
+    return batch_norm_backward(grad_output, input, weight, mean, invstd, training, mask, bias, output, residual,
+                               ctx.act, ctx.needs_residual_grad)
+
+
+@cached_signature
+class TrainingFunction(torch.autograd.Function):
+    """Batch statistics; updates the running statistics in place when given. Returns (output, mean,
+    invstd); the statistics are not differentiable."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
+        with below_autograd():
+            return ops.forward_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, *act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, bias, _, _, _, eps, residual, act = inputs
+        output, mean, invstd = outputs
+        ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act), mean, invstd)
+        ctx.save_for_forward(input, weight, bias, output, residual, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.act, ctx.eps = act, eps
+        ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[7]
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+        saved = ctx.saved_tensors
+        grads = gradients(ctx, saved, grad_output, *saved[5:], True)
+        return *grads[:3], None, None, None, None, grads[3], None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
+        if running_mean is not None or running_var is not None:
+            raise RuntimeError(
+                "fusedbn: vmap over a training-mode batch norm cannot update running_mean and running_var in "
+                "place; use torch.func.replace_all_batch_norm_modules_ or track_running_stats=False")
+        size = info.batch_size
+        output, mean, invstd = training_function().apply(
+            input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
+            param_to_channels(bias, in_dims[2], size), None, None, momentum, eps,
+            input_to_channels(residual, in_dims[7], size), act)
+        return (channels_to_batch(output, size), params_to_batch(mean, size),
+                params_to_batch(invstd, size)), (0, 0, 0)
+
+
+@cached_signature
+class EvalFunction(torch.autograd.Function):
+    """Running statistics: a per-channel affine map of the input."""
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, eps, residual, act):
+        with below_autograd():
+            return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, eps, residual, act = inputs
+        ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act), running_mean,
+                              running_var)
+        ctx.save_for_forward(input, weight, bias, output, residual, running_mean, running_var)
+        ctx.act, ctx.eps = act, eps
+        ctx.needs_residual_grad = residual is not None and ctx.needs_input_grad[6]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        grads = gradients(ctx, saved, grad_output, *running_statistics(ctx, saved[0], *saved[5:]), False)
+        return *grads[:3], None, None, None, grads[3], None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, act):
+        size = info.batch_size
+        output = eval_function().apply(
+            input_to_channels(input, in_dims[0], size), param_to_channels(weight, in_dims[1], size),
+            param_to_channels(bias, in_dims[2], size), param_to_channels(running_mean, in_dims[3], size),
+            param_to_channels(running_var, in_dims[4], size), eps, input_to_channels(residual, in_dims[6], size),
+            act)
+        return channels_to_batch(output, size), 0
+
+
+def _training_function_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_momentum, _d_eps, d_residual, _d_act):
+    saved = ctx.saved_tensors
+    return forward_jvp(ctx, *saved, True, d_input, d_weight, d_bias, d_residual), None, None
+
+
+def _eval_function_jvp(ctx, d_input, d_weight, d_bias, _d_rm, _d_rv, _d_eps, d_residual, _d_act):
+    input, weight, bias, output, residual, running_mean, running_var = ctx.saved_tensors
+    return forward_jvp(ctx, input, weight, bias, output, residual,
+                *running_statistics(ctx, input, running_mean, running_var), False, d_input, d_weight, d_bias,
+                d_residual)
+
+
+# Forward-mode AD needs a jvp rule, but torch.compile cannot trace an autograd.Function that has one: the
+# rule lives in subclasses used only while forward-mode AD is active (torch.func.jvp/jacfwd, dual_level).
+class TrainingFunctionWithJvp(TrainingFunction):
+    jvp = staticmethod(_training_function_jvp)
+
+
+class EvalFunctionWithJvp(EvalFunction):
+    jvp = staticmethod(_eval_function_jvp)
+
+
+TrainingFunctionEager = eager_twin(TrainingFunction)
+EvalFunctionEager = eager_twin(EvalFunction)
+
+
+def training_function():
+    """The training autograd.Function to apply (fusedbn._autograd.pick)."""
+    return pick(TrainingFunction, TrainingFunctionWithJvp, TrainingFunctionEager)
+
+
+def eval_function():
+    """The eval autograd.Function to apply (fusedbn._autograd.pick)."""
+    return pick(EvalFunction, EvalFunctionWithJvp, EvalFunctionEager)
+
+
+def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act):
+    """(output, mean, invstd), through the autograd.Function only when something will differentiate it."""
+    args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, act)
+    if autograd_needed(input, weight, bias, residual):
+        return training_function().apply(*args)
+    return TrainingFunction.forward(*args)
+
+
+def _has_tangent(*tensors):
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act):
+    """The output with running statistics, through the autograd.Function only when something will
+    differentiate it."""
+    # torch's rule, checked here: the jvp rule cannot, as autograd hands it zeros for tangent-less inputs.
+    if (forward_ad._current_level >= 0 and _has_tangent(running_mean, running_var)
+            and _has_tangent(input, weight, bias, residual)):
+        raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
+                           "forward grad defined")
+    args = (input, weight, bias, running_mean, running_var, eps, residual, act)
+    if autograd_needed(input, weight, bias, residual):
+        return eval_function().apply(*args)
+    return EvalFunction.forward(*args)
+
+
+@cached_signature
+class BackwardFunction(torch.autograd.Function):
+    """(grad_input, grad_weight, grad_bias, grad_residual) of the fused ops, differentiable; outputs not
+    asked for by ``output_mask`` / ``grad_residual`` are None. Its arguments are ops.backward's, in its order
+    (the activation as one (name, parameter) pair)."""
+
+    @staticmethod
+    def forward(grad_output, input, weight, mean, invstd, training, output_mask, bias, output, residual, act,
+                grad_residual):
+        with below_autograd():
+            return tuple(ops.backward(grad_output, input, weight, mean, invstd, training, output_mask, bias, output,
+                                      residual, *act, grad_residual))
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        grad_output, input, weight, mean, invstd, training, _, bias, output, residual, act, _ = inputs
+        ctx.save_for_backward(grad_output, input, weight, bias, output, residual, mean, invstd)
+        ctx.save_for_forward(grad_output, input, weight, bias, output, residual, mean, invstd)
+        ctx.training, ctx.act = training, act
+        ctx.output_dtypes = [None if o is None else o.dtype for o in outputs]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_weight, gg_bias, gg_residual):
+        grad_output, input, weight, *rest = ctx.saved_tensors
+        terms = BackwardTerms(grad_output, input, weight, *rest, ctx.act)
+        upstream = (to_dtype(g, terms.x.dtype) for g in (gg_input, gg_weight, gg_bias, gg_residual))
+        d_grad_output, d_input, d_weight = double_backward(terms, ctx.training, *upstream, ctx.needs_input_grad[:3])
+        # bias, output and residual reach the backward only through act', piecewise constant: zero gradient,
+        # as torch's threshold_backward reports it (zeros, not None, so optimizers treat the bias as torch's do).
+        d_bias, d_output, d_residual = (torch.zeros_like(t) if needed and t is not None else None
+                                        for t, needed in zip(rest[:3], ctx.needs_input_grad[7:10]))
+        return (to_dtype(d_grad_output, grad_output.dtype), to_dtype(d_input, input.dtype),
+                to_dtype(d_weight, None if weight is None else weight.dtype), None, None, None, None, d_bias, d_output,
+                d_residual, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, weight, mean, invstd, training, output_mask, bias, output, residual,
+             act, grad_residual):
+        size = info.batch_size
+        to_input = lambda t, i: input_to_channels(t, in_dims[i], size)  # noqa: E731
+        to_param = lambda t, i: param_to_channels(t, in_dims[i], size)  # noqa: E731
+        grads = batch_norm_backward(
+            to_input(grad_output, 0), to_input(input, 1), to_param(weight, 2), to_param(mean, 3),
+            to_param(invstd, 4), training, output_mask, to_param(bias, 7), to_input(output, 8),
+            to_input(residual, 9), act, grad_residual)
+        unbatch = (channels_to_batch, params_to_batch, params_to_batch, channels_to_batch)
+        return (tuple(None if g is None else f(g, size) for f, g in zip(unbatch, grads)),
+                tuple(None if g is None else 0 for g in grads))
+
+
+def _backward_function_jvp(ctx, d_grad_output, d_input, d_weight, *_):
+    grad_output, input, weight, *rest = ctx.saved_tensors
+    terms = BackwardTerms(grad_output, input, weight, *rest, ctx.act)
+    tangents = backward_jvp(terms, ctx.training, *(to_dtype(d, terms.x.dtype) for d in (d_grad_output, d_input, d_weight)))
+    return tuple(to_dtype(t, dtype) if dtype is not None else None for t, dtype in zip(tangents, ctx.output_dtypes))
+
+
+# As in functional.py: the jvp rule only while forward-mode AD is active, for torch.compile's sake.
+class BackwardFunctionWithJvp(BackwardFunction):
+    jvp = staticmethod(_backward_function_jvp)
+
+
+BackwardFunctionEager = eager_twin(BackwardFunction)
+
+
+def batch_norm_backward(*args):
+    """``BackwardFunction`` applied (the variant fusedbn._autograd.pick chooses) where something will
+    differentiate the gradients (``create_graph=True``, torch.func); else the fused op alone."""
+    grad_output, input, weight, _, _, _, _, bias, output, residual = args[:10]
+    if not autograd_needed(grad_output, input, weight, bias, output, residual):
+        return BackwardFunction.forward(*args)
+    return pick(BackwardFunction, BackwardFunctionWithJvp, BackwardFunctionEager).apply(*args)
+
+
+class SyncFunction(torch.autograd.Function):
+    """Normalizes with the group's (mean, biased var); backward sums two per-channel terms over the group."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, mean, var, total, eps, group):
+        # forward_eval takes weight and bias in the statistics' dtype (float32 for half and bfloat16 input:
+        # exact), whatever dtype the parameters are kept in.
+        weight_acc = None if weight is None else weight.to(mean.dtype)
+        bias_acc = None if bias is None else bias.to(mean.dtype)
+        with below_autograd():
+            output = ops.forward_eval(input, weight_acc, bias_acc, mean, var, eps)
+        invstd = torch.rsqrt(var + eps)  # bit for bit the forward_eval's
+        ctx.save_for_backward(input, weight_acc, mean, invstd, total)
+        ctx.group = group
+        ctx.params = [(p.dtype, p.shape) if p is not None else None for p in (weight, bias)]
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, mean, invstd, total = ctx.saved_tensors
+        channels = input.shape[1]
+        if input.numel() == 0:
+            zeros = mean.new_zeros(channels)
+            sum_dz, sum_dz_xmu = zeros, zeros
+        else:
+            sum_dz, sum_dz_xmu = ops.grad_sums(grad_output, input, weight, mean, invstd)
+        packed = torch.cat([sum_dz, sum_dz_xmu])
+        dist.all_reduce(packed, group=ctx.group)
+        global_dz, global_dz_xmu = packed[:channels], packed[channels:]
+        n = total.to(mean.dtype).clamp(min=1)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            if input.numel() == 0:
+                grad_input = torch.zeros_like(input)
+            else:
+                grad_input, _ = ops.backward_elemt(grad_output, input, weight, mean, invstd, global_dz / n,
+                                                   invstd * invstd * global_dz_xmu / n)
+        # Parameter gradients are this process's (DistributedDataParallel averages them), in their dtype.
+        grads = [None, None]
+        for i, term in enumerate((sum_dz_xmu * invstd, sum_dz)):
+            if ctx.needs_input_grad[1 + i]:
+                dtype, shape = ctx.params[i]
+                grads[i] = term.to(dtype).view(shape)
+        return grad_input, *grads, None, None, None, None, None
