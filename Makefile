@@ -38,11 +38,11 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 	mv $@.tmp $@
 	@echo "fusedbn: CUDA_HOME=$$(cat $@)"
 
-.PHONY: test bench build clean fuzz examples sdist sdist-check wheel
+.PHONY: test test-fast bench build clean fuzz examples sdist sdist-check wheel
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) $(TORCHAO_PIN) ninja pybind11 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) $(TORCHAO_PIN) ninja 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
@@ -52,6 +52,11 @@ build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
 test: $(if $(filter 0,$(SDIST_CHECK)),,sdist-check) $(DEPS_STAMP) $(CUDA_HOME_FILE)
 	CUDA_HOME=$$(cat $(CUDA_HOME_FILE)) FUSEDBN_SIMT=1 $(PY) setup.py --quiet build_ext --inplace
 	$(PY) -m pytest tests
+
+# The edit-test loop (tests/README.md): the CPU device only, a tenth of the property-based cases, and the
+# tests marked slow (processes, whole models, large tensors) left to `make test`.
+test-fast: build
+	FUSEDBN_TEST_DEVICES=cpu FUSEDBN_FUZZ_EXAMPLES=0.1 $(PY) -m pytest tests -q -m "not slow"
 
 # The property-based tests with 20x the cases of a CI run (tests/test_fuzz.py).
 fuzz: $(DEPS_STAMP) $(CUDA_HOME_FILE)
@@ -88,7 +93,7 @@ sdist-check: sdist
 	@start=$$(date +%s); set -e; \
 	rm -rf $(SDIST_VENV); \
 	$(PYTHON) -m venv $(SDIST_VENV); \
-	$(SDIST_VENV)/bin/python -m pip install -qq $(TORCH) numpy ninja pybind11 'setuptools>=77' wheel; \
+	$(SDIST_VENV)/bin/python -m pip install -qq $(TORCH) numpy ninja 'setuptools>=77' wheel; \
 	echo "fusedbn: sdist-check: venv with $(TORCH) in $$(( $$(date +%s) - start )) s, building the sdist into it"; \
 	smoke=$$(mktemp -d); cd $$smoke; \
 	FUSEDBN_CUDA=0 FUSEDBN_CPU_ARCH=native $(CURDIR)/$(SDIST_VENV)/bin/python -m pip install -qq --no-build-isolation \

@@ -2,7 +2,7 @@
 the speedup figure, and the README's markdown table rendered from results files.
 
     python benchmarks/report.py FILE.json...          # markdown table of fusedbn against nn.BatchNorm2d
-    python benchmarks/report.py --readme README.md    # re-render the table between README's markers from
+    python benchmarks/report.py --readme benchmarks/README.md    # re-render the table between README's markers from
                                                       # the files its start marker names
 """
 import argparse

@@ -1,5 +1,52 @@
-"""Input builders shared by the tests."""
+"""What the tests share: the accuracy oracle against float64 (tolerances per dtype, the dtype pairs the
+equivalence tests run), and input builders."""
+import math
+
+import pytest
 import torch
+
+# Accuracy oracle: torch computes the same thing in float64; fusedbn's largest error against that must be
+# within twice torch's own largest error in the tested dtype, plus a floor for cases where torch happens to
+# be exact: `atol` (a few units in the last place of the dtype near 1) and a few units in the last place at
+# the result's magnitude. `rtol`/`atol` are also used
+# where two results must simply agree.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+DTYPES = list(TOLERANCES)
+ERROR_RATIO = 2.0
+# (input dtype, parameter dtype): every dtype with its own parameters, and half precision with float32 ones.
+DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
+over_dtype_pairs = pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS,
+                                           ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+
+
+def assert_close(actual, expected, dtype, msg=""):
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"], msg=lambda m: f"{msg}\n{m}")
+
+
+def assert_as_accurate(ours, theirs, exact, dtype, msg="", scale=1.0, slack=0.0):
+    """max|ours - exact| <= ERROR_RATIO * max|theirs - exact| + atol * scale + slack, with `exact` in
+    float64. `scale` is sqrt(count) for sums over `count` values (weight/bias gradients), whose rounding
+    error grows with the count; `slack` covers terms whose exact value is ill-defined at the dtype's
+    precision (a relu mask where the pre-activation rounds to either side of zero)."""
+    assert ours.dtype == theirs.dtype, f"{msg}: dtype {ours.dtype} vs {theirs.dtype}"
+    if ours.numel() == 0:
+        assert theirs.numel() == 0
+        return
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_theirs = (theirs.double() - exact).abs().max().item()
+    if math.isnan(err_theirs):  # torch overflowed (e.g. float16 sums) where float64 did not: any finite error is better
+        err_theirs = math.inf
+    # Rounding the result itself to `dtype` costs up to half a unit in the last place at its magnitude.
+    rounding = 4 * torch.finfo(dtype).eps * exact.abs().max().item()
+    bound = ERROR_RATIO * err_theirs + TOLERANCES[dtype]["atol"] * scale + rounding + slack
+    assert err_ours <= bound, f"{msg}: fusedbn error {err_ours:.3g} > {bound:.3g} (torch's error {err_theirs:.3g})"
+
 
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
@@ -35,3 +82,9 @@ def misaligned_copy(x):
     storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
     y = storage[1:].as_strided(x.shape, x.stride())
     return y.copy_(x)
+
+
+def torchvision_models():
+    """torchvision.models, or the calling test skipped (with the reason) where torchvision is not installed."""
+    return pytest.importorskip("torchvision", reason="the model tests need torchvision: pip install .[test]").models
+

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from conftest import assert_as_accurate
+from helpers import assert_as_accurate
 
 pytestmark = [
     pytest.mark.cuda,

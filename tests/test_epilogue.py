@@ -6,14 +6,11 @@ import io
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fusedbn
-from conftest import DTYPES, assert_as_accurate, assert_close
-from helpers import make_input
+from helpers import assert_as_accurate, assert_close, make_input, over_dtype_pairs, torchvision_models
 
-DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 FUSED = {1: fusedbn.FusedBatchNormAct1d, 2: fusedbn.FusedBatchNormAct2d, 3: fusedbn.FusedBatchNormAct3d}
 TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SHAPES = [(1, (5, 3)), (2, (4, 6, 9, 11)), (2, (3, 16, 5, 5)), (3, (2, 3, 3, 4, 5)), (2, (2, 3, 24, 24))]
@@ -66,7 +63,7 @@ def _run(module, x, residual, grad):
 
 @pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+@over_dtype_pairs
 @pytest.mark.parametrize("with_residual", [False, True], ids=["bn-act", "bn-add-act"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
 def test_fused_matches_unfused_torch(device, dims, shape, layout, dtype, param_dtype, with_residual, activation):
@@ -232,7 +229,7 @@ def test_fuse_model_on_resnets(name, counts):
     """Every basic block / bottleneck fused, in place; outputs, gradients and running stats equal the
     original's (in float64, so any difference is the rewrite's, not rounding's)."""
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).double()
+    model = getattr(torchvision_models(), name)(weights=None).double()
     fused, report = copy.deepcopy(model), fusedbn.Report()
     assert fusedbn.fuse_model(fused, report=report) is fused and type(fused) is type(model)
     assert (report.count("fused", "relu"), report.count("fused", "add+relu"), report.count("converted")) == counts
@@ -269,7 +266,7 @@ def test_fuse_model_keeps_what_the_model_computes(name, size, fused_count, fuse_
     outputs, parameters, running statistics. It keeps its class; and a second fuse_model changes nothing."""
     torch.manual_seed(0)
     extra = {"aux_logits": True, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    model = getattr(torchvision.models, name)(weights=None, **extra).double()
+    model = getattr(torchvision_models(), name)(weights=None, **extra).double()
     fused = copy.deepcopy(model).train(fuse_in == "train")
     report = fusedbn.Report()
     fusedbn.fuse_model(fused, report=report)
@@ -376,7 +373,7 @@ def test_fused_model_pickles_and_reverts():
     """A fused model survives torch.save/load and deepcopy; revert_model gives back torch's modules and
     forwards, computing the same."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).double().eval()
+    model = torchvision_models().resnet18(weights=None).double().eval()
     fused = fusedbn.fuse_model(copy.deepcopy(model))
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     buffer = io.BytesIO()

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import fusedbn
-from conftest import DTYPES, assert_as_accurate, assert_close
-from helpers import LAYOUTS, is_dense, make_input, memory_layout_matches, misaligned_copy
+from helpers import (LAYOUTS, assert_as_accurate, assert_close, is_dense, make_input, memory_layout_matches,
+                     misaligned_copy, over_dtype_pairs)
 
 MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
            3: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
@@ -17,7 +17,6 @@ MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fu
 # shapes large enough to split a channel over several row parts and several cache blocks (or, for short
 # channels-first runs, the channels over several tiles).
 # Every dtype with parameters of the same dtype, and half/bfloat16 input with float32 parameters (mixed precision).
-DTYPE_PAIRS = [(d, d) for d in DTYPES] + [(torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 
 # One value per channel is rejected in training (see test_errors), so every shape has at least two.
 SHAPES = [
@@ -87,7 +86,7 @@ def _compare_step(modules, x, dtype, label, generator):
 
 @pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+@over_dtype_pairs
 @pytest.mark.parametrize(
     "options",
     [dict(), dict(momentum=None), dict(affine=False), dict(track_running_stats=False)],
@@ -120,7 +119,7 @@ KERNEL_PATH_CASES = [
 
 @pytest.mark.parametrize("layout,shape,misaligned", KERNEL_PATH_CASES,
                          ids=[f"{l}-{'x'.join(map(str, s))}{'-misaligned' if m else ''}" for l, s, m in KERNEL_PATH_CASES])
-@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=[f"{str(a)[6:]}-params-{str(b)[6:]}" for a, b in DTYPE_PAIRS])
+@over_dtype_pairs
 def test_kernel_paths_match_torch(device, layout, shape, misaligned, dtype, param_dtype):
     modules = _modules(2, shape[1], dtype, param_dtype, device)
     gen, grad_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedbn
-from conftest import assert_as_accurate
+from helpers import assert_as_accurate
 
 
 def _training_step(fn, x, weight, bias, upstream):

@@ -5,14 +5,13 @@ prints the drawn example (shape, view, strides). FUSEDBN_FUZZ_EXAMPLES scales th
 import math
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fusedbn
-from conftest import DTYPES, assert_as_accurate
+from helpers import DTYPES, assert_as_accurate
 
 MODULES = {2: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 3: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d),
            4: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d), 5: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}

@@ -4,11 +4,10 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 import fusedbn
-from conftest import assert_close
+from helpers import assert_close, torchvision_models
 
 
 def _randomize_statistics(model, seed=0):
@@ -30,7 +29,7 @@ def test_fold_conv_bn_on_resnets(name, count, dtype):
     """Every BatchNorm of an eval-mode ResNet folds; outputs match within the dtype's tolerance (the folding
     itself is done in float64, so a bfloat16 model loses no more than its own rounding)."""
     torch.manual_seed(0)
-    model = _randomize_statistics(getattr(torchvision.models, name)(weights=None)).eval().to(dtype)
+    model = _randomize_statistics(getattr(torchvision_models(), name)(weights=None)).eval().to(dtype)
     report = fusedbn.Report()
     folded = fusedbn.fold_conv_bn(model, report=report)
     assert report.count("folded") == count, str(report)
@@ -206,7 +205,7 @@ def test_frozen_batch_norm_loads_a_batch_norm_state_dict(device):
 
 def test_freeze_converts_in_place():
     torch.manual_seed(0)
-    model = _randomize_statistics(torchvision.models.resnet18(weights=None)).eval()
+    model = _randomize_statistics(torchvision_models().resnet18(weights=None)).eval()
     reference = copy.deepcopy(model)
     report = fusedbn.Report()
     assert fusedbn.freeze(model, report=report) is model

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from conftest import assert_close
+from helpers import assert_close
 
 PAIRS = [(nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
          (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)]

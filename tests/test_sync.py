@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fusedbn
-from conftest import HAS_SIMT, assert_as_accurate
+from conftest import HAS_SIMT
+from helpers import assert_as_accurate
 from helpers import make_input
 
 TIMEOUT_S = 240

@@ -10,10 +10,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import fusedbn
+from helpers import torchvision_models
 
 TRANSFORMS = {
     "convert_model": fusedbn.convert_model,
@@ -29,7 +29,7 @@ CHANGES_TRAINING = {"fold_conv_bn", "freeze"}  # eval-only results by design
 
 def _resnet18():
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).double()
+    model = torchvision_models().resnet18(weights=None).double()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
