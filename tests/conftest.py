@@ -1,4 +1,5 @@
 """Shared fixtures: the devices every equivalence test runs on (the accuracy oracle is in helpers.py)."""
+import dataclasses
 import importlib.util
 import os
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import fusedbn
+from helpers import route_ops
 
 HAS_SIMT = importlib.util.find_spec("fusedbn._simt") is not None
 if HAS_SIMT:
@@ -40,13 +42,28 @@ DEVICES = [
 if os.environ.get("FUSEDBN_TEST_DEVICES"):
     DEVICES = [d for d in DEVICES if d.id in os.environ["FUSEDBN_TEST_DEVICES"].split(",")]
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """Where a test runs: ``name`` (the DEVICES id), ``device`` (the tensors' device: "cpu" for the emulator,
+    whose kernels take CPU tensors) and ``ops_library`` (the torch.ops namespace fusedbn.ops is routed to)."""
+
+    name: str
+    device: str
+    ops_library: str
+
+
 @pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param != "simt":
-        return request.param
-    for name in ("forward_train", "forward_eval", "backward", "batch_stats", "grad_sums", "backward_elemt"):
-        monkeypatch.setattr(fusedbn.ops, name, getattr(torch.ops.fusedbn_simt, name))
-    return "cpu"
+def backend(request, monkeypatch):
+    if request.param == "simt":
+        route_ops("fusedbn_simt", monkeypatch.setattr)
+        return Backend("simt", "cpu", "fusedbn_simt")
+    return Backend(request.param, request.param, "fusedbn")
+
+
+@pytest.fixture
+def device(backend):
+    """The tensors' device of ``backend``, for the tests that need nothing else of it."""
+    return backend.device
 
 
 def _too_many_blocks_to_emulate(params):
@@ -59,7 +76,7 @@ def _too_many_blocks_to_emulate(params):
 
 def pytest_collection_modifyitems(config, items):
     deselected = [item for item in items
-                  if hasattr(item, "callspec") and item.callspec.params.get("device") == "simt"
+                  if hasattr(item, "callspec") and item.callspec.params.get("backend") == "simt"
                   and _too_many_blocks_to_emulate(item.callspec.params)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)

@@ -88,3 +88,15 @@ def torchvision_models():
     """torchvision.models, or the calling test skipped (with the reason) where torchvision is not installed."""
     return pytest.importorskip("torchvision", reason="the model tests need torchvision: pip install .[test]").models
 
+
+OP_NAMES = ("forward_train", "forward_eval", "backward", "batch_stats", "grad_sums", "backward_elemt")
+
+
+def route_ops(library: str, set_attribute=setattr) -> None:
+    """The one switch of the library fusedbn's Python calls: ``fusedbn.ops.*`` set to ``torch.ops.<library>``'s
+    ops ("fusedbn", or the emulator's "fusedbn_simt": the same schemas). ``set_attribute``: e.g. a
+    monkeypatch's setattr, so a test's switch is undone after it."""
+    import fusedbn
+    for name in OP_NAMES:
+        set_attribute(fusedbn.ops, name, getattr(getattr(torch.ops, library), name))
+

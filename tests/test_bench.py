@@ -200,6 +200,7 @@ def test_full_table_file_and_summary(tmp_path, capsys):
     assert table[0].startswith("fusedbn benchmark on ") and any("spread %" in line for line in table)
 
 
+@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
     out = tmp_path / "quick.json"
     env = dict(os.environ, PYTHONPATH=str(Path(fusedbn.__file__).parents[1]))  # the fusedbn under test
@@ -273,6 +274,7 @@ def test_markdown_reads_old_and_new_results(tmp_path):
                          "| 2x3x4x5 | NCHW | 0.50, 50 % |"]
 
 
+@pytest.mark.slow  # gloo processes
 def test_distributed_rows(tmp_path, capsys):
     out = tmp_path / "distributed.json"
     assert bench.main(["--distributed", "2", "--shapes", "2,4,3,3", "--layout", "nchw", "--json", str(out)]) == 0

@@ -47,7 +47,8 @@ def _fn(module, training, epilogue, running):
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_gradgradcheck(request, device, training, epilogue, affine, layout):
+def test_gradgradcheck(backend, training, epilogue, affine, layout):
+    device = backend.device
     x, w, b, r, running = _problem(device, layout=layout, affine=affine)
     inputs = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
     fn = _fn(fusedbn, training, epilogue, running)
@@ -57,7 +58,7 @@ def test_gradgradcheck(request, device, training, epilogue, affine, layout):
         return fn(args.pop(0), *(args.pop(0) if affine else None for _ in range(2)), args.pop(0))
 
     # The emulator is slow: there, gradcheck's fast mode (random projections of the Jacobians).
-    fast = request.node.callspec.params["device"] == "simt"
+    fast = backend.name == "simt"
     assert gradcheck(call, inputs, fast_mode=fast)
     assert gradgradcheck(call, inputs, fast_mode=fast)
 

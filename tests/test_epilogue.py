@@ -224,6 +224,7 @@ def test_module_surface():
     assert fused.state_dict().keys() == bn.state_dict().keys()
 
 
+@pytest.mark.slow  # whole models
 @pytest.mark.parametrize("name,counts", [("resnet18", (8, 8, 4)), ("resnet50", (32, 16, 5))])
 def test_fuse_model_on_resnets(name, counts):
     """Every basic block / bottleneck fused, in place; outputs, gradients and running stats equal the
@@ -258,6 +259,7 @@ ZOO = [("efficientnet_b0", 64, 33), ("efficientnet_v2_s", 64, 72), ("googlenet",
        ("densenet121", 64, 120), ("mobilenet_v2", 64, 35), ("mobilenet_v3_large", 64, 31), ("regnet_y_400mf", 64, 33)]
 
 
+@pytest.mark.slow  # whole models
 @pytest.mark.parametrize("name,size,fused_count", ZOO)
 @pytest.mark.parametrize("fuse_in", ["train", "eval"])
 def test_fuse_model_keeps_what_the_model_computes(name, size, fused_count, fuse_in):

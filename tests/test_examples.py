@@ -15,6 +15,8 @@ import landscape  # noqa: E402
 import lr_sweep  # noqa: E402
 import train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains whole models
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no CUDA device on this machine"))]
 

@@ -127,8 +127,8 @@ def _run_case(case, device):
             assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
 
 
-def test_fuzz_against_torch(device, request):
-    kind = request.node.callspec.id
+def test_fuzz_against_torch(backend):
+    device, kind = backend.device, backend.name
     budget = dict(max_numel=4096, max_channels=300) if kind != "simt" else dict(max_numel=512, max_channels=64)
 
     ran = []

@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # builds its own extension
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WARP = 32
 

@@ -15,8 +15,9 @@ from torch import nn
 
 import fusedbn
 from conftest import HAS_SIMT
-from helpers import assert_as_accurate
-from helpers import make_input
+from helpers import assert_as_accurate, make_input, route_ops
+
+pytestmark = pytest.mark.slow  # several processes each
 
 TIMEOUT_S = 240
 
@@ -33,8 +34,7 @@ def _entry(rank, world, port, backend, ops_library, check, args):
     try:
         if ops_library == "fusedbn_simt":
             import fusedbn._simt  # noqa: F401
-            for name in ("forward_train", "forward_eval", "backward", "batch_stats", "grad_sums", "backward_elemt"):
-                setattr(fusedbn.ops, name, getattr(torch.ops.fusedbn_simt, name))
+            route_ops(ops_library)
         device = f"cuda:{rank}" if backend == "nccl" else "cpu"
         if backend == "nccl":
             torch.cuda.set_device(rank)

@@ -13,6 +13,8 @@ import fusedbn
 timm = pytest.importorskip("timm")
 from timm.layers.norm_act import BatchNormAct2d  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole models
+
 # model, the BatchNorm layers fusedbn runs, and how many of them are timm's BatchNormAct2d.
 MODELS = [("efficientnet_b0", 49, 49), ("mobilenetv3_large_100", 46, 46), ("regnety_002", 44, 44),
           ("resnet18", 20, 0)]

@@ -163,6 +163,7 @@ def test_export_keeps_our_ops(device, training):
             torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow  # torch.compile of a whole model
 def test_compiled_fuse_model_gives_torchs_results():
     """torch.compile(fullgraph=True) of a model fuse_model rewrote (instance forwards) traces without a break
     and computes what the compiled torch model computes, bit for bit: outputs, gradients, eval outputs."""
