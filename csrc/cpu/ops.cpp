@@ -3,7 +3,6 @@
 #include "vec_math.h"  // first: it chooses the instruction set of ATen's vector headers
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
@@ -17,6 +16,7 @@
 
 #include "../backward_inputs.h"
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../layout.h"
 #include "../welford.h"
 #include "elementwise.h"
@@ -66,16 +66,6 @@ Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptT
   });
 }
 
-// Calls f(std::bool_constant<b>{}): a run-time flag made a template argument of the tile kernels.
-template <typename F>
-void with_flag(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
 // y = act((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
 // (x's when undefined; another tensor in the same view may differ on size-1 dims). `coefficients`: the
 // [3, C] rows mean, alpha, beta (normalize_coefficients).
@@ -83,7 +73,7 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coe
                  const OptTensor& residual = std::nullopt, Epilogue epilogue = {}, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
     const scalar_t* res = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
@@ -182,7 +172,7 @@ void update_running_stats(const Tensor& running_mean, const Tensor& running_var,
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensor new_mean = running_mean.to(mean.scalar_type()).contiguous();
   Tensor new_var = running_var.to(mean.scalar_type()).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_STATISTICS(mean.scalar_type(), [&] {
     scalar_t* rm = new_mean.mutable_data_ptr<scalar_t>();
     scalar_t* rv = new_var.mutable_data_ptr<scalar_t>();
     const scalar_t* batch_mean = mean.const_data_ptr<scalar_t>();
@@ -212,7 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   const auto acc_options = input.options().dtype(acc);
   Tensor mean = at::empty({C}, acc_options), invstd = at::empty({C}, acc_options);
   Tensor unbiased_var = at::empty({C}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
@@ -224,7 +214,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
     });
   });
 
-  const Tensor coefficients = AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm", [&] {
+  const Tensor coefficients = FUSEDBN_DISPATCH_STATISTICS(acc, [&] {
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
                                             as_acc(w, acc), as_acc(b, acc), C, acc_options);
   });
@@ -241,7 +231,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   const ChannelLayout layout = channel_layout(x);
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor mean = at::empty({layout.C}, acc_options), m2 = at::empty({layout.C}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
@@ -264,7 +254,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const auto acc = at::toOpMathType(input.scalar_type());
   const auto acc_options = input.options().dtype(acc);
   const Tensor mean = as_acc(running_mean, acc), var = as_acc(running_var, acc);
-  const Tensor coefficients = AT_DISPATCH_FLOATING_TYPES(acc, "batch_norm", [&] {
+  const Tensor coefficients = FUSEDBN_DISPATCH_STATISTICS(acc, [&] {
     std::vector<scalar_t> invstd(layout.C);
     const scalar_t* v = var.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < layout.C; ++c) invstd[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
@@ -293,7 +283,7 @@ void with_grad_rule(const BackwardInputs& in, F&& f) {
 // The backward's coefficients, [3, C] as normalize_coefficients: 0, a = w * invstd (also the forward's
 // alpha, which the recomputed activation needs), beta = bias (without `with_bias`: 0).
 Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
-  return AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+  return FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
     return normalize_coefficients<scalar_t>(nullptr, in.invstd.const_data_ptr<scalar_t>(), as_acc(in.weight, in.acc),
                                             with_bias ? as_acc(in.bias, in.acc) : std::nullopt, in.layout.C,
                                             in.x.options().dtype(in.acc));
@@ -304,7 +294,7 @@ Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
 // tile kernels; `coefficients` from backward_coefficients; dz kept in `dz_out` when that is defined.
 template <typename F>
 void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f, const Tensor& dz_out = Tensor()) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* a = coefficients.const_data_ptr<acc_t>() + in.layout.C;
     const GradSource<scalar_t, acc_t> source{
@@ -367,7 +357,7 @@ Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tenso
 
 // The training dx's per-channel terms, [2, C]: mean_dz = sum(dz) / m and proj = invstd^2 * sum(dz*(x-mean)) / m.
 Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Tensor& sum_dz_xmu) {
-  return AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+  return FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
     const scalar_t inv_m = scalar_t(1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel())));
     const scalar_t* dz = sum_dz.const_data_ptr<scalar_t>();
     const scalar_t* dz_xmu = sum_dz_xmu.const_data_ptr<scalar_t>();
@@ -427,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   }
   if (output_mask[1]) {  // sum(dz * (x - mean)) * invstd
     grad_weight = at::empty({C}, acc_options);
-    AT_DISPATCH_FLOATING_TYPES(in.acc, "batch_norm", [&] {
+    FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
       const scalar_t* sum = sum_dz_xmu.const_data_ptr<scalar_t>();
       const scalar_t* istd = in.invstd.const_data_ptr<scalar_t>();
       scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();

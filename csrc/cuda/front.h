@@ -7,7 +7,6 @@
 // an OS thread).
 #pragma once
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,6 +21,7 @@
 
 #include "../backward_inputs.h"
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../layout.h"
 #include "kernels.cuh"
 #include "launch.h"
@@ -44,33 +44,11 @@ T* ptr_or_null(const OptTensor& t) {
   return has(t) ? t->mutable_data_ptr<T>() : nullptr;
 }
 
-// Calls f(param_t{}) with the parameters' element type: float for half/bfloat16 input with float32
-// parameters (mixed precision), else the input's type.
-template <typename scalar_t, typename F>
-void with_param_type(std::optional<at::ScalarType> param_dtype, F&& f) {
-  if (param_dtype && *param_dtype == at::kFloat && !std::is_same_v<scalar_t, float>) {
-    f(float{});
-  } else {
-    f(scalar_t{});
-  }
-}
-
 inline std::optional<at::ScalarType> dtype_of_first(std::initializer_list<const OptTensor*> ts) {
   for (const auto* t : ts) {
     if (has(*t)) return (*t)->scalar_type();
   }
   return std::nullopt;
-}
-
-// Calls f(std::integral_constant<int, kVec>{}) with kVec = kVecWidth when `vectorize`, else 1: each
-// kernel is instantiated for both and the shape and alignment pick one at run time.
-template <int kVecWidth, typename F>
-void with_vec_width(bool vectorize, F&& f) {
-  if (vectorize) {
-    f(std::integral_constant<int, kVecWidth>{});
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
 }
 
 inline int64_t pow2_at_least(int64_t v) {
@@ -178,7 +156,7 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
                  Epilogue epilogue = {}, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
   const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(),      y.mutable_data_ptr<scalar_t>(),
                                           mean.const_data_ptr<acc_t>(),       alpha.const_data_ptr<acc_t>(),
@@ -212,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   if (C == 0) return {empty_like_dense(x, x.scalar_type()), mean, invstd};
   Tensor alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
   const auto param_dtype = dtype_of_first({&weight, &bias, &running_mean, &running_var});
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       using param_t = decltype(param_tag);
@@ -286,7 +264,7 @@ inline bool backward_aligned(const BackwardInputs& in) {
 template <typename Context, typename MakeFinisher>
 void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std::optional<at::ScalarType> param_dtype,
                     const Context& ctx, MakeFinisher&& make_finisher) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       const GradReducer<scalar_t, acc_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
@@ -303,7 +281,7 @@ template <typename Context>
 Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
                const Tensor& grad_residual, const Context& ctx) {
   Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BackwardElemtOp<scalar_t, acc_t> op{
         in.dy.const_data_ptr<scalar_t>(),  in.x.const_data_ptr<scalar_t>(),  grad_input.mutable_data_ptr<scalar_t>(),
@@ -380,7 +358,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor mean = at::empty({layout.C}, acc_options), m2 = at::empty({layout.C}, acc_options);
   if (layout.C == 0) return {mean, m2};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "batch_norm", [&] {
+  FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
                                                   layout.channels_last ? 1 : layout.S};
