@@ -1,4 +1,4 @@
-// The checked, layout-resolved inputs of the backward op, shared by every backend's front.
+// The checked, layout-resolved inputs of the backward op, shared by every backend's host code.
 #pragma once
 
 #include <ATen/OpMathType.h>

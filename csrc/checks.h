@@ -99,7 +99,7 @@ inline void check_running_stat_writable(const at::Tensor& stat, const char* name
 }
 
 // Values per channel, N * prod(spatial).
-inline c10::SymInt values_per_channel(const at::Tensor& input) {
+inline c10::SymInt count_per_channel(const at::Tensor& input) {
   c10::SymInt count = input.sym_size(0);
   for (int64_t d = 2; d < input.dim(); ++d) count *= input.sym_size(d);
   return count;
@@ -149,7 +149,7 @@ inline void check_forward_train_args(const at::Tensor& input, const std::optiona
     check_running_stat_writable(*running_mean, "running_mean");
     check_running_stat_writable(*running_var, "running_var");
   }
-  TORCH_CHECK_VALUE(values_per_channel(input) != 1,
+  TORCH_CHECK_VALUE(count_per_channel(input) != 1,
                     "Expected more than 1 value per channel when training, got input size ", input.sym_sizes());
   check_eps(eps, true);
 }

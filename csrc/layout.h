@@ -1,7 +1,7 @@
 // How an (N, C, *) tensor is laid out in memory, reduced to one of two 3-D views without copying:
 //   channels-first (N, C, S): channel c of sample n is a contiguous run of S values;
 //   channels-last  (N*S, C):  each row holds all C channels of one position (NHWC, NDHWC, and (N, C)).
-// Host-side only; shared by every backend's front.
+// Host-side only; shared by every backend's host code.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -310,7 +310,7 @@ struct SumsFinisher {
 
 // Gradient sums -> grad_weight, grad_bias and, for the training dx, the coefficients
 //   dx = (dz - mean_dz - (x - mean) * proj) * a,  mean_dz = sum(dz)/m,
-//   proj = invstd^2 * sum(dz*(x-mean))/m,  a = w * invstd (the front computes a).
+//   proj = invstd^2 * sum(dz*(x-mean))/m,  a = w * invstd (the host side, host_ops.h, computes a).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
   const acc_t* invstd;
@@ -354,7 +354,7 @@ __device__ State block_merge(State s) {
 
 // Called by every thread after the block wrote its partial for a group of channels into `workspace`:
 // returns true in all threads of the one block (per group) that finishes last. The semaphores start at
-// zero (the front allocates them zeroed for each launch).
+// zero (the host side allocates them zeroed for each launch).
 __device__ __forceinline__ bool last_block_of_group(unsigned* semaphore, unsigned blocks_in_group) {
   __shared__ bool is_last;
   __threadfence();  // this thread's partial writes are visible device-wide ...
@@ -381,8 +381,8 @@ __device__ State column_merge(State s) {
 }
 
 // Channels-first (N, C, S): blockIdx.x = channel, blockIdx.y = split of the channel's N * W windows.
-// Window j of sample n is the j-th kVec-aligned group of elements (aligned in memory too: the front
-// passes 16-byte aligned tensors) overlapping the run [base, base + S), base = (n*C + c) * S. The front
+// Window j of sample n is the j-th kVec-aligned group of elements (aligned in memory too: the host side
+// passes 16-byte aligned tensors) overlapping the run [base, base + S), base = (n*C + c) * S. The host side
 // gives W = S / kVec when S % kVec == 0 (every window full), else the most windows a run can overlap.
 // A full window is one vector load; the partial ones at a run's ends are read value by value.
 template <typename Reducer, typename Finisher, int kVec>

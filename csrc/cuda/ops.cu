@@ -1,11 +1,11 @@
-// CUDA registration of the fusedbn ops: the shared front (front.h) run on the input's device and its
+// CUDA registration of the fusedbn ops: their host side (host_ops.h) run on the input's device and its
 // current stream.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include "front.h"
+#include "host_ops.h"
 
 namespace fusedbn::cuda {
 namespace {

@@ -1,10 +1,10 @@
-// Test-only library `fusedbn_simt`: the CUDA kernels (csrc/cuda/kernels.cuh) and their host front
-// (csrc/cuda/front.h), compiled as host C++ with the SIMT emulator and registered for CPU tensors under
+// Test-only library `fusedbn_simt`: the CUDA kernels (csrc/cuda/kernels.cuh) and their host side
+// (csrc/cuda/host_ops.h), compiled as host C++ with the SIMT emulator and registered for CPU tensors under
 // the same schemas as `fusedbn`. The equivalence suite runs it as one more device.
 #include <Python.h>
 
 #include "simt.h"  // first: the emulator's FUSEDBN_LAUNCH, which csrc/cuda/launch.h then leaves alone
-#include "../cuda/front.h"
+#include "../cuda/host_ops.h"
 #include "../meta_kernels.h"
 #include "../schemas.h"
 
