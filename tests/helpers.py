@@ -1,5 +1,7 @@
 """What the tests share: the accuracy oracle against float64 (tolerances per dtype, the dtype pairs the
-equivalence tests run), and input builders."""
+equivalence tests run), the three-way comparison every equivalence test runs (`Trio`), and input
+builders."""
+import copy
 import math
 
 import pytest
@@ -46,6 +48,83 @@ def assert_as_accurate(ours, theirs, exact, dtype, msg="", scale=1.0, slack=0.0)
     rounding = 4 * torch.finfo(dtype).eps * exact.abs().max().item()
     bound = ERROR_RATIO * err_theirs + TOLERANCES[dtype]["atol"] * scale + rounding + slack
     assert err_ours <= bound, f"{msg}: fusedbn error {err_ours:.3g} > {bound:.3g} (torch's error {err_theirs:.3g})"
+
+
+def _leaf(t):
+    """A fresh leaf over the same memory (strides, storage offset and alignment kept), gradient wanted."""
+    return None if t is None else t.detach().requires_grad_(True)
+
+
+def _same(t):
+    return t
+
+
+class Trio:
+    """torch's module (``ref``), fusedbn's (``ours``) and torch's in float64 (``exact``, the oracle; by default
+    a float64 copy of ``ref``), run on the same inputs and output gradient. ``norms``: the three batch norms
+    holding the parameters and buffers, where the modules wrap them (torch's unfused BN + activation).
+
+    ``run`` does one forward and backward of each; ``check`` asserts fusedbn is as accurate as torch
+    (assert_as_accurate) on the output, every input's gradient, the parameters' gradients and the running
+    statistics, and that num_batches_tracked agrees; ``step`` is both."""
+
+    def __init__(self, ref, ours, exact=None, norms=None):
+        self.modules = (ref, ours, copy.deepcopy(ref).double() if exact is None else exact)
+        self.norms = self.modules if norms is None else norms
+
+    def train(self, mode=True):
+        for module in self.modules:
+            module.train(mode)
+
+    def run(self, inputs, grad, part=_same):
+        """Per module, [output, gradient of each input]; ``inputs`` a tensor or a tuple (input, residual or
+        None). ``ours`` runs on ``part`` of every tensor (one process's share of the batch)."""
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        results = []
+        for index, module in enumerate(self.modules):
+            cast = (lambda t: t.double()) if index == 2 else part if index == 1 else _same
+            leaves = [_leaf(None if t is None else cast(t)) for t in inputs]
+            output = module(*leaves)
+            output.backward(cast(grad))
+            results.append([output] + [None if t is None else t.grad for t in leaves])
+        return results
+
+    def check(self, results, label, *, slack=None, part=_same, either_side=None, parameter_grad=_same):
+        """``slack``: extra allowance per quantity ("output", "grad_input", "grad_weight", ...) where its exact
+        value is ill-defined at the dtype's precision; ``either_side``: a mask of elements whose input
+        gradients may take either value (an activation's kink), set to the exact one before comparing;
+        ``part``/``parameter_grad``: what of torch's results ``ours`` computed (its share of the batch; its
+        parameter gradients summed over the processes)."""
+        slack = slack or {}
+        theirs, mine, best = results
+        for name, t, o, b in zip(("output", "grad_input", "grad_residual"), theirs, mine, best):
+            if b is None:
+                continue
+            t, b = part(t), part(b)
+            if either_side is not None and name != "output":
+                t, o = (torch.where(part(either_side), b.to(v.dtype), v) for v in (t, o))
+            assert_as_accurate(o, t, b, t.dtype, f"{label}: {name}", slack=slack.get(name, 0.0))
+        ref = self.norms[0]
+        if ref.affine:
+            # Sums over the count values of a channel: their rounding error grows with sqrt(count).
+            scale = math.sqrt(max(1, theirs[0].numel() // max(1, theirs[0].shape[1])))
+            for name in ("weight", "bias"):
+                t, o, b = (getattr(m, name).grad for m in self.norms)
+                o = parameter_grad(o)
+                assert_as_accurate(o, t, b, t.dtype, f"{label}: grad_{name}", scale, slack.get(f"grad_{name}", 0.0))
+            for m in self.norms:
+                m.zero_grad()
+        if ref.running_mean is not None:
+            for name in ("running_mean", "running_var"):
+                t, o, b = (getattr(m, name) for m in self.norms)
+                assert_as_accurate(o, t, b, t.dtype, f"{label}: {name}", slack=slack.get(name, 0.0))
+        if ref.num_batches_tracked is not None:
+            assert torch.equal(self.norms[1].num_batches_tracked, ref.num_batches_tracked), label
+
+    def step(self, inputs, grad, label, *, part=_same, **allowances):
+        results = self.run(inputs, grad, part)
+        self.check(results, label, part=part, **allowances)
+        return results
 
 
 LAYOUTS = ["contiguous", "channels_last", "strided"]

@@ -4,6 +4,7 @@ values, momentum outside [0, 1] or beyond float32, a negative eps, empty batches
 parameters, buffers made under inference mode), we compute the same output, gradients and buffers (NaN and
 inf where torch has them), with the same strides. The meta device and FakeTensor tracing raise what a real
 run raises."""
+import re
 import threading
 
 import pytest
@@ -106,6 +107,11 @@ BAD_INPUTS = {
     "nan-and-inf-values-eval": (_x(2, 3, 4, 4, fill=_nan_and_inf), {}, None, False),
     "inf-first-value": (_x(2, 3, 4, 4, fill=_inf_first), {}, None, True),
     "float64-weight": (_x(2, 3, 4, 4), {}, _set("weight", lambda w: w.double()), True),
+    "float64-bias": (_x(2, 3, 4, 4), {}, _set("bias", lambda b: b.double()), True),
+    "float64-running_mean": (_x(2, 3, 4, 4), {}, _set("running_mean", lambda m: m.double()), True),
+    "float64-running_var-eval": (_x(2, 3, 4, 4), {}, _set("running_var", lambda v: v.double()), False),
+    "weight-of-4": (_x(2, 3, 4, 4), {}, _set("weight", lambda w: torch.ones(4, device=w.device)), True),
+    "bias-of-4": (_x(2, 3, 4, 4), {}, _set("bias", lambda b: torch.ones(4, device=b.device)), True),
     "strided-weight": (_x(2, 3, 4, 4), {}, _set("weight", _strided), True),
     "weight-(C,1)": (_x(2, 3, 4, 4), {}, _set("weight", lambda w: _strided(w).view(3, 1)), True),
     "bias-(1,C)-eval": (_x(2, 3, 4, 4), {}, _set("bias", lambda b: torch.randn_like(b).view(1, 3)), False),
@@ -131,6 +137,17 @@ BAD_INPUTS = {
     "momentum-beyond-float32": (_x(2, 3, 4, 4), dict(momentum=1e39), None, True),
     "negative-eps": (_x(2, 3, 4, 4), dict(eps=-10.0), None, True),
     "negative-eps-eval": (_x(2, 3, 4, 4), dict(eps=-10.0), None, False),
+}
+# The gist of torch's message (on the CPU: torch's CUDA path words some through cuDNN), which ours must have too.
+MESSAGES = {
+    "wrong-dims": r"expected 4D input \(got 3D input\)",
+    "channel-mismatch": r"should contain 4 elements not 3",
+    "one-value-per-channel": r"Expected more than 1 value per channel when training",
+    "int64-input": r"not implemented for 'Long'",
+    "bool-input": r"not implemented for 'Bool'",
+    "float64-weight": r"mixed dtype",
+    "weight-of-4": r"weight should contain 3 elements not 4",
+    "bias-of-4": r"bias should contain 3 elements not 4",
 }
 # Accepted by design: FusedSyncBatchNorm takes any (N, C, *) input, as nn.SyncBatchNorm does.
 SKIP = {("wrong-dims", "FusedSyncBatchNorm"): "accepted by design, as by nn.SyncBatchNorm"}
@@ -198,12 +215,9 @@ def test_bad_input_like_torch(device, entry, bad):
     with torch.set_grad_enabled(bad not in NO_GRAD):
         expected, expected_grads, torch_error = _run(theirs, make_x(device), differentiate)
         result, grads, our_error = _run(ours, make_x(device), differentiate)
-    torch_error_type = RAISE_WHERE_TORCH_COMPUTES.get(bad, None if torch_error is None else type(torch_error))
-    if torch_error_type is not None:
-        assert isinstance(our_error, torch_error_type), f"torch raised {torch_error!r}, we {our_error!r}"
-        assert str(our_error), "an error without a message"
-        for name, value in ours.state_dict().items():
-            assert torch.equal(value, before[name]), f"{name} changed by a rejected call"
+    if torch_error is not None or bad in RAISE_WHERE_TORCH_COMPUTES:
+        _assert_rejected_like_torch(RAISE_WHERE_TORCH_COMPUTES.get(bad, torch_error), our_error, ours, before,
+                                    MESSAGES.get(bad), device)
         return
     assert our_error is None, f"torch computed, we raised {our_error!r}"
     _assert_same(result, expected, "output")
@@ -212,6 +226,35 @@ def test_bad_input_like_torch(device, entry, bad):
             _assert_same(mine, torch_grad, f"gradient {i}")
     for (name, mine), (_, torch_value) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         _assert_same(mine, torch_value, name)
+
+
+def _assert_rejected_like_torch(torch_error, our_error, ours, before, message, device):
+    """Ours raised torch's exception type (``torch_error``: torch's exception, or the type expected where
+    torch computes), with ``message`` (a regex: torch's gist) in it, and left every state bit as it was."""
+    error_type = torch_error if isinstance(torch_error, type) else type(torch_error)
+    assert isinstance(our_error, error_type), f"torch raised {torch_error!r}, we {our_error!r}"
+    assert str(our_error), "an error without a message"
+    if message is not None:
+        if device == "cpu":
+            assert re.search(message, str(torch_error)), f"torch's message changed: {torch_error}"
+        assert re.search(message, str(our_error)), our_error
+    for name, value in ours.state_dict().items():
+        assert torch.equal(value, before[name]), f"{name} changed by a rejected call"
+
+
+# The other modules' dims, in torch's words (FusedBatchNorm2d's are BAD_INPUTS' "wrong-dims").
+DIMS = {"1d": (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d, (2, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\)"),
+        "3d": (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d, (2, 3, 4, 4), r"expected 5D input \(got 4D input\)")}
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_input_dims_of_each_module_like_torch(device, dims):
+    torch_cls, fused_cls, shape, message = DIMS[dims]
+    theirs, ours = torch_cls(3, device=device), fused_cls(3, device=device)
+    before = _state(ours)
+    *_, torch_error = _run(theirs, _x(*shape)(device))
+    *_, our_error = _run(ours, _x(*shape)(device))
+    _assert_rejected_like_torch(torch_error, our_error, ours, before, message, device)
 
 
 def _assert_same(ours, theirs, name):
@@ -264,6 +307,22 @@ def test_dry_run_raises_as_a_real_run(entry, bad, dry_run):
     assert dry_error is None, f"a real run computed, a {dry_run} run raised {dry_error!r}"
     assert result.shape == expected.shape and result.dtype == expected.dtype
     assert memory_layout_matches(result, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put a parameter elsewhere")
+@pytest.mark.parametrize("param", ["weight", "running_mean"])
+@pytest.mark.parametrize("input_device", ["cpu", "cuda"])
+def test_parameter_on_another_device(param, input_device):
+    other = "cuda" if input_device == "cpu" else "cpu"
+    tensors = dict(weight=torch.ones(3, device=input_device), running_mean=torch.zeros(3, device=input_device),
+                   running_var=torch.ones(3, device=input_device))
+    tensors[param] = tensors[param].to(other)
+    before = {k: v.clone() for k, v in tensors.items()}
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        fusedbn.batch_norm(torch.randn(2, 3, 4, 4, device=input_device), tensors["running_mean"],
+                           tensors["running_var"], tensors["weight"], training=True)
+    assert all(torch.equal(before[k], v) for k, v in tensors.items())
 
 
 def test_running_mean_without_running_var_like_torch():

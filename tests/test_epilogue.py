@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import assert_as_accurate, assert_close, make_input, over_dtype_pairs, torchvision_models
+from helpers import Trio, assert_close, make_input, over_dtype_pairs, torchvision_models
 
 FUSED = {1: fusedbn.FusedBatchNormAct1d, 2: fusedbn.FusedBatchNormAct2d, 3: fusedbn.FusedBatchNormAct3d}
 TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -38,9 +38,7 @@ class TorchBNAct(nn.Module):
         return self.act(z)
 
 
-
-
-def _modules(dims, channels, dtype, param_dtype, device, activation=("relu", None)):
+def _trio(dims, channels, dtype, param_dtype, device, activation=("relu", None)):
     ref = TORCH[dims](channels, device=device, dtype=param_dtype)
     gen = torch.Generator().manual_seed(channels)
     with torch.no_grad():
@@ -50,15 +48,7 @@ def _modules(dims, channels, dtype, param_dtype, device, activation=("relu", Non
                        activation_param=activation[1])
     ours.load_state_dict(ref.state_dict())
     exact = copy.deepcopy(ref).double()
-    return TorchBNAct(ref, activation[0]), ours, TorchBNAct(exact, activation[0])
-
-
-def _run(module, x, residual, grad):
-    x = x.detach().clone().requires_grad_(True)
-    r = None if residual is None else residual.detach().clone().requires_grad_(True)
-    y = module(x, r)
-    y.backward(grad)
-    return y, x.grad, None if r is None else r.grad
+    return Trio(TorchBNAct(ref, activation[0]), ours, TorchBNAct(exact, activation[0]), norms=(ref, ours, exact))
 
 
 @pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
@@ -67,48 +57,32 @@ def _run(module, x, residual, grad):
 @pytest.mark.parametrize("with_residual", [False, True], ids=["bn-act", "bn-add-act"])
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
 def test_fused_matches_unfused_torch(device, dims, shape, layout, dtype, param_dtype, with_residual, activation):
-    ref, ours, exact = _modules(dims, shape[1], dtype, param_dtype, device, activation)
+    trio = _trio(dims, shape[1], dtype, param_dtype, device, activation)
+    exact = trio.modules[2]
     gen = torch.Generator().manual_seed(0)
     for step, training in enumerate([True, True, False]):
-        for m in (ref, ours, exact):
-            m.train(training)
+        trio.train(training)
         x = make_input(shape, layout, dtype, device, mean=step - 1.0, std=1.0 + step, generator=gen)
         # The residual in the other layout: the kernels must bring it to the input's.
         r = make_input(shape, "contiguous" if layout == "channels_last" else "channels_last", dtype, device,
                        generator=gen) if with_residual else None
         grad = make_input(shape, "contiguous", dtype, device, generator=gen)
-        results = [_run(m, x, r, grad) for m in (ref, ours)]
-        expected = _run(exact, x.double(), None if r is None else r.double(), grad.double())
+        results = trio.run((x, r), grad)
         # act' jumps at its kinks (relu's 0): where the exact pre-activation is within the dtype's rounding
         # of one (eval also rounds the running statistics to the parameters' dtype), either side of the
         # jump is right, for torch and for us alike.
         ambiguous = torch.zeros_like(exact.pre_activation, dtype=torch.bool)
         for kink in KINKS.get(activation[0], ()):
             ambiguous |= (exact.pre_activation - kink).abs() <= 8 * torch.finfo(dtype).eps * (exact.terms + 1 + abs(kink))
-        label = f"step {step} ({'train' if training else 'eval'})"
-        for name, theirs, mine, best in zip(["output", "grad_input", "grad_residual"], *results, expected):
-            if best is not None:
-                if name != "output":
-                    theirs, mine = (torch.where(ambiguous, best.to(t.dtype), t) for t in (theirs, mine))
-                assert_as_accurate(mine, theirs, best, dtype, f"{label}: {name}")
-        scale = (x.numel() // x.shape[1]) ** 0.5
-        bns = (ref.bn, ours, exact.bn)
         # What the ambiguous values may add to a channel's sum: the jump (at most 1.5) times |dy| (bias),
         # |dy * x_hat| (weight).
         channel_dims = [d for d in range(x.dim()) if d != 1]
         shape_c = [-1 if d == 1 else 1 for d in range(x.dim())]
         x_hat = (exact.bn_output - exact.bn.bias.view(shape_c)) / exact.bn.weight.view(shape_c)
         ambiguous_dy = torch.where(ambiguous, 1.5 * grad.double().abs(), 0)
-        slack = {"bias": ambiguous_dy.sum(channel_dims).max().item(),
-                 "weight": (ambiguous_dy * x_hat.abs()).sum(channel_dims).max().item()}
-        for name in ("weight", "bias"):
-            theirs, mine, best = (getattr(m, name).grad for m in bns)
-            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: grad_{name}", scale, slack[name])
-            for m in bns:
-                getattr(m, name).grad = None
-        for name in ("running_mean", "running_var"):
-            theirs, mine, best = (getattr(m, name) for m in bns)
-            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: {name}")
+        slack = {"grad_bias": ambiguous_dy.sum(channel_dims).max().item(),
+                 "grad_weight": (ambiguous_dy * x_hat.abs()).sum(channel_dims).max().item()}
+        trio.check(results, f"step {step} ({'train' if training else 'eval'})", slack=slack, either_side=ambiguous)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -133,8 +107,7 @@ def test_relu_ties_at_zero_get_no_gradient(device, layout, training):
         ours = fusedbn.FusedBatchNormReLU2d(3, device=device).train(training)
         ours.load_state_dict(ref.state_dict())
         r = (-ref.bias.detach()).view(1, 3, 1, 1).expand(shape).contiguous() if with_residual else None
-        y_ref, gx_ref, gr_ref = _run(TorchBNAct(ref), x, r, grad)
-        y_ours, gx_ours, gr_ours = _run(ours, x, r, grad)
+        (y_ref, gx_ref, gr_ref), (y_ours, gx_ours, gr_ours), _ = Trio(TorchBNAct(ref), ours).run((x, r), grad)
         assert torch.equal(y_ours, y_ref)
         assert (y_ours == 0).any()
         assert_close(gx_ours, gx_ref, torch.float32)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fusedbn
-from helpers import DTYPES, assert_as_accurate
+from helpers import DTYPES, Trio
 
 MODULES = {2: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 3: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d),
            4: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d), 5: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
@@ -72,29 +72,18 @@ def _run_case(case, device):
             ref.bias.copy_(torch.randn(shape[1], generator=gen))
     ours = fused_cls(shape[1], device=device, dtype=param_dtype, **options)
     ours.load_state_dict(ref.state_dict())
-    exact = torch_cls(shape[1], device=device, dtype=torch.float64, **options)
-    exact.load_state_dict(ref.state_dict())
+    trio = Trio(ref, ours)
     for step, phase in enumerate(case["steps"]):
         if not case["track_running_stats"]:
             phase = "train"  # without running statistics eval uses batch statistics too: the same path
         if phase == "train" and shape[0] * int(torch.tensor(shape[2:]).prod()) == 1:
             if not case["track_running_stats"]:
-                continue  # one value per channel is rejected in training (test_errors covers it)
+                continue  # one value per channel is rejected in training (test_bad_input covers it)
             phase = "eval"
-        for m in (ref, ours, exact):
-            m.train(phase == "train")
+        trio.train(phase == "train")
         base = torch.randn(shape, generator=gen, dtype=torch.float64) * case["scale"] + case["offset"]
         x = _view(base, case["view"]).to(device=device, dtype=dtype)
         grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-        outs = []
-        for m, inp, g in ((ref, x, grad), (ours, x, grad), (exact, x.double(), grad.double())):
-            inp = inp.detach().clone().requires_grad_(True) if case["view"] != "expanded" else \
-                inp.detach().requires_grad_(True)
-            y = m(inp)
-            y.backward(g)
-            outs.append((y, inp.grad))
-        label = f"{case} step {step} ({phase}), strides {tuple(x.stride())}"
-        (y_ref, gx_ref), (y_ours, gx_ours), (y_exact, gx_exact) = outs
         # What rounding in the statistics' dtype (float32; float64 for float64 input) may cost on this data,
         # on top of twice torch's own error: torch sometimes accumulates in double on the CPU, and in
         # float64 it is the reference itself (its error counts as 0, though it has one). Values of size
@@ -109,22 +98,7 @@ def _run_case(case, device):
         slack = {"output": normalized, "grad_input": 4 * normalized * g_max,
                  "grad_weight": m * normalized * g_max, "grad_bias": m * unit * g_max,
                  "running_mean": unit * size, "running_var": unit * size * size}
-
-        assert_as_accurate(y_ours, y_ref, y_exact, dtype, f"{label}: output", slack=slack["output"])
-        assert_as_accurate(gx_ours, gx_ref, gx_exact, dtype, f"{label}: grad_input", slack=slack["grad_input"])
-        scale = max(1, x.numel() // max(1, shape[1])) ** 0.5
-        if ref.affine:
-            for name in ("weight", "bias"):
-                theirs, mine, best = (getattr(m, name).grad for m in (ref, ours, exact))
-                assert_as_accurate(mine, theirs, best, param_dtype, f"{label}: grad_{name}", scale,
-                                   slack=slack[f"grad_{name}"])
-                for m in (ref, ours, exact):
-                    getattr(m, name).grad = None
-        if ref.track_running_stats:
-            for name in ("running_mean", "running_var"):
-                theirs, mine, best = (getattr(m, name) for m in (ref, ours, exact))
-                assert_as_accurate(mine, theirs, best, param_dtype, f"{label}: {name}", slack=slack[name])
-            assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+        trio.step(x, grad, f"{case} step {step} ({phase}), strides {tuple(x.stride())}", slack=slack)
 
 
 def test_fuzz_against_torch(backend):

@@ -15,7 +15,7 @@ from torch import nn
 
 import fusedbn
 from conftest import HAS_SIMT
-from helpers import assert_as_accurate, make_input, route_ops
+from helpers import Trio, make_input, route_ops
 
 pytestmark = pytest.mark.slow  # several processes each
 
@@ -76,43 +76,24 @@ def _check_matches_single_process(rank, world, device, sizes_list,
                 with torch.no_grad():
                     ref.weight.copy_(torch.linspace(0.5, 1.5, 5))
                     ref.bias.copy_(torch.linspace(-0.5, 0.5, 5))
-                exact = copy.deepcopy(ref).double()
                 ours = fusedbn.convert_sync_batchnorm(copy.deepcopy(ref))
                 assert type(ours) is fusedbn.FusedSyncBatchNorm
+                trio = Trio(ref, ours)
                 gen = torch.Generator().manual_seed(0)
-                label = f"sizes {sizes}, {layout}, {dtype}"
                 for step, training in enumerate((True, True, False)):
-                    for m in (ref, exact, ours):
-                        m.train(training)
+                    trio.train(training)
                     shape = (sum(sizes), 5, 3, 4)
                     x = make_input(shape, layout, dtype, device, mean=step, std=1 + step, generator=gen)
                     grad = make_input(shape, "contiguous", dtype, device, generator=gen)
-                    results = []
-                    for m, inp, g in ((ref, x, grad), (exact, x.double(), grad.double()),
-                                      (ours, _shard(x, sizes, rank), _shard(grad, sizes, rank))):
-                        inp = inp.detach().clone().requires_grad_(True)
-                        y = m(inp)
-                        y.backward(g)
-                        results.append((y, inp.grad))
-                    (y_ref, gx_ref), (y_exact, gx_exact), (y_ours, gx_ours) = results
-                    for name, mine, theirs, best in (("output", y_ours, y_ref, y_exact),
-                                                     ("grad_input", gx_ours, gx_ref, gx_exact)):
-                        assert_as_accurate(mine, _shard(theirs, sizes, rank), _shard(best, sizes, rank), dtype,
-                                           f"rank {rank}, {label}, step {step}: {name}")
-                    for name in ("weight", "bias"):
-                        # Each process holds its own part of the parameter gradient; their sum is torch's.
-                        mine = getattr(ours, name).grad.double()
-                        dist.all_reduce(mine)
-                        mine = mine.to(param_dtype)
-                        scale = (x.numel() // 5) ** 0.5
-                        assert_as_accurate(mine, getattr(ref, name).grad, getattr(exact, name).grad, param_dtype,
-                                           f"rank {rank}, {label}, step {step}: grad_{name}", scale)
-                        for m in (ref, exact, ours):
-                            getattr(m, name).grad = None
-                    for name in ("running_mean", "running_var"):
-                        assert_as_accurate(getattr(ours, name), getattr(ref, name), getattr(exact, name),
-                                           param_dtype, f"rank {rank}, {label}, step {step}: {name}")
-                    assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
+                    trio.step(x, grad, f"rank {rank}, sizes {sizes}, {layout}, {dtype}, step {step}",
+                              part=lambda t: _shard(t, sizes, rank), parameter_grad=_summed_over_ranks)
+
+
+def _summed_over_ranks(grad):
+    """Each process holds its own part of a parameter's gradient; their sum is torch's."""
+    total = grad.double()
+    dist.all_reduce(total)
+    return total.to(grad.dtype)
 
 
 def _check_ddp_training(rank, world, device):
