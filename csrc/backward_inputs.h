@@ -1,9 +1,11 @@
-// The checked, layout-resolved inputs of the backward op, shared by every backend's host code.
+// The checked, layout-resolved inputs of the backward ops and the backward's plan, shared by every
+// backend's host code.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 
 #include "checks.h"
@@ -50,6 +52,28 @@ inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::
   in.weight = flat_channels(weight);
   in.bias = flat_channels(bias);
   return in;
+}
+
+// Which passes the backward runs, decided here for every backend from what is asked (dz: the gradient
+// reaching BatchNorm's output, alpha = w * invstd):
+//   sums        the reduction sum(dz), sum(dz * (x - mean)) per channel: for grad_weight, grad_bias or
+//               the training dx;
+//   scaled_dy   eval statistics, dx wanted, nothing to gate or return for the residual: dx = alpha * dy,
+//               the normalize pass run on dy;
+//   elementwise otherwise, the dx pass where dx or grad_residual (= dz) is wanted;
+//   centered    that pass subtracts the batch terms: training statistics and dx wanted.
+struct BackwardPlan {
+  bool sums, scaled_dy, elementwise, centered;
+};
+
+inline BackwardPlan plan_backward(const BackwardInputs& in, bool training, std::array<bool, 3> output_mask,
+                                  bool want_grad_residual) {
+  BackwardPlan plan;
+  plan.sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
+  plan.scaled_dy = output_mask[0] && !training && in.from == GradFrom::kDy && !want_grad_residual;
+  plan.elementwise = !plan.scaled_dy && (output_mask[0] || want_grad_residual);
+  plan.centered = training && output_mask[0];
+  return plan;
 }
 
 }  // namespace fusedbn

@@ -14,4 +14,4 @@ extern "C" PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fusedbn, m) { fusedbn::define_schemas(m); }
 
-TORCH_LIBRARY_IMPL(fusedbn, Meta, m) { fusedbn::meta::register_kernels(m); }
+TORCH_LIBRARY_IMPL(fusedbn, Meta, m) { fusedbn::meta::register_meta_kernels(m); }

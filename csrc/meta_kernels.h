@@ -15,6 +15,7 @@
 
 #include "checks.h"
 #include "layout.h"
+#include "schemas.h"
 
 namespace fusedbn::meta {
 
@@ -85,13 +86,8 @@ inline std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, cons
   return {output_like(input), grad_residual ? output_like(input) : Tensor()};
 }
 
-inline void register_kernels(torch::Library& m) {
-  m.impl("forward_train", &forward_train);
-  m.impl("forward_eval", &forward_eval);
-  m.impl("backward", &backward);
-  m.impl("batch_stats", &batch_stats);
-  m.impl("grad_sums", &grad_sums);
-  m.impl("backward_elemt", &backward_elemt);
+inline void register_meta_kernels(torch::Library& m) {
+  fusedbn::register_kernels(m, &forward_train, &forward_eval, &backward, &batch_stats, &grad_sums, &backward_elemt);
 }
 
 }  // namespace fusedbn::meta

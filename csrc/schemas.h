@@ -49,4 +49,16 @@ inline void define_schemas(torch::Library& m) {
       "str activation='identity', float activation_param=0., bool grad_residual=False) -> (Tensor, Tensor)");
 }
 
+// One backend's kernels for the six ops, by the names define_schemas gives them: every backend (CPU,
+// CUDA, the emulator's, meta) registers through this one list.
+inline void register_kernels(torch::Library& m, auto forward_train, auto forward_eval, auto backward, auto batch_stats,
+                             auto grad_sums, auto backward_elemt) {
+  m.impl("forward_train", forward_train);
+  m.impl("forward_eval", forward_eval);
+  m.impl("backward", backward);
+  m.impl("batch_stats", batch_stats);
+  m.impl("grad_sums", grad_sums);
+  m.impl("backward_elemt", backward_elemt);
+}
+
 }  // namespace fusedbn

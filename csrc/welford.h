@@ -1,4 +1,6 @@
-// Welford statistics shared by every backend (CPU, CUDA and the CUDA kernels under the SIMT emulator).
+// The per-channel statistics math every backend shares (CPU, CUDA and the CUDA kernels under the SIMT
+// emulator): Welford partials and their merge, invstd, the running-statistics update and normalize's
+// coefficients, each written once here.
 //
 // A partial is (count n, mean, M2 = sum of squared deviations from mean). Two partials merge exactly
 // (Chan, Golub & LeVeque 1979):
@@ -58,11 +60,18 @@ FUSEDBN_HOST_DEVICE inline acc_t channel_shift(acc_t first_value) {
   return std::isfinite(first_value) ? first_value : acc_t(0);
 }
 
-// Biased variance (used to normalize) -> 1 / sqrt(var + eps).
+// 1 / sqrt(var + eps) in acc_t, the batch's biased variance in training and running_var in eval. Correctly
+// rounded on every backend (IEEE division and square root; no fast-math build), so Python's
+// torch.sqrt(var + eps).reciprocal() of the same acc_t values is the same bits.
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t invstd_of(acc_t var, double eps) {
+  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+}
+
+// Biased variance (used to normalize) -> invstd.
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t welford_invstd(const WelfordPartial<acc_t>& w, double eps) {
-  const acc_t var = w.count > 0 ? w.m2 / static_cast<acc_t>(w.count) : acc_t(0);
-  return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+  return invstd_of(w.count > 0 ? w.m2 / static_cast<acc_t>(w.count) : acc_t(0), eps);
 }
 
 // Unbiased variance m/(m-1) * biased, the value nn.BatchNorm folds into running_var.
@@ -78,6 +87,18 @@ template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double momentum) {
   const acc_t m = static_cast<acc_t>(momentum);
   return (acc_t(1) - m) * old + m * batch;
+}
+
+// normalize's per-channel coefficients, y = (x - mean) * alpha + beta: alpha = weight * invstd (invstd
+// without a weight), beta = bias (0 without), from parameters of any dtype (null where absent).
+template <typename acc_t, typename param_t>
+FUSEDBN_HOST_DEVICE inline acc_t alpha_of(const param_t* weight, int64_t c, acc_t invstd) {
+  return weight ? static_cast<acc_t>(weight[c]) * invstd : invstd;
+}
+
+template <typename acc_t, typename param_t>
+FUSEDBN_HOST_DEVICE inline acc_t beta_of(const param_t* bias, int64_t c) {
+  return bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
 }
 
 }  // namespace fusedbn

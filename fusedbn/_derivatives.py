@@ -84,10 +84,18 @@ def forward_jvp(ctx, input, weight, bias, output, residual, mean, invstd, traini
     return tangent_through_epilogue(ctx, tangent.to(input.dtype), t, bias, output, residual, d_residual)
 
 
+def invstd_of(var, eps):
+    """1 / sqrt(var + eps): the ops' invstd_of (csrc/welford.h) on the Python side, for the eval backward and
+    SyncBatchNorm. Within two units in the last place of the ops' (theirs is correctly rounded; torch's CPU
+    rsqrt goes through a vector math library, its CUDA rsqrt is the hardware approximation): the gradients
+    it enters change by as much, relatively."""
+    return torch.rsqrt(var + eps)
+
+
 def running_statistics(ctx, input, running_mean, running_var):
     """(mean, invstd) of eval mode, in the statistics' dtype."""
     acc = ops.acc_dtype(input.dtype)
-    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + ctx.eps)
+    return running_mean.to(acc), invstd_of(running_var.to(acc), ctx.eps)
 
 
 class ChannelTerms:

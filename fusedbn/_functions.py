@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 from . import activations, ops
 from ._autograd import autograd_needed, below_autograd, cached_signature, eager_twin, pick
 from ._derivatives import (BackwardTerms, backward_in_torch_ops, backward_jvp, double_backward, forward_jvp,
-                           running_statistics, saved_for_activation, to_dtype)
+                           invstd_of, running_statistics, saved_for_activation, to_dtype)
 from ._shapes import channels_to_batch, input_to_channels, param_to_channels, params_to_batch
 
 
@@ -256,7 +256,7 @@ class SyncFunction(torch.autograd.Function):
         bias_acc = None if bias is None else bias.to(mean.dtype)
         with below_autograd():
             output = ops.forward_eval(input, weight_acc, bias_acc, mean, var, eps)
-        invstd = torch.rsqrt(var + eps)  # bit for bit the forward_eval's
+        invstd = invstd_of(var, eps)  # forward_eval's, to rounding
         ctx.save_for_backward(input, weight_acc, mean, invstd, total)
         ctx.group = group
         ctx.params = [(p.dtype, p.shape) if p is not None else None for p in (weight, bias)]

@@ -74,7 +74,8 @@ def computes_in_torch_ops() -> bool:
     return not torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-def run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
+def run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
+                   act=activations.IDENTITY):
     if computes_in_torch_ops():
         return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)
     check_eps(eps, training)
@@ -127,7 +128,7 @@ def batch_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """Drop-in for :func:`torch.nn.functional.batch_norm`, computed by the fusedbn kernels."""
-    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, None, activations.IDENTITY)
+    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
 def batch_norm_relu(
@@ -144,7 +145,8 @@ def batch_norm_relu(
     """``relu(batch_norm(input, ...) + residual)`` (``residual`` optional, of the input's shape and dtype)
     in one fused op: ``batch_norm_act`` with ``activation="relu"``. For backward it keeps only the input
     alive without a residual (relu's mask is recomputed from it), and the input and the output with one."""
-    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, activations.RELU)
+    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=residual,
+                          act=activations.RELU)
 
 
 def batch_norm_act(
@@ -169,4 +171,5 @@ def batch_norm_act(
     composition keeps the input and the pre-activation as well (ReLU with a residual keeps its output
     instead, as torch's does)."""
     act = activations.spec(activation, activation_param)
-    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)
+    return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=residual,
+                          act=act)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import activations, ops
+from . import ops
 from ._functions import SyncFunction
 from ._fx import as_fx_leaf
 from .functional import check_eps, counted_apply, run_batch_norm
@@ -125,6 +125,12 @@ def _local_row(input, channels, pending, device) -> Tensor:
     return row
 
 
+def _running_update(old, batch, momentum, keep):
+    """nn.BatchNorm's update (1 - momentum) * old + momentum * batch (the ops' running_update, csrc/welford.h),
+    old kept where ``keep``."""
+    return torch.where(keep, old, old * (1 - momentum) + batch * momentum)
+
+
 def _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var) -> None:
     """The step's only write to the module's state, after everything that can fail. Under inference_mode
     it also updates buffers created under inference_mode, and autograd does not record it."""
@@ -172,9 +178,8 @@ def _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, e
             # Unbiased variance, as nn.BatchNorm; a group with no values at all keeps the old statistics.
             unbiased = (m2 / (total - 1).clamp(min=1)).to(acc)
             keep = total == 0
-            old_mean, old_var = running_mean.to(acc), running_var.to(acc)
-            new_mean = torch.where(keep, old_mean, old_mean * (1 - momentum) + mean * momentum)
-            new_var = torch.where(keep, old_var, old_var * (1 - momentum) + unbiased * momentum)
+            new_mean = _running_update(running_mean.to(acc), mean, momentum, keep)
+            new_var = _running_update(running_var.to(acc), unbiased, momentum, keep)
     # Normalizing with given statistics is the eval op with (mean, biased var).
     output = SyncFunction.apply(input, weight, bias, mean, var, total, eps, group)
     _write_state(running_mean, running_var, num_batches_tracked, new_mean, new_var)
@@ -237,8 +242,7 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                                     group, self.num_batches_tracked if tracks else None, checks)
         for check in checks:
             check(input)
-        args = (input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps, None,
-                activations.IDENTITY)
+        args = (input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
         return counted_apply(self.num_batches_tracked, *args) if tracks else run_batch_norm(*args)
 
 

@@ -14,9 +14,6 @@ from torch.utils.checkpoint import checkpoint
 import fusedbn
 from fusedbn import activations
 
-onnx = pytest.importorskip("onnx", reason="pip install .[test] installs onnx")
-onnxruntime = pytest.importorskip("onnxruntime", reason="pip install .[test] installs onnxruntime")
-
 
 class _Block(nn.Module):
     """conv-bn-relu, conv-bn, + identity, relu: what fuse_model fuses (bn+relu, bn+add+relu)."""
@@ -310,6 +307,14 @@ def test_torchscript_script_of_fused_model_says_what_to_do():
 
 # ---- ONNX ----
 
+def _onnx_libraries():
+    """onnx and onnxruntime (and onnxscript, which the dynamo exporter imports), or the calling test skipped
+    where one is not installed."""
+    libraries = [pytest.importorskip(name, reason=f"pip install .[test] installs {name}")
+                 for name in ("onnx", "onnxruntime", "onnxscript")]
+    return libraries[0], libraries[1]
+
+
 def _onnx_export(model, x, dynamo):
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -327,6 +332,7 @@ def _onnx_export(model, x, dynamo):
 def test_onnx_export(which, dynamo):
     """Both exporters turn eval-mode fusedbn modules into standard ONNX operators; onnxruntime computes what
     eager fusedbn does."""
+    onnx, onnxruntime = _onnx_libraries()
     reference, converted, fused = _models(training=False)
     model = converted if which == "converted" else fused
     x = _input()
@@ -343,6 +349,7 @@ def test_onnx_export(which, dynamo):
 
 def test_onnx_export_keeps_batch_normalization():
     """Unfolded (no conv before it), the BatchNorm is ONNX's BatchNormalization, the activation its own op."""
+    onnx, onnxruntime = _onnx_libraries()
     module = nn.Sequential(fusedbn.FusedBatchNormAct2d(4, activation="hardswish")).eval()
     x = torch.randn(2, 4, 3, 3)
     for dynamo in (True, False):

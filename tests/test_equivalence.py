@@ -1,14 +1,13 @@
 """fusedbn against nn.BatchNorm1d/2d/3d: outputs, gradients and running statistics over several training
 steps followed by eval, across shapes, layouts, dtypes and module options."""
-import math
-
+import numpy
 import pytest
 import torch
 from torch import nn
 
 import fusedbn
-from helpers import (LAYOUTS, assert_as_accurate, assert_close, is_dense, make_input, memory_layout_matches,
-                     misaligned_copy, over_dtype_pairs)
+from helpers import (LAYOUTS, Trio, assert_close, is_dense, make_input, memory_layout_matches, misaligned_copy,
+                     over_dtype_pairs)
 
 MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
            3: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
@@ -18,7 +17,7 @@ MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fu
 # channels-first runs, the channels over several tiles).
 # Every dtype with parameters of the same dtype, and half/bfloat16 input with float32 parameters (mixed precision).
 
-# One value per channel is rejected in training (see test_errors), so every shape has at least two.
+# One value per channel is rejected in training (see test_bad_input), so every shape has at least two.
 SHAPES = [
     (1, (2, 3)),
     (1, (7, 1000)),
@@ -35,53 +34,26 @@ SHAPES = [
 ]
 
 
-def _modules(dims, channels, dtype, param_dtype, device, **options):
-    """torch's module, ours, and torch's in float64 (the exact reference), with identical parameters."""
+def _trio(dims, channels, dtype, param_dtype, device, **options):
+    """torch's module, ours and torch's in float64, with identical non-trivial parameters."""
     torch_cls, fused_cls = MODULES[dims]
     ref = torch_cls(channels, device=device, dtype=param_dtype, **options)
-    if ref.affine:  # non-trivial parameters, identical in all three
+    if ref.affine:
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
             ref.bias.uniform_(-0.5, 0.5)
     ours = fused_cls(channels, device=device, dtype=param_dtype, **options)
     ours.load_state_dict(ref.state_dict())
-    exact = torch_cls(channels, device=device, dtype=torch.float64, **options)
-    exact.load_state_dict(ref.state_dict())
-    return ref, ours, exact
+    return Trio(ref, ours)
 
 
-def _step(module, x, grad):
-    x = x.detach().clone().requires_grad_(True)
-    y = module(x)
-    y.backward(grad)
-    return y, x.grad
-
-
-def _compare_step(modules, x, dtype, label, generator):
-    ref, ours, exact = modules
+def _compare_step(trio, x, dtype, label, generator):
     grad = torch.randn(x.shape, dtype=torch.float64, generator=generator).to(device=x.device, dtype=dtype)
-    y_ref, gx_ref = _step(ref, x, grad)
-    y_ours, gx_ours = _step(ours, x, grad)
-    y_exact, gx_exact = _step(exact, x.double(), grad.double())
-    assert_as_accurate(y_ours, y_ref, y_exact, dtype, f"{label}: output")
-    assert_as_accurate(gx_ours, gx_ref, gx_exact, dtype, f"{label}: grad_input")
+    (y_ref, _), (y_ours, gx_ours), _ = trio.step(x, grad, label)
     # A dense input's element order is kept (as empty_like would); a non-dense one becomes what torch returns.
     layout_ref = x if is_dense(x) else y_ref
     assert memory_layout_matches(y_ours, layout_ref), f"{label}: output strides {y_ours.stride()}"
     assert memory_layout_matches(gx_ours, layout_ref), f"{label}: grad_input strides {gx_ours.stride()}"
-    if ref.affine:
-        scale = math.sqrt(max(1, x.numel() // x.shape[1]))
-        for name in ("weight", "bias"):
-            theirs, mine, best = (getattr(m, name).grad for m in modules)
-            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: grad_{name}", scale)
-        for m in modules:
-            m.zero_grad()
-    for name in ("running_mean", "running_var"):
-        theirs, mine, best = (getattr(m, name) for m in modules)
-        if theirs is not None:
-            assert_as_accurate(mine, theirs, best, mine.dtype, f"{label}: {name}")
-    if ref.num_batches_tracked is not None:
-        assert torch.equal(ours.num_batches_tracked, ref.num_batches_tracked)
 
 
 @pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
@@ -93,15 +65,14 @@ def _compare_step(modules, x, dtype, label, generator):
     ids=["default", "cumulative", "no-affine", "no-running-stats"],
 )
 def test_module_matches_torch(device, dims, shape, layout, dtype, param_dtype, options):
-    modules = _modules(dims, shape[1], dtype, param_dtype, device, **options)
+    trio = _trio(dims, shape[1], dtype, param_dtype, device, **options)
     gen, grad_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     for step in range(3):
         x = make_input(shape, layout, dtype, device, mean=step - 1.0, std=1.0 + step, generator=gen)
-        _compare_step(modules, x, dtype, f"train step {step}", grad_gen)
-    for m in modules:
-        m.eval()
+        _compare_step(trio, x, dtype, f"train step {step}", grad_gen)
+    trio.train(False)
     x = make_input(shape, layout, dtype, device, mean=0.5, std=2.0, generator=gen)
-    _compare_step(modules, x, dtype, "eval", grad_gen)
+    _compare_step(trio, x, dtype, "eval", grad_gen)
 
 
 # Cases aimed at the CUDA kernels' code paths (they run on every device alike): channels-last vectors
@@ -121,16 +92,15 @@ KERNEL_PATH_CASES = [
                          ids=[f"{l}-{'x'.join(map(str, s))}{'-misaligned' if m else ''}" for l, s, m in KERNEL_PATH_CASES])
 @over_dtype_pairs
 def test_kernel_paths_match_torch(device, layout, shape, misaligned, dtype, param_dtype):
-    modules = _modules(2, shape[1], dtype, param_dtype, device)
+    trio = _trio(2, shape[1], dtype, param_dtype, device)
     gen, grad_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
     prepare = misaligned_copy if misaligned else (lambda t: t)
     x = prepare(make_input(shape, layout, dtype, device, mean=1.0, std=2.0, generator=gen))
     if misaligned:
         assert x.data_ptr() % 16 != 0
-    _compare_step(modules, x, dtype, "train", grad_gen)
-    for m in modules:
-        m.eval()
-    _compare_step(modules, prepare(make_input(shape, layout, dtype, device, generator=gen)), dtype, "eval", grad_gen)
+    _compare_step(trio, x, dtype, "train", grad_gen)
+    trio.train(False)
+    _compare_step(trio, prepare(make_input(shape, layout, dtype, device, generator=gen)), dtype, "eval", grad_gen)
 
 
 @pytest.mark.parametrize("input_layout", ["contiguous", "channels_last"])
@@ -139,13 +109,11 @@ def test_kernel_paths_match_torch(device, layout, shape, misaligned, dtype, para
 def test_grad_input_keeps_input_layout(device, input_layout, grad_layout, training):
     """grad_input follows the input's memory format, whatever the format of grad_output."""
     shape = (3, 4, 5, 6)
-    ref, ours, _ = _modules(2, 4, torch.float64, torch.float64, device)
-    ref.train(training)
-    ours.train(training)
+    trio = _trio(2, 4, torch.float64, torch.float64, device)
+    trio.train(training)
     x = make_input(shape, input_layout, torch.float64, device)
     grad = make_input(shape, grad_layout, torch.float64, device)
-    y_ref, gx_ref = _step(ref, x, grad)
-    y_ours, gx_ours = _step(ours, x, grad)
+    (_, gx_ref), (y_ours, gx_ours), _ = trio.run(x, grad)
     assert_close(gx_ours, gx_ref, torch.float64)
     assert memory_layout_matches(gx_ours, x)
     assert memory_layout_matches(y_ours, x)
@@ -188,3 +156,62 @@ def test_ill_conditioned_input(device, layout):
     # float32 rounding of the output itself (~6e-8 relative) bounds how close anyone can get.
     assert ours[0] <= max(theirs[0], 1e-6), errors
     assert ours[1] <= max(theirs[1], 1e-6), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eval_invstd_matches_the_ops(device, dtype):
+    """The Python invstd (eval backward, SyncBatchNorm) is the ops' formula, to two units in the last place
+    (torch's rsqrt is not correctly rounded; the ops' is): forward_eval of ones with mean 0 and no affine
+    returns its invstd itself, over variances from 1e-8 to 1e8 and eps from 1e-5 to 0.1."""
+    from fusedbn._derivatives import invstd_of
+
+    gen = torch.Generator().manual_seed(0)
+    var = (torch.rand(4096, generator=gen, dtype=torch.float64) * 10 ** torch.empty(4096, dtype=torch.float64).uniform_(
+        -8, 8, generator=gen)).to(device=device, dtype=dtype)
+    for eps in (1e-5, 1e-3, 0.1):
+        ones = torch.ones(1, var.numel(), 1, device=device, dtype=dtype)
+        ops_invstd = fusedbn.ops.forward_eval(ones, None, None, torch.zeros_like(var), var, eps).flatten()
+        torch.testing.assert_close(invstd_of(var, eps), ops_invstd, rtol=2 * torch.finfo(dtype).eps, atol=0)
+        # The ops' three correctly rounded steps (var + eps, sqrt, 1/) err by at most 2.5 units of roundoff
+        # against the exact value (computed here in x87 extended precision, 64-bit mantissa).
+        v = var.cpu().numpy().astype(numpy.longdouble) + numpy.longdouble(torch.tensor(eps, dtype=dtype).item())
+        exact = 1 / numpy.sqrt(v)
+        error = numpy.abs(ops_invstd.cpu().numpy().astype(numpy.longdouble) / exact - 1).max()
+        assert error <= 1.25 * torch.finfo(dtype).eps, (eps, float(error))
+
+
+# What asks for its gradient: (input, weight, bias) and the residual's ("residual-grad"), where anything does.
+GRADIENT_CASES = [((x, w, b), residual) for x in (False, True) for w in (False, True) for b in (False, True)
+                  for residual in ("no-residual", "residual", "residual-grad") if x or w or b or residual == "residual-grad"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("wanted,residual", GRADIENT_CASES,
+                         ids=[("".join(n for n, on in zip("xwb", s) if on) or "none") + f"-{r}" for s, r in GRADIENT_CASES])
+@pytest.mark.parametrize("activation", ["identity", "relu", "silu"])
+def test_any_subset_of_gradients_matches_torch(device, training, wanted, residual, activation):
+    """Every subset of (input, weight, bias, residual) asking for its gradient, through each of the backward's
+    passes (training or eval statistics, dz from dy, the output or recomputed): the gradients asked for equal
+    torch's composition act(F.batch_norm(x) + residual) in float64."""
+    gen = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(4, 3, 5, 2, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    w = (torch.rand(3, generator=gen, dtype=torch.float64) + 0.5).to(device)
+    b = torch.randn(3, generator=gen, dtype=torch.float64).to(device)
+    rm, rv = torch.randn(3, dtype=torch.float64).to(device), (torch.rand(3, dtype=torch.float64) + 0.5).to(device)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device)
+    torch_act = {"identity": lambda t: t, "relu": torch.relu, "silu": torch.nn.functional.silu}[activation]
+    results = []
+    for fused in (True, False):
+        inputs = [t.clone().requires_grad_(want) for t, want in zip((x, w, b), wanted)]
+        res = None if residual == "no-residual" else r.clone().requires_grad_(residual == "residual-grad")
+        if fused:
+            y = fusedbn.batch_norm_act(inputs[0], rm.clone(), rv.clone(), inputs[1], inputs[2], training, 0.1, 1e-5,
+                                       residual=res, activation=activation)
+        else:
+            z = torch.nn.functional.batch_norm(inputs[0], rm.clone(), rv.clone(), inputs[1], inputs[2], training,
+                                               0.1, 1e-5)
+            y = torch_act(z if res is None else z + res)
+        leaves = [t for t in (*inputs, res) if t is not None and t.requires_grad]
+        results.append(torch.autograd.grad(y, leaves, grad))
+    for ours, theirs in zip(*results):
+        assert_close(ours, theirs, torch.float64)

@@ -21,7 +21,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                  reason="no CUDA device on this machine"))]
 
 
+def _needs_example_dependencies():
+    """The examples' own dependencies (figures, the digits), or the calling test skipped without them."""
+    for name in ("matplotlib", "sklearn"):
+        pytest.importorskip(name, reason="pip install .[test] installs matplotlib and scikit-learn")
+
+
 def _run(script, stem, argv, tmp_path, capsys):
+    _needs_example_dependencies()
     threads = torch.get_num_threads()  # the scripts set it (--threads)
     try:
         assert script.main([*argv, "--out", str(tmp_path)]) == 0
@@ -98,6 +105,7 @@ def test_step_noise_is_fixed_within_a_step_and_new_at_the_next():
 
 
 def test_digits_and_gratings_are_deterministic():
+    _needs_example_dependencies()
     for load in (common.digits, common.gratings):
         first, second = load(seed=3), load(seed=3)
         torch.testing.assert_close(first.train, second.train, rtol=0, atol=0)

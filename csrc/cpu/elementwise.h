@@ -104,14 +104,14 @@ struct GradRule {
 };
 
 // What the backward passes read dz from: dy, the op's output (kOutput), the residual (kRecompute with
-// one), and the forward's alpha and beta (kRecompute, with the statistics' mean). Plain pointers the tile
-// kernels copy into __restrict__ locals, so their loops vectorize.
+// one), and the forward's alpha and beta (kRecompute, with the statistics' mean; alpha is also the dx
+// pass's scale). Plain pointers the tile kernels copy into __restrict__ locals, so their loops vectorize.
 template <typename scalar_t, typename acc_t>
 struct GradSource {
   const scalar_t* dy;
   const scalar_t* out;       // kOutput, else null
   const scalar_t* residual;  // kRecompute with a residual, else null
-  const acc_t* alpha;        // kRecompute, else null
+  const acc_t* alpha;
   const acc_t* beta;
   acc_t param;
   scalar_t* dz_out = nullptr;  // kBuffered rules in the gradient sums: where to keep dz for the dx pass
@@ -146,15 +146,16 @@ inline void dz_span(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   activation_grad_span<Rule::kAct>(dz, z, n, source.param);
 }
 
-// dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * a (kCentered: training), dz * a under
-// eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting before
-// scaling by a = w * invstd avoids the cancellation between a*dz and a*mean_dz when invstd is large.
+// dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * alpha (kCentered: training), dz * alpha
+// under eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting
+// before scaling by alpha = w * invstd avoids the cancellation between alpha*dz and alpha*mean_dz when
+// invstd is large.
 template <bool kCentered, typename acc_t>
-inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t a) {
+inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t alpha) {
   if constexpr (kCentered) {
-    return (dz - mean_dz - (x - mean) * proj) * a;
+    return (dz - mean_dz - (x - mean) * proj) * alpha;
   } else {
-    return dz * a;
+    return dz * alpha;
   }
 }
 
@@ -164,7 +165,7 @@ template <typename scalar_t, typename acc_t, int kChannelStride, typename Rule, 
 void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                          scalar_t* __restrict__ dx, scalar_t* __restrict__ grad_residual,
                          const acc_t* __restrict__ mean, const acc_t* __restrict__ mean_dz,
-                         const acc_t* __restrict__ proj, const acc_t* __restrict__ a, const Tile& tile) {
+                         const acc_t* __restrict__ proj, const Tile& tile) {
   const scalar_t* __restrict__ dy = source.dy;
   const scalar_t* __restrict__ out = source.out;
   const scalar_t* __restrict__ residual = source.residual;
@@ -186,7 +187,7 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
           const int64_t c = c0 + j * kChannelStride;
           dxs[j] = static_cast<scalar_t>(dx_of<kCentered>(dz[j], static_cast<acc_t>(xs[j]), mean[c],
                                                           kCentered ? mean_dz[c] : acc_t(0),
-                                                          kCentered ? proj[c] : acc_t(0), a[c]));
+                                                          kCentered ? proj[c] : acc_t(0), alpha[c]));
         }
         if constexpr (kWriteDz) {
           for (int64_t j = 0; j < n; ++j) grad_residual[base + j0 + j] = static_cast<scalar_t>(dz[j]);
@@ -200,7 +201,7 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
         const acc_t dz = dz_at<Rule>(dy, out, residual, i, xv, mean[c], kRecompute ? alpha[c] : acc_t(0),
                                      kRecompute ? beta[c] : acc_t(0), param);
         dx[i] = static_cast<scalar_t>(dx_of<kCentered>(dz, xv, mean[c], kCentered ? mean_dz[c] : acc_t(0),
-                                                       kCentered ? proj[c] : acc_t(0), a[c]));
+                                                       kCentered ? proj[c] : acc_t(0), alpha[c]));
         if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);
       }
     }

@@ -18,6 +18,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "../layout.h"
+#include "../schemas.h"
 #include "../welford.h"
 #include "elementwise.h"
 #include "reductions.h"
@@ -52,8 +53,8 @@ Tensor channel_rows(int64_t C, const at::TensorOptions& acc_options, F&& f) {
   return rows;
 }
 
-// normalize's per-channel coefficients, [3, C]: mean, alpha = weight * invstd (1 without weight), beta =
-// bias (0 without), the rows of channel_rows.
+// normalize's per-channel coefficients, [3, C]: mean (0 where null), alpha and beta (alpha_of, beta_of in
+// welford.h), the rows of channel_rows.
 template <typename acc_t>
 Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptTensor& weight,
                               const OptTensor& bias, int64_t C, const at::TensorOptions& acc_options) {
@@ -61,8 +62,8 @@ Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptT
   const acc_t* b = data_or_null<acc_t>(bias);
   return channel_rows<acc_t, 3>(C, acc_options, [&](int64_t c, const auto& row) {
     row[0][c] = mean ? mean[c] : acc_t(0);
-    row[1][c] = w ? w[c] * invstd[c] : invstd[c];
-    row[2][c] = b ? b[c] : acc_t(0);
+    row[1][c] = alpha_of(w, c, invstd[c]);
+    row[2][c] = beta_of<acc_t>(b, c);
   });
 }
 
@@ -257,7 +258,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const Tensor coefficients = FUSEDBN_DISPATCH_STATISTICS(acc, [&] {
     std::vector<scalar_t> invstd(layout.C);
     const scalar_t* v = var.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < layout.C; ++c) invstd[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+    for (int64_t c = 0; c < layout.C; ++c) invstd[c] = invstd_of(v[c], eps);
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.data(), as_acc(w, acc),
                                             as_acc(b, acc), layout.C, acc_options);
   });
@@ -280,8 +281,8 @@ void with_grad_rule(const BackwardInputs& in, F&& f) {
   }
 }
 
-// The backward's coefficients, [3, C] as normalize_coefficients: 0, a = w * invstd (also the forward's
-// alpha, which the recomputed activation needs), beta = bias (without `with_bias`: 0).
+// The backward's coefficients, [3, C] as normalize_coefficients: 0, alpha = w * invstd (the forward's, which
+// the recomputed activation needs too), beta = bias (without `with_bias`: 0).
 Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
   return FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
     return normalize_coefficients<scalar_t>(nullptr, in.invstd.const_data_ptr<scalar_t>(), as_acc(in.weight, in.acc),
@@ -296,10 +297,10 @@ template <typename F>
 void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& f, const Tensor& dz_out = Tensor()) {
   FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* a = coefficients.const_data_ptr<acc_t>() + in.layout.C;
+    const acc_t* alpha = coefficients.const_data_ptr<acc_t>() + in.layout.C;
     const GradSource<scalar_t, acc_t> source{
         in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
-        in.residual.defined() ? in.residual.const_data_ptr<scalar_t>() : nullptr, a, a + in.layout.C,
+        in.residual.defined() ? in.residual.const_data_ptr<scalar_t>() : nullptr, alpha, alpha + in.layout.C,
         static_cast<acc_t>(in.epilogue.param), dz_out.defined() ? dz_out.mutable_data_ptr<scalar_t>() : nullptr};
     with_grad_rule(in, [&](auto rule) { f(scalar_t{}, rule, source); });
   });
@@ -330,7 +331,7 @@ std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Ten
   return {sum_dz, sum_dz_xmu};
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: `centering`
+// dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: `centering`
 // undefined; else its rows mean_dz, proj), and grad_residual = dz when it is defined.
 Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tensor& centering,
                const Tensor& grad_residual) {
@@ -346,8 +347,7 @@ Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tenso
                               decltype(write_dz)::value, decltype(centered)::value>(
               source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
               grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-              in.mean.const_data_ptr<acc_t>(), mean_dz, centered ? mean_dz + in.layout.C : nullptr, source.alpha,
-              tile);
+              in.mean.const_data_ptr<acc_t>(), mean_dz, centered ? mean_dz + in.layout.C : nullptr, tile);
         });
       });
     });
@@ -369,10 +369,11 @@ Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Ten
   });
 }
 
-// Gradients of y = (x - mean) * invstd * w + b, with a = w * invstd and dz the gradient reaching y
+// Gradients of y = (x - mean) * invstd * w + b, with alpha = w * invstd and dz the gradient reaching y
 // (dy, or dy through the activation). Training (mean, invstd are the batch's, m values per channel):
-//   dx = (dz - sum(dz)/m - (x - mean) * invstd^2 * sum(dz*(x-mean))/m) * a
-// Eval statistics: dx = a*dz. Both: dw = sum(dz*(x-mean))*invstd, db = sum(dz), grad_residual = dz.
+//   dx = (dz - sum(dz)/m - (x - mean) * invstd^2 * sum(dz*(x-mean))/m) * alpha
+// Eval statistics: dx = alpha * dz. Both: dw = sum(dz*(x-mean))*invstd, db = sum(dz), grad_residual = dz.
+// Which passes run: plan_backward (backward_inputs.h).
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const Tensor& mean,
                                                     const Tensor& invstd, bool training,
@@ -384,18 +385,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
                                              activation, activation_param);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
-  // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
-  const bool dx_is_scaled_dy = !training && in.from == GradFrom::kDy && !want_grad_residual;
-  const Tensor coefficients = backward_coefficients(in, !dx_is_scaled_dy);
-  const bool need_sums = (training && output_mask[0]) || output_mask[1] || output_mask[2];
+  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
+  const Tensor coefficients = backward_coefficients(in, !plan.scaled_dy);
   // An activation computed in spans (SiLU, GELU, ELU: exp, erf, tanh) keeps dz from the sums' pass for the
   // dx pass instead of computing its derivative twice: one more tensor written and read, where the CPU is
   // compute-bound on the derivative.
-  const bool keep_dz = need_sums && (output_mask[0] || want_grad_residual) && in.from == GradFrom::kRecompute &&
+  const bool keep_dz = plan.sums && plan.elementwise && in.from == GradFrom::kRecompute &&
                        is_transcendental(in.epilogue.act);
   const Tensor dz = keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   const auto [sum_dz, sum_dz_xmu] =
-      need_sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor());
+      plan.sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor());
+  const Tensor centering = plan.centered ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor();
   Tensor grad_input, grad_weight;
   Tensor grad_residual = want_grad_residual && !keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (keep_dz) {
@@ -403,17 +403,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     from_dz.dy = dz;
     from_dz.from = GradFrom::kDy;
     from_dz.residual = Tensor();
-    if (output_mask[0]) {
-      grad_input = dx_pass(from_dz, coefficients, training ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor(),
-                           Tensor());
-    }
+    if (output_mask[0]) grad_input = dx_pass(from_dz, coefficients, centering, Tensor());
     if (want_grad_residual) grad_residual = dz;
-  } else if (dx_is_scaled_dy) {
-    if (output_mask[0]) grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
-  } else if (output_mask[0] || want_grad_residual) {
-    // Without dx asked for, only grad_residual = dz is: no centering needed.
-    const bool centered = training && output_mask[0];
-    grad_input = dx_pass(in, coefficients, centered ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor(), grad_residual);
+  } else if (plan.scaled_dy) {
+    grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
+  } else if (plan.elementwise) {
+    grad_input = dx_pass(in, coefficients, centering, grad_residual);
   }
   if (output_mask[1]) {  // sum(dz * (x - mean)) * invstd
     grad_weight = at::empty({C}, acc_options);
@@ -472,12 +467,7 @@ TORCH_LIBRARY_FRAGMENT(fusedbn, m) { m.def("_reduction_threads(Tensor input) -> 
 
 TORCH_LIBRARY_IMPL(fusedbn, CPU, m) {
   m.impl("_reduction_threads", &reduction_threads);
-  m.impl("forward_train", &forward_train);
-  m.impl("forward_eval", &forward_eval);
-  m.impl("backward", &backward);
-  m.impl("batch_stats", &batch_stats);
-  m.impl("grad_sums", &grad_sums);
-  m.impl("backward_elemt", &backward_elemt);
+  register_kernels(m, &forward_train, &forward_eval, &backward, &batch_stats, &grad_sums, &backward_elemt);
 }
 
 }  // namespace fusedbn::cpu

@@ -23,6 +23,7 @@
 #include "../checks.h"
 #include "../dispatch.h"
 #include "../layout.h"
+#include "../schemas.h"
 #include "kernels.cuh"
 #include "launch.h"
 
@@ -220,23 +221,37 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
                     double activation_param) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
   const Epilogue epilogue = parse_epilogue(activation, activation_param);
-  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Context ctx(input);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
-  const auto acc = at::toOpMathType(input.scalar_type());
-  // Per-channel coefficients: C values, a few tiny launches.
-  Tensor alpha = running_var.to(acc).add(eps).rsqrt();
-  if (has(w)) alpha = alpha.mul(w->to(acc));
-  alpha = alpha.contiguous();
-  const Tensor beta = has(b) ? b->to(acc).contiguous() : at::zeros({layout.C}, x.options().dtype(acc));
-  return normalize(x, layout, running_mean.to(acc).contiguous(), alpha, beta, ctx, residual, epilogue);
+  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  const int64_t C = layout.C;
+  Tensor mean = at::empty({C}, acc_options), alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
+  if (C > 0) {
+    // One thread per channel reads the per-channel tensors by index: strided ones from contiguous copies.
+    const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
+    const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
+    FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      with_param_type<scalar_t>(rm.scalar_type(), [&](auto param_tag) {
+        using param_t = decltype(param_tag);
+        const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
+        FUSEDBN_LAUNCH((&eval_coefficients_kernel<acc_t, param_t>), dim3(static_cast<unsigned>(ceil_div(C, threads))),
+                       dim3(threads), 0, ctx.stream)(
+            rm.const_data_ptr<param_t>(), rv.const_data_ptr<param_t>(), ptr_or_null<param_t>(w),
+            ptr_or_null<param_t>(b), eps, C, mean.mutable_data_ptr<acc_t>(), alpha.mutable_data_ptr<acc_t>(),
+            beta.mutable_data_ptr<acc_t>());
+        FUSEDBN_LAUNCH_CHECK();
+      });
+    });
+  }
+  return normalize(x, layout, mean, alpha, beta, ctx, residual, epilogue);
 }
 
-// What every backward op needs besides the checked inputs: a = w * invstd (also the forward's alpha,
-// which the recomputed z needs), beta = bias (may be undefined), and the activation's gate.
+// What every backward op needs besides the checked inputs: alpha = w * invstd (the forward's, which the
+// recomputed z needs too) and beta = bias (may be undefined).
 struct BackwardCoefficients {
-  Tensor a, beta;
+  Tensor alpha, beta;
 };
 
 inline BackwardCoefficients backward_coefficients(const BackwardInputs& in) {
@@ -244,14 +259,15 @@ inline BackwardCoefficients backward_coefficients(const BackwardInputs& in) {
           has(in.bias) ? in.bias->to(in.acc).contiguous() : Tensor()};
 }
 
+// Where dz comes from (kernels.cuh's GradSource).
 template <typename scalar_t, typename acc_t>
-ActivationGate<scalar_t, acc_t> activation_gate(const BackwardInputs& in, const BackwardCoefficients& k) {
+GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in, const BackwardCoefficients& k) {
   const Tensor& side = in.from == GradFrom::kOutput ? in.out : in.residual;
   return {in.from,
           in.epilogue.act,
           static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr,
-          in.from == GradFrom::kRecompute ? k.a.const_data_ptr<acc_t>() : nullptr,
+          in.from == GradFrom::kRecompute ? k.alpha.const_data_ptr<acc_t>() : nullptr,
           k.beta.defined() ? k.beta.const_data_ptr<acc_t>() : nullptr};
 }
 
@@ -268,14 +284,14 @@ void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
       const GradReducer<scalar_t, acc_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
-                                                 in.mean.const_data_ptr<acc_t>(), activation_gate<scalar_t, acc_t>(in, k)};
+                                                 in.mean.const_data_ptr<acc_t>(), grad_source<scalar_t, acc_t>(in, k)};
       launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, make_finisher(scalar_t{}, param_tag),
                                            backward_aligned(in), in.x, ctx);
     });
   });
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * a per value (dz * a under eval statistics: mean_dz and proj
+// dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: mean_dz and proj
 // undefined), and grad_residual = dz when it is defined.
 template <typename Context>
 Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
@@ -289,7 +305,7 @@ Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Te
         in.mean.const_data_ptr<acc_t>(),
         mean_dz.defined() ? mean_dz.const_data_ptr<acc_t>() : nullptr,
         proj.defined() ? proj.const_data_ptr<acc_t>() : nullptr,
-        k.a.const_data_ptr<acc_t>(),       activation_gate<scalar_t, acc_t>(in, k)};
+        k.alpha.const_data_ptr<acc_t>(),   grad_source<scalar_t, acc_t>(in, k)};
     launch_elementwise<vec_width<scalar_t>()>(
         in.layout, op, in.x.numel(),
         backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
@@ -299,7 +315,8 @@ Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Te
 
 // Gradients of y = (x - mean) * invstd * w + b, with dz the gradient reaching y (dy, or dy through the
 // activation): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
-// pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas.
+// pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas, plan_backward
+// (backward_inputs.h) for which passes run.
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
@@ -321,29 +338,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
             grad_residual};
   }
   const BackwardCoefficients k = backward_coefficients(in);
-  // Training: the reduction's finisher fills these; eval statistics: none, dx = a * dz.
-  const Tensor mean_dz = training ? at::zeros({C}, acc_options) : Tensor();
-  const Tensor proj = training ? at::zeros({C}, acc_options) : Tensor();
-  if ((training && output_mask[0]) || output_mask[1] || output_mask[2]) {
+  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
+  // The centered dx pass's terms, which the reduction's finisher writes.
+  const Tensor mean_dz = plan.centered ? at::empty({C}, acc_options) : Tensor();
+  const Tensor proj = plan.centered ? at::empty({C}, acc_options) : Tensor();
+  if (plan.sums) {
     grad_reduction(in, k, param_dtype, ctx, [&](auto scalar_tag, auto param_tag) {
       using acc_t = at::opmath_type<decltype(scalar_tag)>;
       using param_t = decltype(param_tag);
       return GradFinisher<acc_t, param_t>{in.invstd.const_data_ptr<acc_t>(),
                                           ptr_or_null<param_t>(grad_weight),
                                           ptr_or_null<param_t>(grad_bias),
-                                          training ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
-                                          training ? proj.mutable_data_ptr<acc_t>() : nullptr,
+                                          plan.centered ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
+                                          plan.centered ? proj.mutable_data_ptr<acc_t>() : nullptr,
                                           in.layout.count_per_channel()};
     });
   }
   Tensor grad_input;
-  if (!training && in.from == GradFrom::kDy && !want_grad_residual) {
-    // Eval statistics, nothing to gate or return for the residual: dx = a * dy, the normalize pass on dy.
-    if (output_mask[0]) {
-      const Tensor zeros = at::zeros({C}, acc_options);
-      grad_input = normalize(in.dy, in.layout, zeros, k.a, zeros, ctx, std::nullopt, {}, in.x);
-    }
-  } else if (output_mask[0] || want_grad_residual) {
+  if (plan.scaled_dy) {
+    const Tensor zeros = at::zeros({C}, acc_options);
+    grad_input = normalize(in.dy, in.layout, zeros, k.alpha, zeros, ctx, std::nullopt, {}, in.x);
+  } else if (plan.elementwise) {
     grad_input = dx_pass(in, k, mean_dz, proj, grad_residual, ctx);
   }
   return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
@@ -403,16 +418,11 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   return {grad_input, grad_residual};
 }
 
-// The six ops' kernels for one Context, under the names csrc/schemas.h defines (the CUDA build and the
-// emulator's register the same set).
+// The six ops' kernels for one Context (the CUDA build and the emulator's register the same set).
 template <typename Context>
-void register_kernels(torch::Library& m) {
-  m.impl("forward_train", &forward_train<Context>);
-  m.impl("forward_eval", &forward_eval<Context>);
-  m.impl("backward", &backward<Context>);
-  m.impl("batch_stats", &batch_stats<Context>);
-  m.impl("grad_sums", &grad_sums<Context>);
-  m.impl("backward_elemt", &backward_elemt<Context>);
+void register_cuda_kernels(torch::Library& m) {
+  fusedbn::register_kernels(m, &forward_train<Context>, &forward_eval<Context>, &backward<Context>,
+                            &batch_stats<Context>, &grad_sums<Context>, &backward_elemt<Context>);
 }
 
 }  // namespace fusedbn::cuda

@@ -159,8 +159,9 @@ struct WelfordReducer {
 // (grad_through_activation, epilogue.h): ReLU's mask read from the forward's output, or the derivative at
 // z recomputed from x with the forward's coefficients (and the residual). The activation is a run-time
 // value: one uniform branch per value, where a template argument would multiply the kernels nine times.
+// (The CPU's GradSource, elementwise.h, holds the same pointers with the rule as template arguments.)
 template <typename scalar_t, typename acc_t>
-struct ActivationGate {
+struct GradSource {
   GradFrom from;
   Activation act;
   acc_t param;
@@ -168,27 +169,29 @@ struct ActivationGate {
   const acc_t* __restrict__ alpha;    // kRecompute, with the channel's mean and beta
   const acc_t* __restrict__ beta;
 
-  // The values the gate reads besides dy and x (zeros where it reads none).
+  // The values dz is computed from besides dy and x (zeros where it reads none).
   template <int kVec>
   __device__ __forceinline__ Vec<scalar_t, kVec> load_side(int64_t offset) const {
     return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
   }
-  // g = dy of one value, x its input, o its side value (from load_side), (mu, a, b) its channel's coefficients.
-  __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t a, acc_t b) const {
+  // g = dy of one value, x its input, o its side value (from load_side), (mu, alpha, beta) its channel's
+  // coefficients.
+  __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t alpha_c, acc_t beta_c) const {
     switch (from) {
       case GradFrom::kOutput:
-        return grad_through_activation<Activation::kRelu, GradFrom::kOutput>(g, x, o, acc_t(0), mu, a, b, param);
+        return grad_through_activation<Activation::kRelu, GradFrom::kOutput>(g, x, o, acc_t(0), mu, alpha_c, beta_c,
+                                                                            param);
       case GradFrom::kRecompute:
         return with_activation(act, [&](auto kind) {
           return grad_through_activation<decltype(kind)::value, GradFrom::kRecompute, scalar_t>(
-              g, x, o, static_cast<acc_t>(o), mu, a, b, param);
+              g, x, o, static_cast<acc_t>(o), mu, alpha_c, beta_c, param);
         });
       default:
         return g;
     }
   }
-  __device__ __forceinline__ acc_t alpha_of(int64_t c) const { return alpha ? alpha[c] : acc_t(0); }
-  __device__ __forceinline__ acc_t beta_of(int64_t c) const { return beta ? beta[c] : acc_t(0); }
+  __device__ __forceinline__ acc_t alpha_at(int64_t c) const { return alpha ? alpha[c] : acc_t(0); }
+  __device__ __forceinline__ acc_t beta_at(int64_t c) const { return beta ? beta[c] : acc_t(0); }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -197,7 +200,7 @@ struct GradReducer {
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   const acc_t* __restrict__ mean;
-  ActivationGate<scalar_t, acc_t> gate;
+  GradSource<scalar_t, acc_t> source;
 
   struct Local {
     const GradReducer* r;
@@ -207,11 +210,11 @@ struct GradReducer {
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
       const auto g = load_vec<kVec>(r->dy + offset);
       const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->gate.template load_side<kVec>(offset);
+      const auto ov = r->source.template load_side<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dz = r->gate(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu, alpha, beta);
+        const acc_t dz = r->source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu, alpha, beta);
         s.dz += dz;
         s.dz_xmu += dz * (xk - mu);
       }
@@ -226,11 +229,11 @@ struct GradReducer {
     __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
       const auto g = load_vec<kVec>(r->dy + offset);
       const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->gate.template load_side<kVec>(offset);
+      const auto ov = r->source.template load_side<kVec>(offset);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dz = r->gate(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu[k], alpha[k], beta[k]);
+        const acc_t dz = r->source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu[k], alpha[k], beta[k]);
         s[k].dz += dz;
         s[k].dz_xmu += dz * (xk - mu[k]);
       }
@@ -238,7 +241,7 @@ struct GradReducer {
   };
 
   __device__ __forceinline__ Local at_channel(int64_t c) const {
-    return Local{this, mean[c], gate.alpha_of(c), gate.beta_of(c)};
+    return Local{this, mean[c], source.alpha_at(c), source.beta_at(c)};
   }
   template <int kVec>
   __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
@@ -246,8 +249,8 @@ struct GradReducer {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       lanes.mu[k] = mean[c + k];
-      lanes.alpha[k] = gate.alpha_of(c + k);
-      lanes.beta[k] = gate.beta_of(c + k);
+      lanes.alpha[k] = source.alpha_at(c + k);
+      lanes.beta[k] = source.beta_at(c + k);
     }
     return lanes;
   }
@@ -276,8 +279,8 @@ struct StatsFinisher {
     const acc_t istd = welford_invstd(total, eps);
     mean[c] = total.mean;
     invstd[c] = istd;
-    alpha[c] = (weight ? static_cast<acc_t>(weight[c]) : acc_t(1)) * istd;
-    beta[c] = bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
+    alpha[c] = alpha_of(weight, c, istd);
+    beta[c] = beta_of<acc_t>(bias, c);
     if (running_mean && total.count > 0) {
       running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), total.mean, momentum));
       running_var[c] =
@@ -309,8 +312,8 @@ struct SumsFinisher {
 };
 
 // Gradient sums -> grad_weight, grad_bias and, for the training dx, the coefficients
-//   dx = (dz - mean_dz - (x - mean) * proj) * a,  mean_dz = sum(dz)/m,
-//   proj = invstd^2 * sum(dz*(x-mean))/m,  a = w * invstd (the host side, host_ops.h, computes a).
+//   dx = (dz - mean_dz - (x - mean) * proj) * alpha,  mean_dz = sum(dz)/m,
+//   proj = invstd^2 * sum(dz*(x-mean))/m,  alpha = w * invstd (the host side, host_ops.h, computes alpha).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
   const acc_t* invstd;
@@ -474,12 +477,25 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
   }
 }
 
+// Eval statistics -> normalize's coefficients, one thread per channel: mean = running_mean, alpha =
+// w * invstd_of(running_var, eps), beta = b (welford.h's formulas, as the CPU ops and StatsFinisher use).
+template <typename acc_t, typename param_t>
+__global__ void eval_coefficients_kernel(const param_t* running_mean, const param_t* running_var, const param_t* weight,
+                                         const param_t* bias, double eps, int64_t C, acc_t* mean, acc_t* alpha,
+                                         acc_t* beta) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  mean[c] = static_cast<acc_t>(running_mean[c]);
+  alpha[c] = alpha_of(weight, c, invstd_of(static_cast<acc_t>(running_var[c]), eps));
+  beta[c] = beta_of<acc_t>(bias, c);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
 // reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
 
 // y = act((x - mean[c]) * alpha[c] + beta[c] [+ residual]), the activation a run-time value as in
-// ActivationGate.
+// GradSource.
 template <typename scalar_t, typename acc_t>
 struct NormalizeOp {
   const scalar_t* __restrict__ x;
@@ -512,10 +528,10 @@ struct NormalizeOp {
   }
 };
 
-// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * a[c] with dz from the gate; under eval statistics
-// (mean_dz and proj null) dx = dz * a[c], which x does not enter (a NaN input keeps a finite gradient, as
-// in torch). dz itself goes into grad_residual when that is not null. a = w * invstd is also the
-// forward's alpha, which the gate's recomputed z needs with beta.
+// dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * alpha[c] with dz from `source`; under eval statistics
+// (mean_dz and proj null) dx = dz * alpha[c], which x does not enter (a NaN input keeps a finite gradient,
+// as in torch). dz itself goes into grad_residual when that is not null. alpha = w * invstd is the
+// forward's, which the recomputed z needs with beta.
 template <typename scalar_t, typename acc_t>
 struct BackwardElemtOp {
   const scalar_t* __restrict__ dy;
@@ -525,28 +541,28 @@ struct BackwardElemtOp {
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ mean_dz;
   const acc_t* __restrict__ proj;
-  const acc_t* __restrict__ a;
-  ActivationGate<scalar_t, acc_t> gate;
+  const acc_t* __restrict__ alpha;
+  GradSource<scalar_t, acc_t> source;
 
   struct Coeffs {
-    acc_t mean, mean_dz, proj, a, beta;
+    acc_t mean, mean_dz, proj, alpha, beta;
   };
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
-    return Coeffs{mean[c], mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0), a[c], gate.beta_of(c)};
+    return Coeffs{mean[c], mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0), alpha[c], source.beta_at(c)};
   }
 
   template <int kVec>
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto gv = load_vec<kVec>(dy + offset);
     const auto xv = load_vec<kVec>(x + offset);
-    const auto ov = gate.template load_side<kVec>(offset);
+    const auto ov = source.template load_side<kVec>(offset);
     Vec<scalar_t, kVec> out, dz_out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
-      const acc_t dz = gate(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].a, co[k].beta);
+      const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].alpha, co[k].beta);
       const acc_t centered = mean_dz ? dz - co[k].mean_dz - (xk - co[k].mean) * co[k].proj : dz;
-      out.val[k] = static_cast<scalar_t>(centered * co[k].a);
+      out.val[k] = static_cast<scalar_t>(centered * co[k].alpha);
       dz_out.val[k] = static_cast<scalar_t>(dz);
     }
     store_vec<kVec>(dx + offset, out);

@@ -25,6 +25,6 @@ struct CudaContext {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) { register_kernels<CudaContext>(m); }
+TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) { register_cuda_kernels<CudaContext>(m); }
 
 }  // namespace fusedbn::cuda

@@ -24,9 +24,9 @@ struct SimtContext {
 
 TORCH_LIBRARY(fusedbn_simt, m) { define_schemas(m); }
 
-TORCH_LIBRARY_IMPL(fusedbn_simt, Meta, m) { meta::register_kernels(m); }
+TORCH_LIBRARY_IMPL(fusedbn_simt, Meta, m) { meta::register_meta_kernels(m); }
 
-TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_kernels<SimtContext>(m); }
+TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_cuda_kernels<SimtContext>(m); }
 
 }  // namespace fusedbn::cuda
 

@@ -25,7 +25,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
@@ -356,7 +355,6 @@ auto launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem
 inline void __syncthreads() { fusedbn::simt::detail::current("__syncthreads").block->barrier.wait(); }
 // Barriers and atomics already order memory on the host; a fence keeps the CUDA meaning regardless.
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // Lanes outside [segment, segment + width) are not reachable; such reads return the caller's own value.
 template <typename T>
@@ -410,11 +408,3 @@ T atomicExch(T* address, std::type_identity_t<T> val) {
   return std::atomic_ref<T>(*address).exchange(val);
 }
 
-// Math intrinsics (host precision, not the GPU's approximations).
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-template <typename T>
-T __ldg(const T* p) {
-  return *p;
-}
