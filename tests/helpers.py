@@ -163,6 +163,20 @@ def misaligned_copy(x):
     return y.copy_(x)
 
 
+def randomize_batch_norms(model, seed=0):
+    """``model`` with non-trivial running statistics and affine parameters in every BatchNorm, as a trained
+    model has (seeded: the same values every run)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+    return model
+
+
 def torchvision_models():
     """torchvision.models, or the calling test skipped (with the reason) where torchvision is not installed."""
     return pytest.importorskip("torchvision", reason="the model tests need torchvision: pip install .[test]").models

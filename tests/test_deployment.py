@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fusedbn
 from fusedbn import activations
+from helpers import randomize_batch_norms
 
 
 class _Block(nn.Module):
@@ -35,14 +36,7 @@ def _torch_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.SiLU(), _Block(), _Block(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6))
-    with torch.no_grad():  # statistics and affine parameters away from their initial values
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model
+    return randomize_batch_norms(model)
 
 
 def _models(training, dtype=torch.float32):

@@ -7,20 +7,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import assert_close, torchvision_models
-
-
-def _randomize_statistics(model, seed=0):
-    """Non-trivial running statistics and affine parameters, as a trained model has."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
-    return model
+from helpers import assert_close, randomize_batch_norms, torchvision_models
 
 
 @pytest.mark.parametrize("name,count", [("resnet18", 20), ("resnet50", 53)])
@@ -29,7 +16,7 @@ def test_fold_conv_bn_on_resnets(name, count, dtype):
     """Every BatchNorm of an eval-mode ResNet folds; outputs match within the dtype's tolerance (the folding
     itself is done in float64, so a bfloat16 model loses no more than its own rounding)."""
     torch.manual_seed(0)
-    model = _randomize_statistics(getattr(torchvision_models(), name)(weights=None)).eval().to(dtype)
+    model = randomize_batch_norms(getattr(torchvision_models(), name)(weights=None)).eval().to(dtype)
     report = fusedbn.Report()
     folded = fusedbn.fold_conv_bn(model, report=report)
     assert report.count("folded") == count, str(report)
@@ -57,7 +44,7 @@ def test_fold_leaves_training_and_shared_layers_alone():
             y = self.bn_after_shared(z) + z  # the conv's output has another user: not foldable
             return self.bn1d(self.linear(y.mean(dim=(2, 3))))
 
-    net = _randomize_statistics(Net()).eval()
+    net = randomize_batch_norms(Net()).eval()
     net.bn_train.train()
     x = torch.randn(2, 3, 6, 6)
     report = fusedbn.Report()
@@ -93,7 +80,7 @@ def _fold_and_compare(model, x, **kwargs):
 def test_fold_keeps_linear_bn1d_on_3d_input(bn_class):
     """On (N, L, F) the Linear's features are the last dim while BatchNorm1d normalizes dim 1 (L): not folded."""
     torch.manual_seed(0)
-    model = _randomize_statistics(nn.Sequential(nn.Linear(5, 5), bn_class(5))).eval()
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(5, 5), bn_class(5))).eval()
     x = torch.randn(4, 5, 5)
     folded, report = _fold_and_compare(model, x, example_inputs=(x,))
     assert _folded(report) == []
@@ -106,7 +93,7 @@ def test_fold_keeps_linear_bn1d_on_3d_input(bn_class):
 @pytest.mark.parametrize("bn_class", BATCH_NORM_1D)
 def test_fold_linear_bn1d_on_2d_input(bn_class):
     torch.manual_seed(0)
-    model = _randomize_statistics(nn.Sequential(nn.Linear(6, 5), bn_class(5), nn.ReLU())).eval()
+    model = randomize_batch_norms(nn.Sequential(nn.Linear(6, 5), bn_class(5), nn.ReLU())).eval()
     x = torch.randn(4, 6)
     folded, report = _fold_and_compare(model, x, example_inputs=x)  # one tensor, not a tuple
     assert _folded(report) == [("0", "1")] and report.skipped == []
@@ -117,7 +104,7 @@ def test_fold_linear_bn1d_on_2d_input(bn_class):
 def test_fold_conv1d_bn1d_batched_only(bn_class):
     """Conv1d on (N, C, L) folds; on unbatched (C, L) its 2-D output makes BatchNorm1d normalize over L."""
     torch.manual_seed(0)
-    model = _randomize_statistics(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), bn_class(4))).eval()
+    model = randomize_batch_norms(nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), bn_class(4))).eval()
     batched = torch.randn(2, 3, 7)
     folded, report = _fold_and_compare(model, batched, example_inputs=(batched,))
     assert _folded(report) == [("0", "1")] and report.skipped == []
@@ -144,7 +131,7 @@ def test_fold_without_example_inputs_skips_bn1d(bn_class):
             return self.bn_linear(self.linear(y.mean(dim=2)))
 
     torch.manual_seed(0)
-    net = _randomize_statistics(Net()).eval()
+    net = randomize_batch_norms(Net()).eval()
     folded, report = _fold_and_compare(net, torch.randn(2, 3, 6, 6))
     assert _folded(report) == [("conv2d", "bn2d")]
     assert [bn for bn, _ in report.skipped] == ["bn_conv1d", "bn_linear"]
@@ -166,7 +153,7 @@ def test_fold_keeps_the_relu_of_a_fused_batch_norm():
             y = self.bn(self.conv(x))
             return self.bn_add(self.conv_add(y), x)
 
-    model = _randomize_statistics(Block()).eval()
+    model = randomize_batch_norms(Block()).eval()
     folded, report = _fold_and_compare(model, torch.randn(2, 3, 5, 5))
     assert _folded(report) == [("conv", "bn"), ("conv_add", "bn_add")]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
@@ -189,7 +176,7 @@ def test_fold_warns_when_fx_cannot_trace():
 
 
 def test_frozen_batch_norm_loads_a_batch_norm_state_dict(device):
-    bn = _randomize_statistics(nn.BatchNorm2d(6)).to(device).eval()
+    bn = randomize_batch_norms(nn.BatchNorm2d(6)).to(device).eval()
     frozen = fusedbn.FrozenBatchNorm2d(6).to(device)
     frozen.load_state_dict(bn.state_dict())
     assert not list(frozen.parameters())
@@ -205,7 +192,7 @@ def test_frozen_batch_norm_loads_a_batch_norm_state_dict(device):
 
 def test_freeze_converts_in_place():
     torch.manual_seed(0)
-    model = _randomize_statistics(torchvision_models().resnet18(weights=None)).eval()
+    model = randomize_batch_norms(torchvision_models().resnet18(weights=None)).eval()
     reference = copy.deepcopy(model)
     report = fusedbn.Report()
     assert fusedbn.freeze(model, report=report) is model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedbn
-from helpers import torchvision_models
+from helpers import randomize_batch_norms, torchvision_models
 
 TRANSFORMS = {
     "convert_model": fusedbn.convert_model,
@@ -29,15 +29,7 @@ CHANGES_TRAINING = {"fold_conv_bn", "freeze"}  # eval-only results by design
 
 def _resnet18():
     torch.manual_seed(0)
-    model = torchvision_models().resnet18(weights=None).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    return model
+    return randomize_batch_norms(torchvision_models().resnet18(weights=None).double())
 
 
 class ActivationsNet(nn.Module):
@@ -72,14 +64,7 @@ def _activations_net():
     """ActivationsNet inside a Sequential: fuse_model rewrites the forward of a model's submodules, never of
     the model itself."""
     torch.manual_seed(0)
-    model = nn.Sequential(ActivationsNet()).double()
-    with torch.no_grad():
-        for m in model[0].bns:
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 1.5)
-            m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_()
-    return model
+    return randomize_batch_norms(nn.Sequential(ActivationsNet()).double())
 
 
 MODELS = {"resnet18": (_resnet18, 32), "activations": (_activations_net, 8)}
