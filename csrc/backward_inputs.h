@@ -54,6 +54,26 @@ inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::
   return in;
 }
 
+// backward_elemt's inputs: the backward's, and the global centering terms in the statistics' dtype.
+struct BackwardElemtInputs : BackwardInputs {
+  at::Tensor mean_dz, proj;
+};
+
+inline BackwardElemtInputs prepare_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                                  const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                                  const at::Tensor& invstd, const at::Tensor& mean_dz,
+                                                  const at::Tensor& proj, const std::optional<at::Tensor>& bias,
+                                                  const std::optional<at::Tensor>& output,
+                                                  const std::optional<at::Tensor>& residual,
+                                                  std::string_view activation, double activation_param) {
+  BackwardElemtInputs in{prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual, activation,
+                                          activation_param)};
+  check_centering_terms(mean_dz, proj, input);
+  in.mean_dz = mean_dz.to(in.acc).contiguous();
+  in.proj = proj.to(in.acc).contiguous();
+  return in;
+}
+
 // Which passes the backward runs, decided here for every backend from what is asked (dz: the gradient
 // reaching BatchNorm's output, alpha = w * invstd):
 //   sums        the reduction sum(dz), sum(dz * (x - mean)) per channel: for grad_weight, grad_bias or

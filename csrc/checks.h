@@ -195,14 +195,15 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_channel_param(invstd, "invstd", input);
 }
 
-inline void check_backward_elemt_args(const at::Tensor& grad_output, const at::Tensor& input,
-                                      const std::optional<at::Tensor>& weight, const at::Tensor& mean,
-                                      const at::Tensor& invstd, const at::Tensor& mean_dz, const at::Tensor& proj,
-                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& output,
-                                      const std::optional<at::Tensor>& residual) {
-  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
+// backward_elemt's global centering terms, checked after the backward's own arguments.
+inline void check_centering_terms(const at::Tensor& mean_dz, const at::Tensor& proj, const at::Tensor& input) {
   check_channel_param(mean_dz, "mean_dz", input);
   check_channel_param(proj, "proj", input);
+}
+
+// The dtype of grad_weight and grad_bias: the weight's (the input's without one).
+inline at::ScalarType grad_param_dtype(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
+  return has(weight) ? weight->scalar_type() : input.scalar_type();
 }
 
 }  // namespace fusedbn

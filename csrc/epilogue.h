@@ -51,7 +51,6 @@ struct Math;
 
 template <>
 struct Math<float> {
-  using Mask = bool;
   FUSEDBN_HOST_DEVICE static float exp(float v) { return ::expf(v); }
   FUSEDBN_HOST_DEVICE static float expm1(float v) { return ::expm1f(v); }
   FUSEDBN_HOST_DEVICE static float erf(float v) { return ::erff(v); }
@@ -61,7 +60,6 @@ struct Math<float> {
 
 template <>
 struct Math<double> {
-  using Mask = bool;
   FUSEDBN_HOST_DEVICE static double exp(double v) { return ::exp(v); }
   FUSEDBN_HOST_DEVICE static double expm1(double v) { return ::expm1(v); }
   FUSEDBN_HOST_DEVICE static double erf(double v) { return ::erf(v); }
@@ -237,6 +235,19 @@ FUSEDBN_HOST_DEVICE inline acc_t grad_through_activation(acc_t g, acc_t x, scala
     return ActivationFn<kAct>::grad(g, kAct == Activation::kRelu ? as_stored<scalar_t>(z) : z, param);
   } else {
     return g;
+  }
+}
+
+// dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * alpha (kCentered: training), dz * alpha
+// under eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting
+// before scaling by alpha = w * invstd avoids the cancellation between alpha*dz and alpha*mean_dz when
+// invstd is large.
+template <bool kCentered, typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t alpha) {
+  if constexpr (kCentered) {
+    return (dz - mean_dz - (x - mean) * proj) * alpha;
+  } else {
+    return dz * alpha;
   }
 }
 

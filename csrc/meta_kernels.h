@@ -56,7 +56,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_ou
                                                            double activation_param, bool grad_residual) {
   check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
   parse_epilogue(activation, activation_param, output);
-  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = grad_param_dtype(weight, input);
   return {output_mask[0] ? output_like(input) : Tensor(), output_mask[1] ? per_channel(input, param_dtype) : Tensor(),
           output_mask[2] ? per_channel(input, param_dtype) : Tensor(), grad_residual ? output_like(input) : Tensor()};
 }
@@ -81,8 +81,9 @@ inline std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, cons
                                                  const OptTensor& output, const OptTensor& residual,
                                                  c10::string_view activation, double activation_param,
                                                  bool grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
+  check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
   parse_epilogue(activation, activation_param, output);
+  check_centering_terms(mean_dz, proj, input);  // in prepare_backward_elemt's order
   return {output_like(input), grad_residual ? output_like(input) : Tensor()};
 }
 

@@ -60,9 +60,8 @@ FUSEDBN_HOST_DEVICE inline acc_t channel_shift(acc_t first_value) {
   return std::isfinite(first_value) ? first_value : acc_t(0);
 }
 
-// 1 / sqrt(var + eps) in acc_t, the batch's biased variance in training and running_var in eval. Correctly
-// rounded on every backend (IEEE division and square root; no fast-math build), so Python's
-// torch.sqrt(var + eps).reciprocal() of the same acc_t values is the same bits.
+// 1 / sqrt(var + eps) in acc_t, the batch's biased variance in training and running_var in eval: the same
+// bits on every backend (IEEE division and square root, no fast-math build).
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t invstd_of(acc_t var, double eps) {
   return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
@@ -87,6 +86,33 @@ template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double momentum) {
   const acc_t m = static_cast<acc_t>(momentum);
   return (acc_t(1) - m) * old + m * batch;
+}
+
+// The backward's per-channel terms from the gradient sums over a channel's m values, sum(dz) and
+// sum(dz * (x - mean)) (dz: the gradient reaching BatchNorm's output):
+//   grad_weight = sum(dz * (x - mean)) * invstd,  grad_bias = sum(dz),
+//   training dx = (dz - mean_dz - (x - mean) * proj) * alpha (dx_of, epilogue.h) with
+//   mean_dz = sum(dz) / m and proj = invstd^2 * sum(dz * (x - mean)) / m.
+// 1/m is rounded once from double, so a count beyond float's 2^24 still divides exactly as far as it can.
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t inv_count_of(int64_t count) {
+  return static_cast<acc_t>(1.0 / static_cast<double>(count > 0 ? count : 1));
+}
+
+template <typename acc_t>
+struct CenteringTerms {
+  acc_t mean_dz, proj;
+};
+
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline CenteringTerms<acc_t> centering_of(acc_t sum_dz, acc_t sum_dz_xmu, acc_t invstd,
+                                                              acc_t inv_m) {
+  return {sum_dz * inv_m, invstd * invstd * sum_dz_xmu * inv_m};
+}
+
+template <typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t grad_weight_of(acc_t sum_dz_xmu, acc_t invstd) {
+  return sum_dz_xmu * invstd;
 }
 
 // normalize's per-channel coefficients, y = (x - mean) * alpha + beta: alpha = weight * invstd (invstd

@@ -41,7 +41,7 @@ def backward_in_torch_ops(ctx, saved, grad_output, training, mask):
     with torch.enable_grad():
         running = (None, None) if training else (stat_a, stat_b)
         z = F.batch_norm(input, *running, weight, bias, training, 0.0, ctx.eps)
-        output = activations.apply(ctx.act, z if residual is None else z + residual)
+        output = activations.apply(ctx.act, z, residual)
         targets = [t for t, n in zip(wanted, needed) if n]
         grads = iter(torch.autograd.grad(output, targets, grad_output, create_graph=True, allow_unused=True))
     return tuple(next(grads) if n else None for n in needed)

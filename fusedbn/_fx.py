@@ -1,4 +1,5 @@
 """What the torch.fx model rewrites (fold_conv_bn; fuse_model for module_call_counts) share."""
+import contextlib
 import copy
 import warnings
 from collections import Counter
@@ -48,3 +49,23 @@ def as_fx_leaf(module: nn.Module, input, *rest):
 def module_call_counts(graph: fx.Graph) -> Counter:
     """How many times the graph calls each submodule (a module called twice is shared: not rewritable)."""
     return Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Forward or backward hooks of its own: fused into another op, the module would skip them (and what they
+    see or change of its output and gradient)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+@contextlib.contextmanager
+def modes_set(module: nn.Module, training: bool):
+    """``module`` and every module under it in ``training`` mode for the block, each one's own flag restored
+    after (also where the block raises)."""
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

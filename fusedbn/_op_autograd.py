@@ -15,6 +15,7 @@ import torch
 
 from ._autograd import below_autograd
 from ._functions import BackwardFunction, EvalFunction, TrainingFunction
+from ._shapes import flat_param
 from .functional import _check_running_stats
 
 _LIBRARIES = []  # a torch.library.Library's registrations last as long as the object
@@ -38,15 +39,11 @@ def _register(library, name, function_args=None, function=None):
     library.impl(name, kernel, "Autograd", with_keyset=True)
 
 
-def _flat(t):
-    """weight or bias of any shape with C elements (the ops read them so) as the Functions take it, 1-D;
-    autograd returns its gradient in the shape given, through the reshape."""
-    return t.reshape(-1) if t is not None and t.dim() != 1 else t
 
 
 def _flat_params(args, weight, bias):
     args = list(args)
-    args[weight], args[bias] = _flat(args[weight]), _flat(args[bias])
+    args[weight], args[bias] = flat_param(args[weight]), flat_param(args[bias])
     return args
 
 

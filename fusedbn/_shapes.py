@@ -28,3 +28,9 @@ def channels_to_batch(t, size):
 
 def params_to_batch(t, size):
     return t.unflatten(0, (size, -1))
+
+
+def flat_param(t):
+    """weight or bias of any shape with C elements (torch and the ops read them so) as the Functions take it,
+    1-D; autograd returns its gradient in the shape given, through the reshape."""
+    return t.reshape(-1) if t is not None and t.dim() != 1 else t

@@ -54,9 +54,11 @@ def spec(name: str, param: Optional[float] = None) -> Spec:
     return name, float(DEFAULT_PARAM.get(name, 0.0) if param is None else param)
 
 
-def apply_scripted(name: str, param: float, z: Tensor) -> Tensor:
-    """``apply((name, param), z)`` in TorchScript's subset of Python (which cannot call the lambdas above);
-    tests/test_deployment.py checks the two agree for every activation."""
+def apply_scripted(name: str, param: float, z: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """``apply((name, param), z, residual)`` in TorchScript's subset of Python (which cannot call the lambdas
+    above); tests/test_deployment.py checks the two agree for every activation."""
+    if residual is not None:
+        z = z + residual
     if name == "relu":
         return torch.relu(z)
     if name == "relu6":
@@ -82,8 +84,10 @@ def torch_call(act: Spec):
     return _TORCH_CALLS[name](param)
 
 
-def apply(act: Spec, z: Tensor) -> Tensor:
-    """act(z) in torch's ops."""
+def apply(act: Spec, z: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    """act(z [+ residual]) in torch's ops (the residual added as ``+`` adds it: broadcast or promoted)."""
+    if residual is not None:
+        z = z + residual
     function, args = torch_call(act)
     return z if function is None else function(z, *args)
 

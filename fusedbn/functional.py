@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import activations
 from ._functions import batch_norm_eval, batch_norm_training
+from ._shapes import flat_param
 
 
 def check_eps(eps: float, training: bool) -> None:
@@ -47,9 +48,7 @@ def _empty_batch(input, weight, bias, residual, act):
         output = output * weight[0]
     if bias is not None:
         output = output + bias[0]
-    if residual is not None:
-        output = output + residual
-    return activations.apply(act, output)
+    return activations.apply(act, output, residual)
 
 
 def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
@@ -57,9 +56,7 @@ def _with_torch_ops(input, running_mean, running_var, weight, bias, training, mo
     code it generates and fuses it with the convolution epilogues, activations and adds around it, where a
     custom op is opaque to it (it can fuse nothing into or around one)."""
     output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if residual is not None:
-        output = output + residual
-    return activations.apply(act, output)
+    return activations.apply(act, output, residual)
 
 
 def computes_in_torch_ops() -> bool:
@@ -72,6 +69,13 @@ def computes_in_torch_ops() -> bool:
     if not torch.compiler.is_compiling():  # eager: the cheap checks first (is_in_onnx_export costs ~0.8 us)
         return False
     return not torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+def fuses_residual(input: Tensor, residual: Optional[Tensor]) -> bool:
+    """Whether the fused ops add ``residual``: one of the input's shape, dtype and device. Any other (broadcast
+    or promoted, as ``+`` allows) a module adds after the op, unfused, so the result is still torch's."""
+    return residual is None or (residual.shape == input.shape and residual.dtype == input.dtype
+                                and residual.device == input.device)
 
 
 def run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
@@ -90,9 +94,7 @@ def run_batch_norm(input, running_mean, running_var, weight, bias, training, mom
     _check_running_stats(running_mean, running_var, training)
     if input.dtype not in _SUPPORTED_DTYPES:  # the ops raise it too, but FakeTensor tracing would retype it
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_DTYPE_NAMES.get(input.dtype, input.dtype)}\'')
-    # Any shape with C elements, as torch reads weight and bias; autograd returns their gradients in it.
-    weight = weight.reshape(-1) if weight is not None and weight.dim() != 1 else weight
-    bias = bias.reshape(-1) if bias is not None and bias.dim() != 1 else bias
+    weight, bias = flat_param(weight), flat_param(bias)
     if training:
         return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act)[0]
     return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act)

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 
 from . import activations
-from ._fx import module_call_counts
+from ._fx import has_hooks, module_call_counts, modes_set
 from .convert import convert_model
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d,
                       FusedBatchNormAct2d, FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d,
@@ -165,16 +165,12 @@ def _batch_norms_called_by(owner: nn.Module) -> list:
 def _trace_in_mode(owner: nn.Module, training: bool) -> Optional[fx.Graph]:
     """``owner``'s forward as a graph, traced with every module under it in ``training`` mode (their flags
     restored after), or None where torch.fx cannot trace it or the graph would need constants it adds."""
-    modes = {m: m.training for m in owner.modules()}
     attributes = set(owner.__dict__)
-    owner.train(training)
-    try:
-        graph = _OwnCode(owner).trace(owner)
-    except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors for code it cannot trace
-        graph = None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_set(owner, training):
+        try:
+            graph = _OwnCode(owner).trace(owner)
+        except Exception:  # noqa: BLE001 - torch.fx raises many kinds of errors for code it cannot trace
+            graph = None
     added = set(owner.__dict__) - attributes  # tensor constants torch.fx stored on the module for the graph
     for name in added:
         delattr(owner, name)
@@ -190,19 +186,13 @@ class _Match:
     residual: Optional[fx.Node] = None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Forward or backward hooks of its own: fused, the module's output (and its gradient) would change."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
 def _activation(node: fx.Node, owner: nn.Module) -> Optional[activations.Spec]:
     """The activation ``node`` applies to its (first) input, where fuse_model fuses it (activations.AUTO_FUSED),
     or None."""
     act = None
     if node.op == "call_module":
         module = owner.get_submodule(node.target)
-        plain_call = len(node.args) == 1 and not node.kwargs and not _has_hooks(module)
+        plain_call = len(node.args) == 1 and not node.kwargs and not has_hooks(module)
         act = activations.of_module(module) if plain_call else None
     elif node.op == "call_function":
         act = activations.of_call(node.target, node.args[1:], node.kwargs)
@@ -234,7 +224,7 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
             continue
         bn = owner.get_submodule(node.target)
-        if type(bn) not in _FUSED_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or _has_hooks(bn):
+        if type(bn) not in _FUSED_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or has_hooks(bn):
             continue
         user = next(iter(node.users))
         match = None
@@ -283,7 +273,7 @@ def activation_of_batch_norm(bn: nn.Module, name: str, param: float, input, resi
     if getattr(bn, "act", None) == (name, param):
         return bn(input) if residual is None else bn(input, residual)
     output = bn(input)
-    return activations.apply((name, param), output if residual is None else output + residual)
+    return activations.apply((name, param), output, residual)
 
 
 def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:

@@ -10,10 +10,10 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import activations
-from ._fx import as_fx_leaf, module_call_counts, traced_copy
+from ._fx import as_fx_leaf, modes_set, module_call_counts, traced_copy
 from .convert import foreign_batch_norm
 from ._functions import batch_norm_eval
-from .functional import computes_in_torch_ops
+from .functional import computes_in_torch_ops, fuses_residual
 from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d, FusedBatchNormAct2d,
                       FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
 from .report import Report
@@ -127,14 +127,8 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Records each node's output shape in ``node.meta["tensor_meta"]``, running ``gm`` once in eval mode
     without grad; its modules' training flags are restored after, and eval mode changes no buffer."""
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with modes_set(gm, False), torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
 
 
 class _FrozenBatchNorm(nn.Module):
@@ -188,9 +182,7 @@ class _FrozenBatchNorm(nn.Module):
         """The forward in torch's ops: what TorchScript compiles, jit.trace and ONNX export record."""
         self._check_call(input, residual)
         output = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        if residual is not None:
-            output = output + residual
-        return activations.apply_scripted(self.activation, self.activation_param, output)
+        return activations.apply_scripted(self.activation, self.activation_param, output, residual)
 
     def _check_call(self, input: Tensor, residual: Optional[Tensor]) -> None:
         if input.dim() not in self._dims:
@@ -206,11 +198,10 @@ class _FrozenBatchNorm(nn.Module):
         if computes_in_torch_ops():
             return self._in_torch_ops(input, residual)
         self._check_call(input, residual)
-        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
-                                     or residual.device != input.device):
+        if not fuses_residual(input, residual):
             frozen = batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
                                      None, activations.IDENTITY)
-            return activations.apply(self.act, frozen + residual)  # broadcast or promoted, as + allows
+            return activations.apply(self.act, frozen, residual)  # broadcast or promoted, as + allows
         return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
                                residual, self.act)
 

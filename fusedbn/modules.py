@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import activations
 from ._fx import as_fx_leaf
-from .functional import computes_in_torch_ops, counted_apply, run_batch_norm
+from .functional import computes_in_torch_ops, counted_apply, fuses_residual, run_batch_norm
 
 
 def running_statistics_use(training: bool, track_running_stats: bool, momentum: Optional[float],
@@ -50,15 +50,13 @@ class _FusedForward:
         output = F.batch_norm(input, self.running_mean if use_running else None,
                               self.running_var if use_running else None, self.weight, self.bias, use_batch_stats,
                               factor, self.eps)
-        if residual is not None:
-            output = output + residual
-        return activations.apply_scripted(self.activation, self.activation_param, output)
+        return activations.apply_scripted(self.activation, self.activation_param, output, residual)
 
     @torch.jit.unused
     def _fused_forward(self, input: Tensor, residual: Optional[Tensor], act: activations.Spec) -> Tensor:
         if computes_in_torch_ops():  # torch's own forward, line for line (momentum=None included)
             output = nn.modules.batchnorm._BatchNorm.forward(self, input)
-            return activations.apply(act, output if residual is None else output + residual)
+            return activations.apply(act, output, residual)
         self._check_input_dim(input)
         # Each attribute read once: a module's buffers and parameters are found by nn.Module.__getattr__, a
         # Python call each, which at small sizes costs as much as the kernel.
@@ -116,10 +114,9 @@ class _FusedBatchNormAct(_FusedForward):
         leaf = as_fx_leaf(self, input, residual)
         if leaf is not None:
             return leaf
-        if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype
-                                     or residual.device != input.device):
+        if not fuses_residual(input, residual):
             _check_addable(input, residual)  # before the BatchNorm updates its statistics
-            return activations.apply(self.act, self._fused_forward(input, None, activations.IDENTITY) + residual)
+            return activations.apply(self.act, self._fused_forward(input, None, activations.IDENTITY), residual)
         return self._fused_forward(input, residual, self.act)
 
     def extra_repr(self) -> str:

@@ -6,12 +6,8 @@ from torch import Tensor, nn
 from timm.layers.norm_act import BatchNormAct2d
 
 from . import activations
-from ._fx import as_fx_leaf
+from ._fx import as_fx_leaf, has_hooks
 from .modules import _FusedForward
-
-
-def _plain(module: nn.Module) -> bool:
-    return not (module._forward_hooks or module._forward_pre_hooks)
 
 
 class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
@@ -31,7 +27,7 @@ class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
         if leaf is not None:
             return leaf
         drop, act = self.drop, self.act
-        if type(drop) is nn.Identity and _plain(drop) and _plain(act):
+        if type(drop) is nn.Identity and not has_hooks(drop) and not has_hooks(act):
             spec = activations.IDENTITY if type(act) is nn.Identity else activations.of_module(act)
             if spec is not None and spec[0] in activations.AUTO_FUSED:
                 return self._fused_forward(x, None, spec)

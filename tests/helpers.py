@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import fusedbn
+
 # Accuracy oracle: torch computes the same thing in float64; fusedbn's largest error against that must be
 # within twice torch's own largest error in the tested dtype, plus a floor for cases where torch happens to
 # be exact: `atol` (a few units in the last place of the dtype near 1) and a few units in the last place at
@@ -127,6 +129,10 @@ class Trio:
         return results
 
 
+# torch's BatchNorm module and fusedbn's drop-in for it, by module dims (1d: (N, C) or (N, C, L) input).
+BATCH_NORMS = {1: (torch.nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (torch.nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
+               3: (torch.nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
+
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -161,6 +167,19 @@ def misaligned_copy(x):
     storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
     y = storage[1:].as_strided(x.shape, x.stride())
     return y.copy_(x)
+
+
+def assert_same_state(model, reference, **tolerance):
+    """Every entry of ``model``'s state_dict (parameters and buffers) close to ``reference``'s, in order, with
+    assert_close's default tolerances for the dtype or the given ``rtol``/``atol``."""
+    for (name, mine), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(mine, theirs, msg=name, **tolerance)
+
+
+def assert_same_grads(model, reference, **tolerance):
+    """Every parameter gradient of ``model`` close to ``reference``'s, as assert_same_state compares."""
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine.grad, theirs.grad, msg=name, **tolerance)
 
 
 def randomize_batch_norms(model, seed=0):

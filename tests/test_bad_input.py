@@ -14,7 +14,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fusedbn
-from helpers import memory_layout_matches
+from helpers import BATCH_NORMS, memory_layout_matches
 
 
 class _Functional(nn.BatchNorm2d):
@@ -30,8 +30,8 @@ class _Functional(nn.BatchNorm2d):
 
 
 def _ops_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
-    """The ops themselves, as F.batch_norm would call them (they carry no autograd of their own, so they
-    are not differentiated here)."""
+    """The ops themselves, as F.batch_norm would call them (called directly, so not differentiated here:
+    test_torch_integration's opcheck checks their autograd)."""
     if training:
         return fusedbn.ops.forward_train(x, weight, bias, running_mean, running_var, momentum, eps)[0]
     return fusedbn.ops.forward_eval(x, weight, bias, running_mean, running_var, eps)
@@ -243,8 +243,8 @@ def _assert_rejected_like_torch(torch_error, our_error, ours, before, message, d
 
 
 # The other modules' dims, in torch's words (FusedBatchNorm2d's are BAD_INPUTS' "wrong-dims").
-DIMS = {"1d": (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d, (2, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\)"),
-        "3d": (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d, (2, 3, 4, 4), r"expected 5D input \(got 4D input\)")}
+DIMS = {"1d": (*BATCH_NORMS[1], (2, 3, 4, 4), r"expected 2D or 3D input \(got 4D input\)"),
+        "3d": (*BATCH_NORMS[3], (2, 3, 4, 4), r"expected 5D input \(got 4D input\)")}
 
 
 @pytest.mark.parametrize("dims", DIMS)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fusedbn
 from fusedbn import activations
-from helpers import randomize_batch_norms
+from helpers import assert_same_grads, assert_same_state, randomize_batch_norms
 
 
 class _Block(nn.Module):
@@ -53,16 +53,6 @@ def _input(batch=3, dtype=torch.float32):
     return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
 
 
-def _assert_same_state(model, reference):
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
-
-
-def _assert_same_grads(model, reference):
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-
-
 # ---- torch.export, training included (the ops' own autograd, fusedbn/_op_autograd.py) ----
 
 def test_exported_training_program_differentiates():
@@ -79,7 +69,7 @@ def test_exported_training_program_differentiates():
     expected = reference(x)
     expected.square().sum().backward()
     torch.testing.assert_close(output, expected)
-    _assert_same_grads(exported, reference)
+    assert_same_grads(exported, reference)
     for (name, a), b in zip(exported.named_buffers(), reference.buffers()):  # the running statistics updated
         torch.testing.assert_close(a, b, msg=name)
 
@@ -150,8 +140,8 @@ def test_checkpoint_modules(case, training):
     torch.testing.assert_close(x.grad, x2.grad)
     if with_residual:
         torch.testing.assert_close(r.grad, r2.grad)
-    _assert_same_grads(ours, theirs)
-    _assert_same_state(ours, theirs)
+    assert_same_grads(ours, theirs)
+    assert_same_state(ours, theirs)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -202,7 +192,7 @@ def test_fx_symbolic_trace(training):
     assert called.count(fusedbn.FusedBatchNormReLU2d) == 4 and fusedbn.FusedBatchNorm1d in called, called
     x = _input()
     torch.testing.assert_close(traced(x), reference(x))
-    _assert_same_state(traced, reference)
+    assert_same_state(traced, reference)
 
 
 def test_fx_converted_model_folds_and_fuses():
@@ -259,7 +249,7 @@ def test_torchscript_script_fused_modules(make):
     if isinstance(module, nn.BatchNorm2d):
         module.train(), scripted.train()
         torch.testing.assert_close(scripted(x, r), module(x, r))
-        _assert_same_state(scripted, module)
+        assert_same_state(scripted, module)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -273,7 +263,7 @@ def test_torchscript_script_timm_norm_act(training):
     scripted = _round_trip(torch.jit.script(converted))
     x = _input()
     torch.testing.assert_close(scripted(x), reference(x))
-    _assert_same_state(scripted, reference)
+    assert_same_state(scripted, reference)
 
 
 @pytest.mark.parametrize("name", activations.NAMES)

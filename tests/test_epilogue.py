@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import Trio, assert_close, make_input, over_dtype_pairs, torchvision_models
+from helpers import BATCH_NORMS, Trio, assert_close, assert_same_state, make_input, over_dtype_pairs, torchvision_models
 
 FUSED = {1: fusedbn.FusedBatchNormAct1d, 2: fusedbn.FusedBatchNormAct2d, 3: fusedbn.FusedBatchNormAct3d}
-TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 SHAPES = [(1, (5, 3)), (2, (4, 6, 9, 11)), (2, (3, 16, 5, 5)), (3, (2, 3, 3, 4, 5)), (2, (2, 3, 24, 24))]
 # Every activation, with a parameter other than torch's default where it takes one.
 ACTIVATIONS = [("relu", None), ("identity", None), ("relu6", None), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", None),
@@ -39,7 +38,7 @@ class TorchBNAct(nn.Module):
 
 
 def _trio(dims, channels, dtype, param_dtype, device, activation=("relu", None)):
-    ref = TORCH[dims](channels, device=device, dtype=param_dtype)
+    ref = BATCH_NORMS[dims][0](channels, device=device, dtype=param_dtype)
     gen = torch.Generator().manual_seed(channels)
     with torch.no_grad():
         ref.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
@@ -217,8 +216,7 @@ def test_fuse_model_on_resnets(name, counts):
     y_fused.square().sum().backward()
     for (pname, p), q in zip(model.named_parameters(), fused.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-7, atol=1e-7 * p.grad.abs().max().item(), msg=pname)
-    for (bname, b), c in zip(model.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
+    assert_same_state(fused, model, rtol=1e-9, atol=1e-9)
     model.eval()
     fused.eval()
     torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
@@ -263,10 +261,7 @@ def test_fuse_model_keeps_what_the_model_computes(name, size, fused_count, fuse_
                 (output[0] if isinstance(output, tuple) else output).mean().backward()
                 optimizer.step()
                 optimizer.zero_grad()
-    for (pname, p), q in zip(model.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=pname)
-    for (bname, b), c in zip(model.named_buffers(), fused.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
+    assert_same_state(fused, model, rtol=1e-9, atol=1e-9)
     again = fusedbn.Report()
     fusedbn.fuse_model(fused, report=again)
     assert again.count("fused") == 0

@@ -6,18 +6,14 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import (LAYOUTS, Trio, assert_close, is_dense, make_input, memory_layout_matches, misaligned_copy,
+from helpers import (BATCH_NORMS, LAYOUTS, Trio, assert_close, is_dense, make_input, memory_layout_matches, misaligned_copy,
                      over_dtype_pairs)
 
-MODULES = {1: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 2: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
-           3: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
 
 # (module dims, input shape): m = 2 values per channel, odd spatial sizes, C = 1, C = 1000, N = 1, and
 # shapes large enough to split a channel over several row parts and several cache blocks (or, for short
-# channels-first runs, the channels over several tiles).
-# Every dtype with parameters of the same dtype, and half/bfloat16 input with float32 parameters (mixed precision).
-
-# One value per channel is rejected in training (see test_bad_input), so every shape has at least two.
+# channels-first runs, the channels over several tiles). One value per channel is rejected in training
+# (see test_bad_input), so every shape has at least two.
 SHAPES = [
     (1, (2, 3)),
     (1, (7, 1000)),
@@ -36,7 +32,7 @@ SHAPES = [
 
 def _trio(dims, channels, dtype, param_dtype, device, **options):
     """torch's module, ours and torch's in float64, with identical non-trivial parameters."""
-    torch_cls, fused_cls = MODULES[dims]
+    torch_cls, fused_cls = BATCH_NORMS[dims]
     ref = torch_cls(channels, device=device, dtype=param_dtype, **options)
     if ref.affine:
         with torch.no_grad():

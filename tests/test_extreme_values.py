@@ -63,11 +63,11 @@ def test_huge_channel_means_stay_finite_and_exact(device, dtype):
 
 
 def test_one_value_near_float32_max_keeps_the_channel_finite(backend):
-    device = backend.device
     """One value of 1e30 in a float32 channel: its M2 (~1e60) overflows float32. The CPU kernels then redo
     that channel in float64 (torch's CPU kernels accumulate there, but compute invstd in float32 and return
     0 for the whole channel); the output and gradients match float64 math. The CUDA kernels accumulate in
     float32, as torch's CUDA kernels do: the channel's invstd is 0 there, its output the bias, all finite."""
+    device = backend.device
     x = torch.randn((4, 3, 5, 5), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x[1, 1, 2, 2] = 1e30
     ours, _, exact = _against_float64(x.to(device), torch.float32, device)

@@ -8,13 +8,10 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
-import fusedbn
-from helpers import DTYPES, Trio
+from helpers import BATCH_NORMS, DTYPES, Trio
 
-MODULES = {2: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), 3: (nn.BatchNorm1d, fusedbn.FusedBatchNorm1d),
-           4: (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d), 5: (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)}
+MODULES = {2: BATCH_NORMS[1], 3: BATCH_NORMS[1], 4: BATCH_NORMS[2], 5: BATCH_NORMS[3]}  # by the input's dims
 SPATIAL = [1, 2, 3, 5, 7, 8, 11, 13]
 # Cases per device: the emulated kernels run every CUDA thread as an OS thread, so they get fewer and
 # smaller ones. 1000 in all per CI run on this machine.

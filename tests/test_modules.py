@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import assert_close
+from helpers import BATCH_NORMS, assert_close
 
-PAIRS = [(nn.BatchNorm1d, fusedbn.FusedBatchNorm1d), (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d),
-         (nn.BatchNorm3d, fusedbn.FusedBatchNorm3d)]
+PAIRS = list(BATCH_NORMS.values())
 CONSTRUCTOR_ARGS = [
     dict(),
     dict(eps=1e-3, momentum=0.3),

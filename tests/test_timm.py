@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fusedbn
+from helpers import assert_same_state
 
 timm = pytest.importorskip("timm")
 from timm.layers.norm_act import BatchNormAct2d  # noqa: E402
@@ -52,10 +53,7 @@ def test_timm_models_compute_what_they_computed(name, batch_norms, norm_acts, tr
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     for mine, theirs in zip(_steps(ours, x), _steps(model, x)):
         torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-9)
-    for (pname, p), q in zip(model.named_parameters(), ours.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=pname)
-    for (bname, b), c in zip(model.named_buffers(), ours.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9, msg=bname)
+    assert_same_state(ours, model, rtol=1e-9, atol=1e-9)
 
 
 def test_norm_act_reverts_and_freeze_leaves_it_alone():
@@ -101,3 +99,25 @@ def test_fold_conv_bn_leaves_norm_act_layers_alone():
         folded = fusedbn.fold_conv_bn(model, report=report)
         assert report.count("folded") == 0 and len(report.skipped) == 46
         torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_norm_act_with_a_hooked_act_runs_the_hook(kind):
+    """An activation with hooks of its own stays its own call after convert_model, as in timm's module, so
+    its hook sees what it saw before (the fused op would skip it)."""
+    layer = BatchNormAct2d(4, act_layer=nn.SiLU)
+    layer.act = nn.SiLU()  # not in place: a full backward hook refuses in-place modules
+    seen = []
+    if kind == "forward":
+        layer.act.register_forward_hook(lambda module, args, output: seen.append(output.detach()))
+    else:
+        layer.act.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].detach()))
+    model = nn.Sequential(layer)
+    reference = copy.deepcopy(model)
+    fusedbn.convert_model(model)
+    assert type(model[0]) is not BatchNormAct2d
+    x = torch.randn(2, 4, 3, 3)
+    for m in (reference, model):
+        m(x.clone().requires_grad_()).sum().backward()
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[1], seen[0])

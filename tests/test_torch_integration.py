@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import make_input
+from helpers import assert_same_grads, assert_same_state, make_input
 
 
 
@@ -129,24 +129,22 @@ def test_compile_gives_torchs_graph(device, training):
         torch.testing.assert_close(outputs[0], outputs[2], rtol=1e-12, atol=1e-12)
         for y in outputs:
             y.square().sum().backward()
-        for (name, p), q, e in zip(ours.named_parameters(), theirs.parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
-            torch.testing.assert_close(p.grad, e.grad, rtol=1e-10, atol=1e-10, msg=name)
-    for (name, a), b, e in zip(ours.state_dict().items(), theirs.state_dict().values(), eager.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+        assert_same_grads(ours, theirs, rtol=0, atol=0)
+        assert_same_grads(ours, eager, rtol=1e-10, atol=1e-10)
+    assert_same_state(ours, theirs, rtol=0, atol=0)
+    assert_same_state(ours, eager, rtol=1e-12, atol=1e-12)
     assert recorder.targets and not any("fusedbn" in t for t in recorder.targets), recorder.targets
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_export_keeps_our_ops(device, training):
+def test_export_keeps_our_ops(backend, training):
     """torch.export.export gives a program that runs and matches (running statistics included);
     run_decompositions keeps our custom ops (they are opaque to it) with identical results."""
+    device, library = backend.device, backend.ops_library
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), fusedbn.FusedBatchNormReLU2d(4), fusedbn.FusedBatchNorm2d(4))
     model = model.to(device).train(training)
     x = torch.randn(2, 3, 8, 8, device=device)
-    library = "fusedbn_simt" if fusedbn.ops.forward_eval is not torch.ops.fusedbn.forward_eval else "fusedbn"
     op = "forward_train" if training else "forward_eval"
     for decompose in (False, True):
         twin = copy.deepcopy(model)
@@ -159,8 +157,7 @@ def test_export_keeps_our_ops(device, training):
         assert f"{library}.{op}.default" in targets, targets
         module = exported.module()
         torch.testing.assert_close(module(x), twin(x), rtol=0, atol=0)
-        for (name, a), b in zip(twin.state_dict().items(), module.state_dict().values()):
-            torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+        assert_same_state(module, twin, rtol=0, atol=0)
 
 
 @pytest.mark.slow  # torch.compile of a whole model
@@ -178,8 +175,7 @@ def test_compiled_fuse_model_gives_torchs_results():
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     theirs.sum().backward()
     ours.sum().backward()
-    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+    assert_same_grads(fused, model, rtol=0, atol=0)
     model.eval()
     fused.eval()
     torch.testing.assert_close(compiled[1](x), compiled[0](x), rtol=0, atol=0)

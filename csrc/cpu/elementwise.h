@@ -146,19 +146,6 @@ inline void dz_span(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   activation_grad_span<Rule::kAct>(dz, z, n, source.param);
 }
 
-// dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * alpha (kCentered: training), dz * alpha
-// under eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting
-// before scaling by alpha = w * invstd avoids the cancellation between alpha*dz and alpha*mean_dz when
-// invstd is large.
-template <bool kCentered, typename acc_t>
-inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t alpha) {
-  if constexpr (kCentered) {
-    return (dz - mean_dz - (x - mean) * proj) * alpha;
-  } else {
-    return dz * alpha;
-  }
-}
-
 // dx per value (dx_of; mean_dz and proj per channel, read only when kCentered), and dz itself into
 // grad_residual when asked.
 template <typename scalar_t, typename acc_t, int kChannelStride, typename Rule, bool kWriteDz, bool kCentered>

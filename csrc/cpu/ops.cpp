@@ -11,7 +11,6 @@
 #include <mutex>
 #include <set>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "../backward_inputs.h"
@@ -355,16 +354,17 @@ Tensor dx_pass(const BackwardInputs& in, const Tensor& coefficients, const Tenso
   return grad_input;
 }
 
-// The training dx's per-channel terms, [2, C]: mean_dz = sum(dz) / m and proj = invstd^2 * sum(dz*(x-mean)) / m.
+// The training dx's per-channel terms, [2, C]: mean_dz and proj (centering_of, welford.h).
 Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Tensor& sum_dz_xmu) {
   return FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
-    const scalar_t inv_m = scalar_t(1.0 / static_cast<double>(std::max<int64_t>(1, in.layout.count_per_channel())));
+    const scalar_t inv_m = inv_count_of<scalar_t>(in.layout.count_per_channel());
     const scalar_t* dz = sum_dz.const_data_ptr<scalar_t>();
     const scalar_t* dz_xmu = sum_dz_xmu.const_data_ptr<scalar_t>();
     const scalar_t* istd = in.invstd.const_data_ptr<scalar_t>();
     return channel_rows<scalar_t, 2>(in.layout.C, in.x.options().dtype(in.acc), [&](int64_t c, const auto& row) {
-      row[0][c] = dz[c] * inv_m;
-      row[1][c] = istd[c] * istd[c] * dz_xmu[c] * inv_m;
+      const auto terms = centering_of(dz[c], dz_xmu[c], istd[c], inv_m);
+      row[0][c] = terms.mean_dz;
+      row[1][c] = terms.proj;
     });
   });
 }
@@ -416,10 +416,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const scalar_t* sum = sum_dz_xmu.const_data_ptr<scalar_t>();
       const scalar_t* istd = in.invstd.const_data_ptr<scalar_t>();
       scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
-      for (int64_t c = 0; c < C; ++c) gw[c] = sum[c] * istd[c];
+      for (int64_t c = 0; c < C; ++c) gw[c] = grad_weight_of(sum[c], istd[c]);
     });
   }
-  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = grad_param_dtype(weight, input);
   return {output_mask[0] ? grad_input : Tensor(), output_mask[1] ? grad_weight.to(param_dtype) : Tensor(),
           output_mask[2] ? sum_dz.to(param_dtype) : Tensor(), grad_residual};
 }
@@ -439,11 +439,10 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           const OptTensor& residual, c10::string_view activation,
                                           double activation_param, bool want_grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+  const BackwardElemtInputs in = prepare_backward_elemt(grad_output, input, weight, mean, invstd, mean_dz, proj, bias,
+                                                        output, residual, activation, activation_param);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  const Tensor centering = at::stack({mean_dz.to(in.acc), proj.to(in.acc)}).contiguous();
+  const Tensor centering = at::stack({in.mean_dz, in.proj});
   Tensor grad_input = dx_pass(in, backward_coefficients(in), centering, grad_residual);
   return {grad_input, grad_residual};
 }

@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "../backward_inputs.h"
 #include "../checks.h"
@@ -69,7 +68,8 @@ inline dim3 channels_last_block(int64_t vectors_per_row, int64_t threads) {
 // the tensors are aligned (channels-last also needs C % kVec == 0).
 // Channels-first: one block row per channel, split into several blocks when channels are too few to
 // fill the GPU (about 4 blocks per SM) and each split still has >= 4 windows per thread.
-// Channels-last: blocks of channel vectors x rows, rows split the same way.
+// Channels-last: blocks of channel vectors x rows, rows split the same way while each split keeps >= 8
+// rows per thread row.
 template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
                    const Tensor& like, const Context& ctx) {
@@ -170,6 +170,33 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mea
   return y;
 }
 
+// channel_coefficients_kernel over C channels: alpha, beta (and mean, where defined) from the running
+// statistics (eval) or a given invstd (defined: the backward). It reads the per-channel tensors by index:
+// strided ones from contiguous copies.
+template <typename Context>
+void launch_channel_coefficients(at::ScalarType input_dtype, int64_t C, const OptTensor& running_mean,
+                                 const OptTensor& running_var, const Tensor& invstd, const OptTensor& weight,
+                                 const OptTensor& bias, double eps, const Tensor& mean, const Tensor& alpha,
+                                 const Tensor& beta, const Context& ctx) {
+  if (C == 0) return;
+  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
+  const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
+  FUSEDBN_DISPATCH_INPUT(input_dtype, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &running_mean, &running_var}), [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
+      FUSEDBN_LAUNCH((&channel_coefficients_kernel<acc_t, param_t>), dim3(static_cast<unsigned>(ceil_div(C, threads))),
+                     dim3(threads), 0, ctx.stream)(
+          ptr_or_null<param_t>(rm), ptr_or_null<param_t>(rv), invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
+          ptr_or_null<param_t>(w), ptr_or_null<param_t>(b), eps, C,
+          mean.defined() ? mean.mutable_data_ptr<acc_t>() : nullptr, alpha.mutable_data_ptr<acc_t>(),
+          beta.mutable_data_ptr<acc_t>());
+      FUSEDBN_LAUNCH_CHECK();
+    });
+  });
+}
+
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
@@ -225,38 +252,26 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  const int64_t C = layout.C;
-  Tensor mean = at::empty({C}, acc_options), alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
-  if (C > 0) {
-    // One thread per channel reads the per-channel tensors by index: strided ones from contiguous copies.
-    const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
-    const Tensor rm = running_mean.contiguous(), rv = running_var.contiguous();
-    FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      with_param_type<scalar_t>(rm.scalar_type(), [&](auto param_tag) {
-        using param_t = decltype(param_tag);
-        const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
-        FUSEDBN_LAUNCH((&eval_coefficients_kernel<acc_t, param_t>), dim3(static_cast<unsigned>(ceil_div(C, threads))),
-                       dim3(threads), 0, ctx.stream)(
-            rm.const_data_ptr<param_t>(), rv.const_data_ptr<param_t>(), ptr_or_null<param_t>(w),
-            ptr_or_null<param_t>(b), eps, C, mean.mutable_data_ptr<acc_t>(), alpha.mutable_data_ptr<acc_t>(),
-            beta.mutable_data_ptr<acc_t>());
-        FUSEDBN_LAUNCH_CHECK();
-      });
-    });
-  }
+  Tensor mean = at::empty({layout.C}, acc_options), alpha = at::empty({layout.C}, acc_options);
+  Tensor beta = at::empty({layout.C}, acc_options);
+  launch_channel_coefficients(x.scalar_type(), layout.C, running_mean, running_var, Tensor(), weight, bias, eps, mean,
+                              alpha, beta, ctx);
   return normalize(x, layout, mean, alpha, beta, ctx, residual, epilogue);
 }
 
 // What every backward op needs besides the checked inputs: alpha = w * invstd (the forward's, which the
-// recomputed z needs too) and beta = bias (may be undefined).
+// recomputed z needs too) and beta = bias (0 without).
 struct BackwardCoefficients {
   Tensor alpha, beta;
 };
 
-inline BackwardCoefficients backward_coefficients(const BackwardInputs& in) {
-  return {has(in.weight) ? in.weight->to(in.acc).mul(in.invstd).contiguous() : in.invstd,
-          has(in.bias) ? in.bias->to(in.acc).contiguous() : Tensor()};
+template <typename Context>
+BackwardCoefficients backward_coefficients(const BackwardInputs& in, const Context& ctx) {
+  const auto acc_options = in.x.options().dtype(in.acc);
+  BackwardCoefficients k{at::empty({in.layout.C}, acc_options), at::empty({in.layout.C}, acc_options)};
+  launch_channel_coefficients(in.x.scalar_type(), in.layout.C, std::nullopt, std::nullopt, in.invstd, in.weight,
+                              in.bias, 0.0, Tensor(), k.alpha, k.beta, ctx);
+  return k;
 }
 
 // Where dz comes from (kernels.cuh's GradSource).
@@ -268,7 +283,7 @@ GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in, const Backward
           static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr,
           in.from == GradFrom::kRecompute ? k.alpha.const_data_ptr<acc_t>() : nullptr,
-          k.beta.defined() ? k.beta.const_data_ptr<acc_t>() : nullptr};
+          k.beta.const_data_ptr<acc_t>()};
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
@@ -329,7 +344,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const Context ctx(input);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
-  const auto param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = grad_param_dtype(weight, input);
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
@@ -337,7 +352,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     return {output_mask[0] ? empty_like_dense(in.x, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
             grad_residual};
   }
-  const BackwardCoefficients k = backward_coefficients(in);
+  const BackwardCoefficients k = backward_coefficients(in, ctx);
   const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
   // The centered dx pass's terms, which the reduction's finisher writes.
   const Tensor mean_dz = plan.centered ? at::empty({C}, acc_options) : Tensor();
@@ -394,7 +409,7 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
   if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
-  grad_reduction(in, backward_coefficients(in), std::nullopt, ctx, [&](auto scalar_tag, auto) {
+  grad_reduction(in, backward_coefficients(in, ctx), std::nullopt, ctx, [&](auto scalar_tag, auto) {
     using acc_t = at::opmath_type<decltype(scalar_tag)>;
     return SumsFinisher<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
   });
@@ -407,14 +422,12 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           const OptTensor& residual, c10::string_view activation,
                                           double activation_param, bool want_grad_residual) {
-  check_backward_elemt_args(grad_output, input, weight, mean, invstd, mean_dz, proj, bias, output, residual);
-  const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+  const BackwardElemtInputs in = prepare_backward_elemt(grad_output, input, weight, mean, invstd, mean_dz, proj, bias,
+                                                        output, residual, activation, activation_param);
   const Context ctx(input);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};
-  const Tensor grad_input = dx_pass(in, backward_coefficients(in), mean_dz.to(in.acc).contiguous(),
-                                    proj.to(in.acc).contiguous(), grad_residual, ctx);
+  const Tensor grad_input = dx_pass(in, backward_coefficients(in, ctx), in.mean_dz, in.proj, grad_residual, ctx);
   return {grad_input, grad_residual};
 }
 

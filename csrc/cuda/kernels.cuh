@@ -2,7 +2,7 @@
 // compiles: no <<<>>> (launches go through FUSEDBN_LAUNCH in launch.h), no CUDA runtime calls, static
 // __shared__ arrays of trivial types, full-warp shuffles, block sizes that are multiples of 32.
 //
-// Two kernel families, each one template over the element type and a small functor:
+// Two kernel families, each one template over the element type and a small functor,
 //   reductions  - per-channel partials per thread, warp merge by shuffles, block merge through shared
 //                 memory, grid merge across the blocks of a channel by the last block to finish (a
 //                 per-channel semaphore), which then calls the finisher for the channel: Welford
@@ -11,6 +11,7 @@
 //                 channels-first tracks the channel of each vector incrementally (no division in the
 //                 loop), channels-last keeps each thread on fixed channels with their coefficients in
 //                 registers.
+// and one per-channel kernel (channel_coefficients_kernel): a thread per channel, C values.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -311,9 +312,8 @@ struct SumsFinisher {
   }
 };
 
-// Gradient sums -> grad_weight, grad_bias and, for the training dx, the coefficients
-//   dx = (dz - mean_dz - (x - mean) * proj) * alpha,  mean_dz = sum(dz)/m,
-//   proj = invstd^2 * sum(dz*(x-mean))/m,  alpha = w * invstd (the host side, host_ops.h, computes alpha).
+// Gradient sums -> grad_weight, grad_bias and, for the training dx, mean_dz and proj (welford.h's
+// grad_weight_of and centering_of; alpha = w * invstd is the host side's, host_ops.h).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
   const acc_t* invstd;
@@ -325,12 +325,12 @@ struct GradFinisher {
 
   __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
     const acc_t istd = invstd[c];
-    if (grad_weight) grad_weight[c] = static_cast<param_t>(total.dz_xmu * istd);
+    if (grad_weight) grad_weight[c] = static_cast<param_t>(grad_weight_of(total.dz_xmu, istd));
     if (grad_bias) grad_bias[c] = static_cast<param_t>(total.dz);
     if (mean_dz) {
-      const acc_t inv_m = acc_t(1) / static_cast<acc_t>(count > 0 ? count : 1);
-      mean_dz[c] = total.dz * inv_m;
-      proj[c] = istd * istd * total.dz_xmu * inv_m;
+      const CenteringTerms<acc_t> terms = centering_of(total.dz, total.dz_xmu, istd, inv_count_of<acc_t>(count));
+      mean_dz[c] = terms.mean_dz;
+      proj[c] = terms.proj;
     }
   }
 };
@@ -477,16 +477,17 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
   }
 }
 
-// Eval statistics -> normalize's coefficients, one thread per channel: mean = running_mean, alpha =
-// w * invstd_of(running_var, eps), beta = b (welford.h's formulas, as the CPU ops and StatsFinisher use).
+// Per-channel coefficients from given statistics, one thread per channel (welford.h's formulas, as the
+// CPU ops and StatsFinisher use them): alpha = w * invstd and beta = b, with invstd given (the backward's)
+// or, where `invstd` is null, invstd_of(running_var, eps) (eval, which also copies mean = running_mean).
 template <typename acc_t, typename param_t>
-__global__ void eval_coefficients_kernel(const param_t* running_mean, const param_t* running_var, const param_t* weight,
-                                         const param_t* bias, double eps, int64_t C, acc_t* mean, acc_t* alpha,
-                                         acc_t* beta) {
+__global__ void channel_coefficients_kernel(const param_t* running_mean, const param_t* running_var, const acc_t* invstd,
+                                            const param_t* weight, const param_t* bias, double eps, int64_t C,
+                                            acc_t* mean, acc_t* alpha, acc_t* beta) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  mean[c] = static_cast<acc_t>(running_mean[c]);
-  alpha[c] = alpha_of(weight, c, invstd_of(static_cast<acc_t>(running_var[c]), eps));
+  if (mean) mean[c] = static_cast<acc_t>(running_mean[c]);
+  alpha[c] = alpha_of(weight, c, invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps));
   beta[c] = beta_of<acc_t>(bias, c);
 }
 
@@ -561,8 +562,8 @@ struct BackwardElemtOp {
     for (int k = 0; k < kVec; ++k) {
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
       const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].alpha, co[k].beta);
-      const acc_t centered = mean_dz ? dz - co[k].mean_dz - (xk - co[k].mean) * co[k].proj : dz;
-      out.val[k] = static_cast<scalar_t>(centered * co[k].alpha);
+      out.val[k] = static_cast<scalar_t>(mean_dz ? dx_of<true>(dz, xk, co[k].mean, co[k].mean_dz, co[k].proj, co[k].alpha)
+                                                 : dx_of<false>(dz, xk, co[k].mean, acc_t(0), acc_t(0), co[k].alpha));
       dz_out.val[k] = static_cast<scalar_t>(dz);
     }
     store_vec<kVec>(dx + offset, out);

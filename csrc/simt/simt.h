@@ -61,7 +61,6 @@ inline thread_local dim3 threadIdx{0, 0, 0};
 inline thread_local dim3 blockIdx{0, 0, 0};
 inline thread_local dim3 blockDim{1, 1, 1};
 inline thread_local dim3 gridDim{1, 1, 1};
-inline constexpr int warpSize = 32;
 
 namespace fusedbn::simt {
 
