@@ -57,13 +57,7 @@ def tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, residu
         return tangent
     if name == "relu" and residual is not None:
         return torch.where(output > 0, tangent, 0)
-    z = terms.alpha * (terms.x - terms.mean)
-    if bias is not None:
-        z = z + channel_view(bias.to(z.dtype), output)
-    if residual is not None:
-        z = z + residual.to(z.dtype)
-    if name == "relu":  # its mask is the output's, on z rounded, as the fused backward takes it
-        z = z.to(output.dtype).to(z.dtype)
+    z = terms.pre_activation(bias, residual, ctx.act, output.dtype)
     return (tangent.to(z.dtype) * activations.derivative(ctx.act, z)).to(output.dtype)
 
 
@@ -110,6 +104,16 @@ class ChannelTerms:
         self.x_hat = (self.x - self.mean) * self.invstd
         self.alpha = self.invstd if weight is None else self.invstd * channel_view(weight.to(acc), input)
 
+    def pre_activation(self, bias, residual, act, dtype):
+        """z = bn(x) [+ residual], recomputed from x and the statistics as the fused backward recomputes it;
+        for ReLU rounded to the output's ``dtype`` first, since its mask is the output's (csrc/epilogue.h)."""
+        z = (self.x - self.mean) * self.alpha
+        if bias is not None:
+            z = z + channel_view(bias.to(self.x.dtype), self.x)
+        if residual is not None:
+            z = z + residual.to(self.x.dtype)
+        return z.to(dtype).to(self.x.dtype) if act[0] == "relu" else z
+
     def channel_mean(self, t):
         return t.mean(self.dims, keepdim=True)
 
@@ -130,14 +134,7 @@ class BackwardTerms(ChannelTerms):
         if act[0] == "relu" and output is not None:  # the mask as the fused kernels take it (csrc/epilogue.h)
             self.slope = (output > 0).to(self.x.dtype)
         elif act[0] != "identity":
-            z = (self.x - self.mean) * self.alpha
-            if bias is not None:
-                z = z + channel_view(bias.to(self.x.dtype), input)
-            if residual is not None:
-                z = z + residual.to(self.x.dtype)
-            if act[0] == "relu":  # its mask is the output's, on z rounded (grad_through_activation)
-                z = z.to(input.dtype).to(self.x.dtype)
-            self.slope = activations.derivative(act, z)
+            self.slope = activations.derivative(act, self.pre_activation(bias, residual, act, input.dtype))
         self.g = self.gate(grad_output.to(self.x.dtype))
 
     def gate(self, t):
