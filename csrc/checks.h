@@ -191,6 +191,7 @@ inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor&
   check_optional_like_input(output, "output", input);
   check_optional_like_input(residual, "residual", input);
   check_affine(weight, bias, input);
+  check_params_share_dtype({&weight, &bias});
   check_channel_param(mean, "mean", input);
   check_channel_param(invstd, "invstd", input);
 }
@@ -201,9 +202,10 @@ inline void check_centering_terms(const at::Tensor& mean_dz, const at::Tensor& p
   check_channel_param(proj, "proj", input);
 }
 
-// The dtype of grad_weight and grad_bias: the weight's (the input's without one).
-inline at::ScalarType grad_param_dtype(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
-  return has(weight) ? weight->scalar_type() : input.scalar_type();
+// The dtype of grad_weight and grad_bias: the parameters' (the input's without any).
+inline at::ScalarType grad_param_dtype(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                       const at::Tensor& input) {
+  return has(weight) ? weight->scalar_type() : has(bias) ? bias->scalar_type() : input.scalar_type();
 }
 
 }  // namespace fusedbn

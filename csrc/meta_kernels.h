@@ -56,7 +56,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_ou
                                                            double activation_param, bool grad_residual) {
   check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
   parse_epilogue(activation, activation_param, output);
-  const auto param_dtype = grad_param_dtype(weight, input);
+  const auto param_dtype = grad_param_dtype(weight, bias, input);
   return {output_mask[0] ? output_like(input) : Tensor(), output_mask[1] ? per_channel(input, param_dtype) : Tensor(),
           output_mask[2] ? per_channel(input, param_dtype) : Tensor(), grad_residual ? output_like(input) : Tensor()};
 }

@@ -419,7 +419,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       for (int64_t c = 0; c < C; ++c) gw[c] = grad_weight_of(sum[c], istd[c]);
     });
   }
-  const auto param_dtype = grad_param_dtype(weight, input);
+  const auto param_dtype = grad_param_dtype(weight, bias, input);
   return {output_mask[0] ? grad_input : Tensor(), output_mask[1] ? grad_weight.to(param_dtype) : Tensor(),
           output_mask[2] ? sum_dz.to(param_dtype) : Tensor(), grad_residual};
 }

@@ -2,15 +2,15 @@
 // the CUDA build (csrc/cuda/ops.cu, Context = the current CUDA stream of the input's device) and the
 // SIMT emulator build (csrc/simt/ops.cpp, CPU tensors), so both run exactly the same launch logic.
 //
-// Context must provide: `stream` (passed to FUSEDBN_LAUNCH), `int sm_count` and `int max_threads`
-// (threads per block the launches may use: 512 on a GPU, fewer under the emulator, where each thread is
-// an OS thread).
+// Context must provide: `stream` (passed to FUSEDBN_LAUNCH), `int sm_count`, `int max_threads` (threads
+// per block the launches may use: kMaxBlockThreads on a GPU, fewer under the emulator, where each thread
+// is an OS thread), `int resident_threads_per_sm` (what the grids are sized for: kMinResidentThreads on a
+// GPU), and for the scratch (scratch.h) `scratch_key()` and `capturing()`.
 #pragma once
 
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <array>
@@ -25,6 +25,7 @@
 #include "../schemas.h"
 #include "kernels.cuh"
 #include "launch.h"
+#include "scratch.h"
 
 namespace fusedbn::cuda {
 
@@ -64,53 +65,82 @@ inline dim3 channels_last_block(int64_t vectors_per_row, int64_t threads) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(threads / x));
 }
 
-// Per-channel reduction (reducer, finisher from kernels.cuh) over the layout, with 16-byte vectors when
-// the tensors are aligned (channels-last also needs C % kVec == 0).
-// Channels-first: one block row per channel, split into several blocks when channels are too few to
-// fill the GPU (about 4 blocks per SM) and each split still has >= 4 windows per thread.
-// Channels-last: blocks of channel vectors x rows, rows split the same way while each split keeps >= 8
-// rows per thread row.
+// A reduction's launch: channels-first, one block row per channel (grid.x = C), split (grid.y) into
+// several blocks when the channels are too few to fill one wave of the GPU and each split still has >= 4
+// windows per thread; channels-last, blocks of channel vectors x rows (grid.x = channel groups), rows split
+// the same way while each split keeps >= 8 rows per thread row. A wave is what is resident at once:
+// ctx.resident_threads_per_sm / threads blocks per SM.
+struct ReduceGrid {
+  dim3 grid, block;
+  int64_t windows_per_run = 0;  // channels-first: W, see channels_first_reduce_kernel
+
+  int64_t splits() const { return grid.y; }
+  // One arrival counter per block row, C partials per split (none without a grid merge).
+  int64_t counters() const { return splits() > 1 ? grid.x : 0; }
+  int64_t partials(int64_t C) const { return splits() > 1 ? C * splits() : 0; }
+};
+
+template <int kVec, typename Context>
+ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
+  const int64_t C = layout.C;
+  auto wave = [&](int64_t threads) { return ctx.sm_count * std::max<int64_t>(1, ctx.resident_threads_per_sm / threads); };
+  ReduceGrid g;
+  if (!layout.channels_last) {
+    const int64_t S = layout.S;
+    // Windows a run can overlap (at least one, so an empty run (S = 0) still indexes safely).
+    g.windows_per_run = std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
+    const int64_t windows = layout.N * g.windows_per_run;
+    const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
+    const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
+    const int64_t splits = std::min<int64_t>({ceil_div(wave(threads), C), max_splits, 65535});
+    g.grid = dim3(static_cast<unsigned>(C), static_cast<unsigned>(splits));
+    g.block = dim3(static_cast<unsigned>(threads));
+  } else {
+    g.block = channels_last_block(ceil_div(C, kVec), ctx.max_threads);
+    const int64_t groups = ceil_div(C, static_cast<int64_t>(g.block.x) * kVec);
+    const int64_t max_splits = std::max<int64_t>(1, layout.rows() / (static_cast<int64_t>(g.block.y) * 8));
+    const int64_t splits = std::min<int64_t>({ceil_div(wave(ctx.max_threads), groups), max_splits, 65535});
+    g.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
+  }
+  return g;
+}
+
+// Whether a reduction's kernels read 16-byte vectors: aligned tensors, and channels-last also C % kVec == 0.
+template <int kVecWidth>
+bool reduce_vectorized(const ChannelLayout& layout, bool aligned) {
+  return aligned && (!layout.channels_last || layout.C % kVecWidth == 0);
+}
+
+// The scratch (scratch.h) a reduction over `layout` needs, with partials of type State after
+// `reserved_bytes` the caller uses for its own per-channel terms.
+template <int kVecWidth, typename State, typename Context>
+Scratch reduce_scratch(const ChannelLayout& layout, bool aligned, int64_t reserved_bytes, const Tensor& like,
+                       const Context& ctx) {
+  ReduceGrid g;
+  with_vec_width<kVecWidth>(reduce_vectorized<kVecWidth>(layout, aligned),
+                            [&](auto vec) { g = reduce_grid<decltype(vec)::value>(layout, ctx); });
+  return scratch(ctx, like, g.counters(),
+                 round_up16(reserved_bytes) + g.partials(layout.C) * static_cast<int64_t>(sizeof(State)));
+}
+
+// Per-channel reduction (reducer, finisher from kernels.cuh) over the layout, with the partials and
+// counters of `scratch` (from reduce_scratch with the same arguments).
 template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
-                   const Tensor& like, const Context& ctx) {
+                   const Scratch& scratch, int64_t reserved_bytes, const Context& ctx) {
   using State = typename Reducer::State;
-  const int64_t C = layout.C;
-  const int64_t target_blocks = 4 * static_cast<int64_t>(ctx.sm_count);
-  auto workspace_for = [&](int64_t states, int64_t semaphores) {
-    return std::make_tuple(at::empty({states * static_cast<int64_t>(sizeof(State))}, like.options().dtype(at::kByte)),
-                           at::zeros({semaphores}, like.options().dtype(at::kInt)));
-  };
-  if (!layout.channels_last) {
-    with_vec_width<kVecWidth>(aligned, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int64_t S = layout.S;
-      // Windows a run can overlap (at least one, so an empty run (S = 0) still indexes safely).
-      const int64_t W = std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
-      const int64_t windows = layout.N * W;
-      const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
-      const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
-      const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, C), max_splits, 65535});
-      auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? C : 0);
-      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>),
-                     dim3(static_cast<unsigned>(C), static_cast<unsigned>(splits)), dim3(threads), 0, ctx.stream)(
-          reducer, finisher, layout.N, C, S, W, reinterpret_cast<State*>(workspace.data_ptr()),
-          reinterpret_cast<unsigned*>(semaphores.data_ptr()));
-    });
-  } else {
-    with_vec_width<kVecWidth>(aligned && C % kVecWidth == 0, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int64_t M = layout.rows();
-      const dim3 block = channels_last_block(ceil_div(C, kVec), ctx.max_threads);
-      const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
-      const int64_t max_splits = std::max<int64_t>(1, M / (static_cast<int64_t>(block.y) * 8));
-      const int64_t splits = std::min<int64_t>({ceil_div(target_blocks, groups), max_splits, 65535});
-      auto [workspace, semaphores] = workspace_for(splits > 1 ? C * splits : 0, splits > 1 ? groups : 0);
-      FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>),
-                     dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits)), block, 0, ctx.stream)(
-          reducer, finisher, M, C, reinterpret_cast<State*>(workspace.data_ptr()),
-          reinterpret_cast<unsigned*>(semaphores.data_ptr()));
-    });
-  }
+  State* partials = scratch.at<State>(round_up16(reserved_bytes));
+  with_vec_width<kVecWidth>(reduce_vectorized<kVecWidth>(layout, aligned), [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
+    if (!layout.channels_last) {
+      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
+          reducer, finisher, layout.N, layout.C, layout.S, g.windows_per_run, partials, scratch.counter_ptr());
+    } else {
+      FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
+          reducer, finisher, layout.rows(), layout.C, partials, scratch.counter_ptr());
+    }
+  });
   FUSEDBN_LAUNCH_CHECK();
 }
 
@@ -149,52 +179,35 @@ constexpr int vec_width() {
   return 16 / static_cast<int>(sizeof(scalar_t));
 }
 
-// y = act((x - mean) * alpha + beta [+ residual]) per channel, with the strides of `like` (x's when
-// undefined; another tensor in the same view may differ on size-1 dims).
-template <typename Context>
-Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& mean, const Tensor& alpha,
-                 const Tensor& beta, const Context& ctx, const OptTensor& residual = std::nullopt,
-                 Epilogue epilogue = {}, const Tensor& like = Tensor()) {
-  Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
-  const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
-  FUSEDBN_DISPATCH_INPUT(x.scalar_type(), [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const NormalizeOp<scalar_t, acc_t> op{x.const_data_ptr<scalar_t>(),      y.mutable_data_ptr<scalar_t>(),
-                                          mean.const_data_ptr<acc_t>(),       alpha.const_data_ptr<acc_t>(),
-                                          beta.const_data_ptr<acc_t>(),
-                                          r.defined() ? r.const_data_ptr<scalar_t>() : nullptr,
-                                          epilogue.act,                       static_cast<acc_t>(epilogue.param)};
-    launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
-                                              aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)), ctx);
-  });
-  return y;
+// The per-channel tensors a kernel computes its coefficients from (kernels.cuh's ChannelCoefficients):
+// batch statistics (mean, invstd in acc_t) or the running ones (eval: `invstd` undefined), and the
+// parameters, all read by channel index (contiguous ones: check_* and the callers make sure).
+template <typename acc_t, typename param_t>
+ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, const Tensor& invstd,
+                                                         const OptTensor& running_mean, const OptTensor& running_var,
+                                                         const OptTensor& weight, const OptTensor& bias, double eps) {
+  return {invstd.defined() ? mean.const_data_ptr<acc_t>() : nullptr,
+          invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
+          ptr_or_null<param_t>(running_mean),
+          ptr_or_null<param_t>(running_var),
+          ptr_or_null<param_t>(weight),
+          ptr_or_null<param_t>(bias),
+          eps};
 }
 
-// channel_coefficients_kernel over C channels: alpha, beta (and mean, where defined) from the running
-// statistics (eval) or a given invstd (defined: the backward). It reads the per-channel tensors by index:
-// strided ones from contiguous copies.
-template <typename Context>
-void launch_channel_coefficients(at::ScalarType input_dtype, int64_t C, const OptTensor& running_mean,
-                                 const OptTensor& running_var, const Tensor& invstd, const OptTensor& weight,
-                                 const OptTensor& bias, double eps, const Tensor& mean, const Tensor& alpha,
-                                 const Tensor& beta, const Context& ctx) {
-  if (C == 0) return;
-  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
-  const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
-  FUSEDBN_DISPATCH_INPUT(input_dtype, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &running_mean, &running_var}), [&](auto param_tag) {
-      using param_t = decltype(param_tag);
-      const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
-      FUSEDBN_LAUNCH((&channel_coefficients_kernel<acc_t, param_t>), dim3(static_cast<unsigned>(ceil_div(C, threads))),
-                     dim3(threads), 0, ctx.stream)(
-          ptr_or_null<param_t>(rm), ptr_or_null<param_t>(rv), invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
-          ptr_or_null<param_t>(w), ptr_or_null<param_t>(b), eps, C,
-          mean.defined() ? mean.mutable_data_ptr<acc_t>() : nullptr, alpha.mutable_data_ptr<acc_t>(),
-          beta.mutable_data_ptr<acc_t>());
-      FUSEDBN_LAUNCH_CHECK();
-    });
-  });
+// y = act((x - mean) * alpha + beta [+ residual]) per channel, the coefficients computed in the kernel from
+// `coefficients`, with x's strides.
+template <typename scalar_t, typename acc_t, typename param_t, typename Context>
+Tensor normalize(const Tensor& x, const ChannelLayout& layout, const ChannelCoefficients<acc_t, param_t>& coefficients,
+                 const OptTensor& residual, Epilogue epilogue, const Context& ctx) {
+  Tensor y = empty_like_dense(x, x.scalar_type());
+  const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
+  const NormalizeOp<scalar_t, acc_t, param_t> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                                 r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, coefficients,
+                                                 epilogue.act, static_cast<acc_t>(epilogue.param)};
+  launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
+                                            aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)), ctx);
+  return y;
 }
 
 template <typename Context>
@@ -205,9 +218,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
   const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const Context ctx(input);
-  // The statistics kernel indexes per-channel tensors by channel and updates the running statistics in
-  // place (the kernel is the one place they are written): strided ones are read from contiguous copies,
-  // and the running statistics copied back.
+  // The kernels index per-channel tensors by channel and the statistics kernel updates the running
+  // statistics in place (the kernel is the one place they are written): strided ones are read from
+  // contiguous copies, and the running statistics copied back.
   const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
   const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
@@ -216,20 +229,21 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   Tensor mean = at::empty({C}, acc_options), invstd = at::empty({C}, acc_options);
   if (C == 0) return {empty_like_dense(x, x.scalar_type()), mean, invstd};
-  Tensor alpha = at::empty({C}, acc_options), beta = at::empty({C}, acc_options);
-  const auto param_dtype = dtype_of_first({&weight, &bias, &running_mean, &running_var});
+  Tensor y;
   FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
+    with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &running_mean, &running_var}), [&](auto param_tag) {
       using param_t = decltype(param_tag);
       const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
                                                     layout.channels_last ? 1 : layout.S};
-      const StatsFinisher<acc_t, param_t> finisher{
-          ptr_or_null<param_t>(w),            ptr_or_null<param_t>(b),            ptr_or_null<param_t>(rm),
-          ptr_or_null<param_t>(rv),           mean.mutable_data_ptr<acc_t>(),     invstd.mutable_data_ptr<acc_t>(),
-          alpha.mutable_data_ptr<acc_t>(),    beta.mutable_data_ptr<acc_t>(),     momentum,
-          eps};
-      launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
+      const StatsFinisher<acc_t, param_t> finisher{ptr_or_null<param_t>(rm),        ptr_or_null<param_t>(rv),
+                                                   mean.mutable_data_ptr<acc_t>(),  invstd.mutable_data_ptr<acc_t>(),
+                                                   momentum,                        eps};
+      constexpr int kVecWidth = vec_width<scalar_t>();
+      const Scratch s = reduce_scratch<kVecWidth, WelfordPartial<acc_t>>(layout, aligned16(x), 0, x, ctx);
+      launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
+      y = normalize<scalar_t>(x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual,
+                              epilogue, ctx);
     });
   });
   {
@@ -239,9 +253,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       if (has(*given) && !(*given)->is_same(**used)) (*given)->copy_(**used);
     }
   }
-  return {normalize(x, layout, mean, alpha, beta, ctx, residual, epilogue), mean, invstd};
+  return {y, mean, invstd};
 }
 
+// One launch: the coefficients from the running statistics inside the normalize kernel.
 template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps, const OptTensor& residual, c10::string_view activation,
@@ -249,41 +264,35 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
   const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const Context ctx(input);
+  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
+  const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
-  const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  Tensor mean = at::empty({layout.C}, acc_options), alpha = at::empty({layout.C}, acc_options);
-  Tensor beta = at::empty({layout.C}, acc_options);
-  launch_channel_coefficients(x.scalar_type(), layout.C, running_mean, running_var, Tensor(), weight, bias, eps, mean,
-                              alpha, beta, ctx);
-  return normalize(x, layout, mean, alpha, beta, ctx, residual, epilogue);
-}
-
-// What every backward op needs besides the checked inputs: alpha = w * invstd (the forward's, which the
-// recomputed z needs too) and beta = bias (0 without).
-struct BackwardCoefficients {
-  Tensor alpha, beta;
-};
-
-template <typename Context>
-BackwardCoefficients backward_coefficients(const BackwardInputs& in, const Context& ctx) {
-  const auto acc_options = in.x.options().dtype(in.acc);
-  BackwardCoefficients k{at::empty({in.layout.C}, acc_options), at::empty({in.layout.C}, acc_options)};
-  launch_channel_coefficients(in.x.scalar_type(), in.layout.C, std::nullopt, std::nullopt, in.invstd, in.weight,
-                              in.bias, 0.0, Tensor(), k.alpha, k.beta, ctx);
-  return k;
+  Tensor y;
+  FUSEDBN_DISPATCH_INPUT(input.scalar_type(), [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &rm, &rv}), [&](auto param_tag) {
+      using param_t = decltype(param_tag);
+      y = normalize<scalar_t>(x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps),
+                              residual, epilogue, ctx);
+    });
+  });
+  return y;
 }
 
 // Where dz comes from (kernels.cuh's GradSource).
 template <typename scalar_t, typename acc_t>
-GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in, const BackwardCoefficients& k) {
+GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in) {
   const Tensor& side = in.from == GradFrom::kOutput ? in.out : in.residual;
-  return {in.from,
-          in.epilogue.act,
-          static_cast<acc_t>(in.epilogue.param),
-          side.defined() ? side.const_data_ptr<scalar_t>() : nullptr,
-          in.from == GradFrom::kRecompute ? k.alpha.const_data_ptr<acc_t>() : nullptr,
-          k.beta.const_data_ptr<acc_t>()};
+  return {in.from, in.epilogue.act, static_cast<acc_t>(in.epilogue.param),
+          side.defined() ? side.const_data_ptr<scalar_t>() : nullptr};
+}
+
+// The forward's coefficients, alpha = w * invstd and beta = b, for the backward's kernels.
+template <typename acc_t, typename param_t>
+ChannelCoefficients<acc_t, param_t> forward_coefficients(const BackwardInputs& in) {
+  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, contiguous(in.weight), contiguous(in.bias),
+                                              0.0);
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
@@ -291,47 +300,54 @@ inline bool backward_aligned(const BackwardInputs& in) {
          (!in.residual.defined() || aligned16(in.residual));
 }
 
-// The per-channel gradient reduction, its total handed to `make_finisher(scalar_t{}, param_t{})`'s finisher.
-template <typename Context, typename MakeFinisher>
-void grad_reduction(const BackwardInputs& in, const BackwardCoefficients& k, std::optional<at::ScalarType> param_dtype,
-                    const Context& ctx, MakeFinisher&& make_finisher) {
+// Calls f(scalar_t{}, param_t{}) for the backward's input and parameter dtypes.
+template <typename F>
+void dispatch_backward(const BackwardInputs& in, F&& f) {
   FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    with_param_type<scalar_t>(param_dtype, [&](auto param_tag) {
-      const GradReducer<scalar_t, acc_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
-                                                 in.mean.const_data_ptr<acc_t>(), grad_source<scalar_t, acc_t>(in, k)};
-      launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, make_finisher(scalar_t{}, param_tag),
-                                           backward_aligned(in), in.x, ctx);
-    });
+    with_param_type<scalar_t>(dtype_of_first({&in.weight, &in.bias}),
+                              [&](auto param_tag) { f(scalar_t{}, param_tag); });
   });
 }
 
-// dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: mean_dz and proj
-// undefined), and grad_residual = dz when it is defined.
-template <typename Context>
-Tensor dx_pass(const BackwardInputs& in, const BackwardCoefficients& k, const Tensor& mean_dz, const Tensor& proj,
-               const Tensor& grad_residual, const Context& ctx) {
+// The per-channel gradient reduction with `finisher`, in `scratch` (reduce_scratch<.., GradSums>).
+template <typename scalar_t, typename param_t, typename Finisher, typename Context>
+void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Scratch& scratch, int64_t reserved_bytes,
+                    const Context& ctx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const GradReducer<scalar_t, acc_t, param_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
+                                                      forward_coefficients<acc_t, param_t>(in),
+                                                      grad_source<scalar_t, acc_t>(in)};
+  launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, finisher, backward_aligned(in), scratch, reserved_bytes, ctx);
+}
+
+// dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: mean_dz and
+// proj null), and grad_residual = dz when it is defined. `read_x`: whether dz or dx needs x (not for
+// dx = dy * alpha).
+template <typename scalar_t, typename param_t, typename Context>
+Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_dz,
+               const at::opmath_type<scalar_t>* proj, const Tensor& grad_residual, bool read_x, const Context& ctx) {
+  using acc_t = at::opmath_type<scalar_t>;
   Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
-  FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardElemtOp<scalar_t, acc_t> op{
-        in.dy.const_data_ptr<scalar_t>(),  in.x.const_data_ptr<scalar_t>(),  grad_input.mutable_data_ptr<scalar_t>(),
-        grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
-        in.mean.const_data_ptr<acc_t>(),
-        mean_dz.defined() ? mean_dz.const_data_ptr<acc_t>() : nullptr,
-        proj.defined() ? proj.const_data_ptr<acc_t>() : nullptr,
-        k.alpha.const_data_ptr<acc_t>(),   grad_source<scalar_t, acc_t>(in, k)};
-    launch_elementwise<vec_width<scalar_t>()>(
-        in.layout, op, in.x.numel(),
-        backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
-  });
+  const BackwardElemtOp<scalar_t, acc_t, param_t> op{
+      in.dy.const_data_ptr<scalar_t>(),
+      read_x ? in.x.const_data_ptr<scalar_t>() : nullptr,
+      grad_input.mutable_data_ptr<scalar_t>(),
+      grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+      mean_dz,
+      proj,
+      forward_coefficients<acc_t, param_t>(in),
+      grad_source<scalar_t, acc_t>(in)};
+  launch_elementwise<vec_width<scalar_t>()>(
+      in.layout, op, in.x.numel(),
+      backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
   return grad_input;
 }
 
 // Gradients of y = (x - mean) * invstd * w + b, with dz the gradient reaching y (dy, or dy through the
 // activation): one reduction (sum(dz), sum(dz*(x-mean)) and the per-channel finish), then one elementwise
 // pass for dx (and grad_residual = dz). See GradFinisher and BackwardElemtOp for the formulas, plan_backward
-// (backward_inputs.h) for which passes run.
+// (backward_inputs.h) for which passes run. The centered dx pass's per-channel terms live in the scratch's
+// reserved bytes, written by the reduction's finisher.
 template <typename Context>
 std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
                                                     const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
@@ -343,8 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
                                              activation, activation_param);
   const Context ctx(input);
   const int64_t C = in.layout.C;
-  const auto acc_options = input.options().dtype(in.acc);
-  const auto param_dtype = grad_param_dtype(weight, input);
+  const auto param_dtype = grad_param_dtype(weight, bias, input);
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
@@ -352,30 +367,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     return {output_mask[0] ? empty_like_dense(in.x, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
             grad_residual};
   }
-  const BackwardCoefficients k = backward_coefficients(in, ctx);
   const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
-  // The centered dx pass's terms, which the reduction's finisher writes.
-  const Tensor mean_dz = plan.centered ? at::empty({C}, acc_options) : Tensor();
-  const Tensor proj = plan.centered ? at::empty({C}, acc_options) : Tensor();
-  if (plan.sums) {
-    grad_reduction(in, k, param_dtype, ctx, [&](auto scalar_tag, auto param_tag) {
-      using acc_t = at::opmath_type<decltype(scalar_tag)>;
-      using param_t = decltype(param_tag);
-      return GradFinisher<acc_t, param_t>{in.invstd.const_data_ptr<acc_t>(),
-                                          ptr_or_null<param_t>(grad_weight),
-                                          ptr_or_null<param_t>(grad_bias),
-                                          plan.centered ? mean_dz.mutable_data_ptr<acc_t>() : nullptr,
-                                          plan.centered ? proj.mutable_data_ptr<acc_t>() : nullptr,
-                                          in.layout.count_per_channel()};
-    });
-  }
   Tensor grad_input;
-  if (plan.scaled_dy) {
-    const Tensor zeros = at::zeros({C}, acc_options);
-    grad_input = normalize(in.dy, in.layout, zeros, k.alpha, zeros, ctx, std::nullopt, {}, in.x);
-  } else if (plan.elementwise) {
-    grad_input = dx_pass(in, k, mean_dz, proj, grad_residual, ctx);
-  }
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using param_t = decltype(param_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int kVecWidth = vec_width<scalar_t>();
+    const int64_t reserved = plan.centered ? 2 * C * static_cast<int64_t>(sizeof(acc_t)) : 0;
+    const Scratch s = plan.sums ? reduce_scratch<kVecWidth, GradSums<acc_t>>(in.layout, backward_aligned(in), reserved,
+                                                                             in.x, ctx)
+                                : Scratch{};
+    acc_t* mean_dz = plan.centered ? s.at<acc_t>(0) : nullptr;
+    acc_t* proj = plan.centered ? mean_dz + C : nullptr;
+    if (plan.sums) {
+      // grad_weight and grad_bias in the parameters' dtype (grad_param_dtype).
+      const GradFinisher<acc_t, param_t> finisher{in.invstd.const_data_ptr<acc_t>(), ptr_or_null<param_t>(grad_weight),
+                                                  ptr_or_null<param_t>(grad_bias),   mean_dz,
+                                                  proj,                              in.layout.count_per_channel()};
+      grad_reduction<scalar_t, param_t>(in, finisher, s, reserved, ctx);
+    }
+    if (plan.scaled_dy || plan.elementwise) {
+      grad_input = dx_pass<scalar_t, param_t>(in, mean_dz, proj, grad_residual, !plan.scaled_dy, ctx);
+    }
+  });
   return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
 }
 
@@ -393,7 +408,9 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
     const WelfordReducer<scalar_t, acc_t> reducer{x.numel() > 0 ? x.const_data_ptr<scalar_t>() : nullptr,
                                                   layout.channels_last ? 1 : layout.S};
     const MomentsFinisher<acc_t> finisher{mean.mutable_data_ptr<acc_t>(), m2.mutable_data_ptr<acc_t>()};
-    launch_reduce<vec_width<scalar_t>()>(layout, reducer, finisher, aligned16(x), x, ctx);
+    constexpr int kVecWidth = vec_width<scalar_t>();
+    const Scratch s = reduce_scratch<kVecWidth, WelfordPartial<acc_t>>(layout, aligned16(x), 0, x, ctx);
+    launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
   });
   return {mean, m2};
 }
@@ -409,9 +426,13 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
   if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
-  grad_reduction(in, backward_coefficients(in, ctx), std::nullopt, ctx, [&](auto scalar_tag, auto) {
-    using acc_t = at::opmath_type<decltype(scalar_tag)>;
-    return SumsFinisher<acc_t>{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    const SumsFinisher<acc_t> finisher{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
+    const Scratch s =
+        reduce_scratch<vec_width<scalar_t>(), GradSums<acc_t>>(in.layout, backward_aligned(in), 0, in.x, ctx);
+    grad_reduction<scalar_t, decltype(param_tag)>(in, finisher, s, 0, ctx);
   });
   return {sum_dz, sum_dz_xmu};
 }
@@ -427,7 +448,13 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   const Context ctx(input);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};
-  const Tensor grad_input = dx_pass(in, backward_coefficients(in, ctx), in.mean_dz, in.proj, grad_residual, ctx);
+  Tensor grad_input;
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    grad_input = dx_pass<scalar_t, decltype(param_tag)>(in, in.mean_dz.const_data_ptr<acc_t>(),
+                                                         in.proj.const_data_ptr<acc_t>(), grad_residual, true, ctx);
+  });
   return {grad_input, grad_residual};
 }
 

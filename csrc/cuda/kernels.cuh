@@ -4,14 +4,18 @@
 //
 // Two kernel families, each one template over the element type and a small functor,
 //   reductions  - per-channel partials per thread, warp merge by shuffles, block merge through shared
-//                 memory, grid merge across the blocks of a channel by the last block to finish (a
-//                 per-channel semaphore), which then calls the finisher for the channel: Welford
-//                 statistics (forward) or the gradient sums (backward).
+//                 memory, grid merge across the blocks of a channel by the last block to finish (an
+//                 arrival counter that resets itself), whose threads all merge the blocks' partials and
+//                 then call the finisher for the channel: Welford statistics (forward) or the gradient
+//                 sums (backward).
 //   elementwise - one read and one write per value, 16-byte vectors where alignment allows, grid-stride;
 //                 channels-first tracks the channel of each vector incrementally (no division in the
 //                 loop), channels-last keeps each thread on fixed channels with their coefficients in
-//                 registers.
-// and one per-channel kernel (channel_coefficients_kernel): a thread per channel, C values.
+//                 registers. The per-channel coefficients are computed in the kernel from the statistics
+//                 and the parameters (ChannelCoefficients), so no other kernel runs before it.
+// Every kernel is launched with at most kMaxBlockThreads threads per block and compiled for
+// kMinResidentThreads resident threads per SM (at most 64 registers a thread), which
+// tests/test_kernel_resources.py checks on the sm_90 build.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -27,6 +31,11 @@ namespace fusedbn::cuda {
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxWarps = 32;  // 1024 threads
+constexpr int kMaxBlockThreads = 512;     // what the host side launches at most
+constexpr int kMinResidentThreads = 1024;  // per SM, for every kernel: the grids are sized for it
+
+// Every kernel: at most kMaxBlockThreads threads, registers capped so kMinResidentThreads fit on an SM.
+#define FUSEDBN_KERNEL __global__ __launch_bounds__(kMaxBlockThreads, kMinResidentThreads / kMaxBlockThreads)
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -80,10 +89,38 @@ __device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const
 }
 
 // ---------------------------------------------------------------------------------------------------
+// A channel's coefficients, bn(x) = (x - mean) * alpha + beta (epilogue.h's normalized), computed where
+// they are used from the statistics and the parameters in their own dtypes with welford.h's formulas (the
+// CPU ops' too, so every backend computes the same bits): from batch statistics (mean, invstd: training
+// and the backward) or, where invstd is null, from the running ones (eval, invstd_of(running_var, eps)).
+template <typename acc_t>
+struct Coefficients {
+  acc_t mean, alpha, beta;
+};
+
+template <typename acc_t, typename param_t>
+struct ChannelCoefficients {
+  const acc_t* __restrict__ mean;  // batch statistics, or null with invstd (eval)
+  const acc_t* __restrict__ invstd;
+  const param_t* __restrict__ running_mean;  // eval
+  const param_t* __restrict__ running_var;
+  const param_t* __restrict__ weight;  // may be null
+  const param_t* __restrict__ bias;    // may be null
+  double eps;
+
+  __device__ __forceinline__ Coefficients<acc_t> operator()(int64_t c) const {
+    const acc_t istd = invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps);
+    return {invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), alpha_of(weight, c, istd),
+            beta_of<acc_t>(bias, c)};
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------
 // Reducers: how a thread folds values into its partials. Two views of the data:
 //   at_channel(c)        channels-first: add<kVec>(state, offset) takes kVec contiguous values of channel c;
-//   at_channels<kVec>(c) channels-last:  add(states, offset) takes one value of each of the kVec
-//                        consecutive channels c, c+1, ... stored contiguously at `offset`.
+//   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
+//                        add(offset) takes one value of each, stored contiguously at `offset`, and lane(k)
+//                        is channel c + k's partial.
 // `result(c, total)` turns a channel's merged total into what the finisher needs.
 
 // Welford statistics of values shifted by the channel's first value K (channel_shift, welford.h; every
@@ -118,25 +155,28 @@ struct WelfordReducer {
     }
   };
 
-  // One Welford step per channel: mean += d / n, M2 += d * (v - new mean). The lanes of a thread see the
-  // same rows, so they share n and one reciprocal.
+  // One Welford step per channel: mean += d / n, M2 += d * (v - new mean). The lanes see the same rows,
+  // so they share one count and one reciprocal.
   template <int kVec>
   struct Lanes {
     const scalar_t* __restrict__ x;
     acc_t shift[kVec];
+    acc_t mean[kVec];
+    acc_t m2[kVec];
+    int64_t count;
 
-    __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
+    __device__ __forceinline__ void add(int64_t offset) {
       const auto loaded = load_vec<kVec>(x + offset);
-      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(s[0].count + 1);
+      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(++count);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const acc_t v = static_cast<acc_t>(loaded.val[k]) - shift[k];
-        const acc_t d = v - s[k].mean;
-        s[k].mean += d * inv_n;
-        s[k].m2 += d * (v - s[k].mean);
-        s[k].count += 1;
+        const acc_t d = v - mean[k];
+        mean[k] += d * inv_n;
+        m2[k] += d * (v - mean[k]);
       }
     }
+    __device__ __forceinline__ State lane(int k) const { return State{mean[k], m2[k], count}; }
   };
 
   __device__ __forceinline__ acc_t shift_of(int64_t c) const {
@@ -145,7 +185,7 @@ struct WelfordReducer {
   __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
   template <int kVec>
   __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
-    Lanes<kVec> lanes{x, {}};
+    Lanes<kVec> lanes{x, {}, {}, {}, 0};
 #pragma unroll
     for (int k = 0; k < kVec; ++k) lanes.shift[k] = shift_of(c + k);
     return lanes;
@@ -167,92 +207,82 @@ struct GradSource {
   Activation act;
   acc_t param;
   const scalar_t* __restrict__ side;  // kOutput: the output; kRecompute: the residual (may be null)
-  const acc_t* __restrict__ alpha;    // kRecompute, with the channel's mean and beta
-  const acc_t* __restrict__ beta;
 
   // The values dz is computed from besides dy and x (zeros where it reads none).
   template <int kVec>
   __device__ __forceinline__ Vec<scalar_t, kVec> load_side(int64_t offset) const {
     return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
   }
-  // g = dy of one value, x its input, o its side value (from load_side), (mu, alpha, beta) its channel's
-  // coefficients.
-  __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, acc_t mu, acc_t alpha_c, acc_t beta_c) const {
+  // g = dy of one value, x its input, o its side value (from load_side), co its channel's coefficients.
+  __device__ __forceinline__ acc_t operator()(acc_t g, acc_t x, scalar_t o, const Coefficients<acc_t>& co) const {
     switch (from) {
       case GradFrom::kOutput:
-        return grad_through_activation<Activation::kRelu, GradFrom::kOutput>(g, x, o, acc_t(0), mu, alpha_c, beta_c,
-                                                                            param);
+        return grad_through_activation<Activation::kRelu, GradFrom::kOutput>(g, x, o, acc_t(0), co.mean, co.alpha,
+                                                                            co.beta, param);
       case GradFrom::kRecompute:
         return with_activation(act, [&](auto kind) {
           return grad_through_activation<decltype(kind)::value, GradFrom::kRecompute, scalar_t>(
-              g, x, o, static_cast<acc_t>(o), mu, alpha_c, beta_c, param);
+              g, x, o, static_cast<acc_t>(o), co.mean, co.alpha, co.beta, param);
         });
       default:
         return g;
     }
   }
-  __device__ __forceinline__ acc_t alpha_at(int64_t c) const { return alpha ? alpha[c] : acc_t(0); }
-  __device__ __forceinline__ acc_t beta_at(int64_t c) const { return beta ? beta[c] : acc_t(0); }
 };
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename param_t>
 struct GradReducer {
   using State = GradSums<acc_t>;
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
-  const acc_t* __restrict__ mean;
+  ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
   GradSource<scalar_t, acc_t> source;
+
+  // dz and dz * (x - mean) of kVec values at `offset`, lane k with coefficients co[k], into sums[k].
+  template <int kVec, int kLanes>
+  __device__ __forceinline__ void add(State (&sums)[kLanes], const Coefficients<acc_t> (&co)[kLanes],
+                                      int64_t offset) const {
+    const auto g = load_vec<kVec>(dy + offset);
+    const auto xv = load_vec<kVec>(x + offset);
+    const auto ov = source.template load_side<kVec>(offset);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int lane = kLanes == 1 ? 0 : k;
+      const acc_t xk = static_cast<acc_t>(xv.val[k]);
+      const acc_t dz = source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], co[lane]);
+      sums[lane].dz += dz;
+      sums[lane].dz_xmu += dz * (xk - co[lane].mean);
+    }
+  }
 
   struct Local {
     const GradReducer* r;
-    acc_t mu, alpha, beta;
+    Coefficients<acc_t> co[1];
 
     template <int kVec>
     __device__ __forceinline__ void add(State& s, int64_t offset) const {
-      const auto g = load_vec<kVec>(r->dy + offset);
-      const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->source.template load_side<kVec>(offset);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dz = r->source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu, alpha, beta);
-        s.dz += dz;
-        s.dz_xmu += dz * (xk - mu);
-      }
+      State sums[1] = {s};
+      r->template add<kVec>(sums, co, offset);
+      s = sums[0];
     }
   };
 
   template <int kVec>
   struct Lanes {
     const GradReducer* r;
-    acc_t mu[kVec], alpha[kVec], beta[kVec];
+    Coefficients<acc_t> co[kVec];
+    State sums[kVec];
 
-    __device__ __forceinline__ void add(State (&s)[kVec], int64_t offset) const {
-      const auto g = load_vec<kVec>(r->dy + offset);
-      const auto xv = load_vec<kVec>(r->x + offset);
-      const auto ov = r->source.template load_side<kVec>(offset);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dz = r->source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], mu[k], alpha[k], beta[k]);
-        s[k].dz += dz;
-        s[k].dz_xmu += dz * (xk - mu[k]);
-      }
-    }
+    __device__ __forceinline__ void add(int64_t offset) { r->template add<kVec>(sums, co, offset); }
+    __device__ __forceinline__ State lane(int k) const { return sums[k]; }
   };
 
-  __device__ __forceinline__ Local at_channel(int64_t c) const {
-    return Local{this, mean[c], source.alpha_at(c), source.beta_at(c)};
-  }
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{this, {coefficients(c)}}; }
   template <int kVec>
   __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
-    Lanes<kVec> lanes{this, {}, {}, {}};
+    Lanes<kVec> lanes{this, {}, {}};
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) {
-      lanes.mu[k] = mean[c + k];
-      lanes.alpha[k] = source.alpha_at(c + k);
-      lanes.beta[k] = source.beta_at(c + k);
-    }
+    for (int k = 0; k < kVec; ++k) lanes.co[k] = coefficients(c + k);
     return lanes;
   }
   __device__ __forceinline__ State result(int64_t, State total) const { return total; }
@@ -261,27 +291,20 @@ struct GradReducer {
 // ---------------------------------------------------------------------------------------------------
 // Finishers: what the last block does with a channel's total.
 
-// Batch statistics -> saved mean/invstd, the normalize coefficients (alpha = w*invstd, beta = b) and the
-// running-stat update (unbiased variance m/(m-1)), all in one place so no extra launch is needed.
+// Batch statistics -> saved mean/invstd and the running-stat update (unbiased variance m/(m-1)), in one
+// place so no extra launch is needed (the normalize pass computes its coefficients from mean and invstd).
 template <typename acc_t, typename param_t>
 struct StatsFinisher {
-  const param_t* weight;  // may be null
-  const param_t* bias;    // may be null
   param_t* running_mean;  // may be null (then running_var is too)
   param_t* running_var;
   acc_t* mean;
   acc_t* invstd;
-  acc_t* alpha;
-  acc_t* beta;
   double momentum;
   double eps;
 
   __device__ void operator()(int64_t c, const WelfordPartial<acc_t>& total) const {
-    const acc_t istd = welford_invstd(total, eps);
     mean[c] = total.mean;
-    invstd[c] = istd;
-    alpha[c] = alpha_of(weight, c, istd);
-    beta[c] = beta_of<acc_t>(bias, c);
+    invstd[c] = welford_invstd(total, eps);
     if (running_mean && total.count > 0) {
       running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), total.mean, momentum));
       running_var[c] =
@@ -313,7 +336,7 @@ struct SumsFinisher {
 };
 
 // Gradient sums -> grad_weight, grad_bias and, for the training dx, mean_dz and proj (welford.h's
-// grad_weight_of and centering_of; alpha = w * invstd is the host side's, host_ops.h).
+// grad_weight_of and centering_of).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
   const acc_t* invstd;
@@ -355,14 +378,19 @@ __device__ State block_merge(State s) {
   return s;
 }
 
-// Called by every thread after the block wrote its partial for a group of channels into `workspace`:
-// returns true in all threads of the one block (per group) that finishes last. The semaphores start at
-// zero (the host side allocates them zeroed for each launch).
-__device__ __forceinline__ bool last_block_of_group(unsigned* semaphore, unsigned blocks_in_group) {
+// Called by every thread after the block wrote its partials for a group of channels into the workspace:
+// true in all threads of the one block (per group) that arrives last. The counter is zero before the
+// launch (allocated zeroed, scratch.h) and that last block sets it back to zero, which is safe because
+// every other block of the group has counted already: the next launch finds it zeroed, so no launch
+// fills counters, and a CUDA graph's replays find them as its capture did.
+__device__ __forceinline__ bool last_block_of_group(unsigned* counter, unsigned blocks_in_group) {
   __shared__ bool is_last;
   __threadfence();  // this thread's partial writes are visible device-wide ...
   __syncthreads();  // ... for every writer of the block, before the block signals
-  if (threadIdx.x == 0 && threadIdx.y == 0) is_last = atomicAdd(semaphore, 1u) == blocks_in_group - 1;
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    is_last = atomicAdd(counter, 1u) == blocks_in_group - 1;
+    if (is_last) *counter = 0u;
+  }
   __syncthreads();
   if (is_last) __threadfence();  // order the reads of the other blocks' partials after the signal
   return is_last;
@@ -372,7 +400,7 @@ __device__ __forceinline__ bool last_block_of_group(unsigned* semaphore, unsigne
 // tree in shared memory; the total lands in threadIdx.y == 0. Every thread must call it.
 template <typename State>
 __device__ State column_merge(State s) {
-  __shared__ State column[kMaxWarps * kWarpSize];
+  __shared__ State column[kMaxBlockThreads];
   const unsigned i = threadIdx.y * blockDim.x + threadIdx.x;
   for (unsigned half = blockDim.y / 2; half > 0; half /= 2) {
     column[i] = s;
@@ -388,10 +416,12 @@ __device__ State column_merge(State s) {
 // passes 16-byte aligned tensors) overlapping the run [base, base + S), base = (n*C + c) * S. The host side
 // gives W = S / kVec when S % kVec == 0 (every window full), else the most windows a run can overlap.
 // A full window is one vector load; the partial ones at a run's ends are read value by value.
+// With several splits, the last block of a channel merges the splits' partials (workspace[c * splits + i]):
+// thread t takes partials t, t + blockDim.x, ... in order, then the block merge, so the order is fixed and
+// the result bitwise repeatable.
 template <typename Reducer, typename Finisher, int kVec>
-__global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher, int64_t N, int64_t C,
-                                             int64_t S, int64_t W, typename Reducer::State* workspace,
-                                             unsigned* semaphores) {
+FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finisher, int64_t N, int64_t C, int64_t S,
+                                                 int64_t W, typename Reducer::State* workspace, unsigned* counters) {
   using State = typename Reducer::State;
   const int64_t c = blockIdx.x;
   const int64_t splits = gridDim.y;
@@ -423,24 +453,25 @@ __global__ void channels_first_reduce_kernel(Reducer reducer, Finisher finisher,
     }
   }
   s = block_merge(s);
-  if (splits == 1) {
-    if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
-    return;
+  if (splits > 1) {
+    if (threadIdx.x == 0) workspace[c * splits + blockIdx.y] = s;
+    if (!last_block_of_group(counters + c, static_cast<unsigned>(splits))) return;
+    s = State{};
+    for (int64_t i = threadIdx.x; i < splits; i += blockDim.x) s = merge(s, workspace[c * splits + i]);
+    s = block_merge(s);
   }
-  if (threadIdx.x == 0) workspace[c * splits + blockIdx.y] = s;
-  if (last_block_of_group(semaphores + c, static_cast<unsigned>(splits)) && threadIdx.x == 0) {
-    State total{};
-    for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[c * splits + i]);
-    finisher(c, reducer.result(c, total));
-  }
+  if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
 }
 
 // Channels-last (M = N*S rows, C): threadIdx.x walks groups of kVec consecutive channels (one vector load
 // per row, coalesced across the warp), threadIdx.y walks rows; blockIdx.x = blockDim.x * kVec channels,
 // blockIdx.y = split of the rows. C % kVec == 0.
+// With several splits, the last block of a channel group merges the splits' partials (workspace[i * C + c])
+// as the rows were merged: thread row y takes splits y, y + blockDim.y, ... in order, then the column merge
+// (a fixed order: bitwise repeatable).
 template <typename Reducer, typename Finisher, int kVec>
-__global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, int64_t M, int64_t C,
-                                            typename Reducer::State* workspace, unsigned* semaphores) {
+FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, int64_t M, int64_t C,
+                                                typename Reducer::State* workspace, unsigned* counters) {
   using State = typename Reducer::State;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   const int64_t splits = gridDim.y;
@@ -450,68 +481,50 @@ __global__ void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, 
 
   State s[kVec] = {};
   if (c < C) {
-    const auto lanes = reducer.template at_channels<kVec>(c);
-    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) lanes.add(s, r * C + c);
+    auto lanes = reducer.template at_channels<kVec>(c);
+    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) lanes.add(r * C + c);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) s[k] = lanes.lane(k);
   }
 #pragma unroll
   for (int k = 0; k < kVec; ++k) s[k] = column_merge(s[k]);
-  if (splits == 1) {
+  if (splits > 1) {
     if (threadIdx.y == 0 && c < C) {
-      for (int k = 0; k < kVec; ++k) finisher(c + k, reducer.result(c + k, s[k]));
+      for (int k = 0; k < kVec; ++k) workspace[blockIdx.y * C + c + k] = s[k];
     }
-    return;
+    if (!last_block_of_group(counters + blockIdx.x, static_cast<unsigned>(splits))) return;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) s[k] = State{};
+    if (c < C) {
+      for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) {
+        for (int k = 0; k < kVec; ++k) s[k] = merge(s[k], workspace[i * C + c + k]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) s[k] = column_merge(s[k]);
   }
   if (threadIdx.y == 0 && c < C) {
-    for (int k = 0; k < kVec; ++k) workspace[blockIdx.y * C + c + k] = s[k];
+    for (int k = 0; k < kVec; ++k) finisher(c + k, reducer.result(c + k, s[k]));
   }
-  if (last_block_of_group(semaphores + blockIdx.x, static_cast<unsigned>(splits))) {
-    // The group's channels, one per thread of the block, each merged over the splits in order.
-    const int64_t group_first = static_cast<int64_t>(blockIdx.x) * blockDim.x * kVec;
-    const int64_t group_end = group_first + blockDim.x * kVec < C ? group_first + blockDim.x * kVec : C;
-    for (int64_t g = group_first + threadIdx.y * blockDim.x + threadIdx.x; g < group_end;
-         g += blockDim.x * blockDim.y) {
-      State total{};
-      for (int64_t i = 0; i < splits; ++i) total = merge(total, workspace[i * C + g]);
-      finisher(g, reducer.result(g, total));
-    }
-  }
-}
-
-// Per-channel coefficients from given statistics, one thread per channel (welford.h's formulas, as the
-// CPU ops and StatsFinisher use them): alpha = w * invstd and beta = b, with invstd given (the backward's)
-// or, where `invstd` is null, invstd_of(running_var, eps) (eval, which also copies mean = running_mean).
-template <typename acc_t, typename param_t>
-__global__ void channel_coefficients_kernel(const param_t* running_mean, const param_t* running_var, const acc_t* invstd,
-                                            const param_t* weight, const param_t* bias, double eps, int64_t C,
-                                            acc_t* mean, acc_t* alpha, acc_t* beta) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  if (mean) mean[c] = static_cast<acc_t>(running_mean[c]);
-  alpha[c] = alpha_of(weight, c, invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps));
-  beta[c] = beta_of<acc_t>(bias, c);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
 // reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
 
-// y = act((x - mean[c]) * alpha[c] + beta[c] [+ residual]), the activation a run-time value as in
-// GradSource.
-template <typename scalar_t, typename acc_t>
+// y = act((x - mean) * alpha + beta [+ residual]), the coefficients from `coefficients`, the activation a
+// run-time value as in GradSource.
+template <typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
   const scalar_t* __restrict__ x;
   scalar_t* __restrict__ y;
-  const acc_t* __restrict__ mean;
-  const acc_t* __restrict__ alpha;
-  const acc_t* __restrict__ beta;
   const scalar_t* __restrict__ residual;  // may be null
+  ChannelCoefficients<acc_t, param_t> coefficients;
   Activation act;
   acc_t param;
 
-  struct Coeffs {
-    acc_t mean, alpha, beta;
-  };
-  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return Coeffs{mean[c], alpha[c], beta[c]}; }
+  using Coeffs = Coefficients<acc_t>;
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
 
   template <int kVec>
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
@@ -531,39 +544,41 @@ struct NormalizeOp {
 
 // dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * alpha[c] with dz from `source`; under eval statistics
 // (mean_dz and proj null) dx = dz * alpha[c], which x does not enter (a NaN input keeps a finite gradient,
-// as in torch). dz itself goes into grad_residual when that is not null. alpha = w * invstd is the
-// forward's, which the recomputed z needs with beta.
-template <typename scalar_t, typename acc_t>
+// as in torch). dz itself goes into grad_residual when that is not null. The coefficients are the
+// forward's, which the recomputed z needs too. x is null where nothing reads it (dz = dy under eval
+// statistics: dx is dy scaled).
+template <typename scalar_t, typename acc_t, typename param_t>
 struct BackwardElemtOp {
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   scalar_t* __restrict__ dx;
   scalar_t* __restrict__ grad_residual;  // may be null
-  const acc_t* __restrict__ mean;
   const acc_t* __restrict__ mean_dz;
   const acc_t* __restrict__ proj;
-  const acc_t* __restrict__ alpha;
+  ChannelCoefficients<acc_t, param_t> coefficients;
   GradSource<scalar_t, acc_t> source;
 
   struct Coeffs {
-    acc_t mean, mean_dz, proj, alpha, beta;
+    Coefficients<acc_t> bn;
+    acc_t mean_dz, proj;
   };
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
-    return Coeffs{mean[c], mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0), alpha[c], source.beta_at(c)};
+    return Coeffs{coefficients(c), mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0)};
   }
 
   template <int kVec>
   __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
     const auto gv = load_vec<kVec>(dy + offset);
-    const auto xv = load_vec<kVec>(x + offset);
+    const auto xv = x ? load_vec<kVec>(x + offset) : Vec<scalar_t, kVec>{};
     const auto ov = source.template load_side<kVec>(offset);
     Vec<scalar_t, kVec> out, dz_out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
-      const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], co[k].mean, co[k].alpha, co[k].beta);
-      out.val[k] = static_cast<scalar_t>(mean_dz ? dx_of<true>(dz, xk, co[k].mean, co[k].mean_dz, co[k].proj, co[k].alpha)
-                                                 : dx_of<false>(dz, xk, co[k].mean, acc_t(0), acc_t(0), co[k].alpha));
+      const Coefficients<acc_t>& bn = co[k].bn;
+      const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], bn);
+      out.val[k] = static_cast<scalar_t>(mean_dz ? dx_of<true>(dz, xk, bn.mean, co[k].mean_dz, co[k].proj, bn.alpha)
+                                                 : dx_of<false>(dz, xk, bn.mean, acc_t(0), acc_t(0), bn.alpha));
       dz_out.val[k] = static_cast<scalar_t>(dz);
     }
     store_vec<kVec>(dx + offset, out);
@@ -575,7 +590,7 @@ struct BackwardElemtOp {
 // S >= kVec a vector spans at most two channel runs, so lane k belongs to channel c or the next one.
 // The last numel % kVec values are done one per thread.
 template <typename Op, int kVec>
-__global__ void channels_first_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t C) {
+FUSEDBN_KERNEL void channels_first_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t C) {
   using Coeffs = typename Op::Coeffs;
   const int64_t vectors = numel / kVec;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -616,7 +631,7 @@ __global__ void channels_first_elementwise_kernel(Op op, int64_t numel, int64_t 
 // coefficients in registers and walks rows; threadIdx.x/blockIdx.x = channel vectors, threadIdx.y/
 // blockIdx.y = rows (grid-stride).
 template <typename Op, int kVec>
-__global__ void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C) {
+FUSEDBN_KERNEL void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (c >= C) return;
   typename Op::Coeffs co[kVec];

@@ -17,7 +17,10 @@ struct SimtContext {
   int stream = 0;
   int sm_count = 2;
   int max_threads = 64;
+  int resident_threads_per_sm = 256;
   explicit SimtContext(const Tensor&) {}
+  int scratch_key() const { return stream; }
+  bool capturing() const { return false; }
 };
 
 }  // namespace
@@ -30,7 +33,16 @@ TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_cuda_kernels<SimtContext>(m)
 
 }  // namespace fusedbn::cuda
 
+namespace {
+PyObject* launch_count(PyObject*, PyObject*) {
+  return PyLong_FromUnsignedLongLong(fusedbn::simt::launch_count().load());
+}
+PyMethodDef methods[] = {
+    {"launch_count", launch_count, METH_NOARGS, "Kernel launches the emulator has run since the process started."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" PyObject* PyInit__simt(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simt", nullptr, -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_simt", nullptr, -1, methods};
   return PyModule_Create(&module);
 }

@@ -330,10 +330,17 @@ T exchange(unsigned mask, T value, int width, SourceLane source_lane) {
 
 }  // namespace detail
 
+// Kernel launches since the process started (a test reads it to check the ops' launch budget).
+inline std::atomic<uint64_t>& launch_count() {
+  static std::atomic<uint64_t> count{0};
+  return count;
+}
+
 // launch(kernel, grid, block, smem)(args...) runs the whole grid synchronously (see the top of file).
 template <typename... KArgs>
 auto launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem_bytes) {
   detail::validate(grid, block, dynamic_smem_bytes);
+  ++launch_count();
   return [kernel, grid, block](auto&&... args) {
     static_assert(sizeof...(args) == sizeof...(KArgs), "wrong number of kernel arguments");
     auto params = detail::as_params<KArgs...>(std::forward<decltype(args)>(args)...);
