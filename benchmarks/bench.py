@@ -65,11 +65,16 @@ def parse_args(argv=None):
     parser.add_argument("--min-run-time", type=float, help="seconds per measurement, all rounds together "
                         "(default 0.5, 0.05 with --quick)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds, best kept (default 3, 2 with --quick)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each measured call from a CUDA graph: the kernels' time without the host's "
+                        "launch overhead (compare with a run without it)")
     parser.add_argument("--json", help="write the header and rows as JSON (rewritten as each shape lands)")
     parser.add_argument("--csv", help="write the rows as CSV")
     parser.add_argument("--plot", help="write the speedup figure (PNG)")
     args = parser.parse_args(argv)
 
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
     if args.batch is None:
         args.batch = 256 if args.device == "cuda" else 8
     args.shapes = args.shapes or ("small" if args.quick else "resnet50")
@@ -165,7 +170,7 @@ def main(argv=None):
                 peak = ({name: bench_lib.training_step_peak_bytes(module, x, grad, residual)
                          for name, module in modules.items()} if mode == "train-fwd-bwd" else None)
                 rows.append(bench_lib.measure(setup, modules, args.anchors, OURS, x, grad, residual, mode,
-                                              args.min_run_time, args.rounds, peak))
+                                              args.min_run_time, args.rounds, peak, args.cuda_graph))
                 progress.step(f"{setup.describe()} {mode}")
             if args.json:  # after every shape, so that a run cut short keeps what it measured
                 report.write_json(args.json, meta, rows)

@@ -205,6 +205,21 @@ def interleaved_medians(fns, min_run_time, rounds):
     return [min(m) for m in medians], [max(m) / min(m) - 1 for m in medians]
 
 
+def graphed(fn):
+    """`fn` captured in a CUDA graph, as torch.cuda.graphs documents it (warmed up on a side stream first),
+    and returned as the graph's replay: timing it measures the kernels without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def runner(module, x, grad, mode, residual=None):
     """A callable running `module` on `x` as `mode` does (training forward records the autograd graph as
     in training; eval runs under no_grad as inference does). `residual`'s gradient is cleared each step."""
@@ -345,22 +360,23 @@ def check(setup, modules, x, grad, residual, reference):
     return mismatches
 
 
-def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time, rounds, peak_bytes=None):
+def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time, rounds, peak_bytes=None,
+            cuda_graph=False):
     """One row: a plain copy (the bandwidth yardstick) and every module, interleaved on the same tensors.
-    `peak_bytes` (name -> bytes) belongs to training-step rows."""
+    `peak_bytes` (name -> bytes) belongs to training-step rows. `cuda_graph`: each one (the copy too)
+    replayed from a CUDA graph, which leaves the kernels' time without the host's."""
     # A copy into a preallocated tensor: clone would also time the allocation and, on the CPU, the page
     # faults of first touching fresh memory, which are no property of the memory system.
     copy_out = torch.empty_like(x)
     names = [c.name for c in anchors + ours]
-    times, spreads = interleaved_medians(
-        [lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode, residual) for n in names],
-        min_run_time, rounds)
+    fns = [lambda: copy_out.copy_(x)] + [runner(modules[n], x, grad, mode, residual) for n in names]
+    times, spreads = interleaved_medians([graphed(fn) for fn in fns] if cuda_graph else fns, min_run_time, rounds)
     copy_s, times = times[0], dict(zip(names, times[1:]))
     nbytes = tensor_bytes(setup, passes(setup, mode))
     copy_bandwidth = tensor_bytes(setup, COPY_PASSES) / copy_s
     row = dict(workload=setup.workload.name, shape=list(setup.shape), layout=setup.layout,
                dtype=dtype_name(setup.dtype), param_dtype=dtype_name(setup.param_dtype), mode=mode,
-               passes=passes(setup, mode), bytes=nbytes,
+               passes=passes(setup, mode), bytes=nbytes, cuda_graph=cuda_graph,
                copy_s=copy_s, copy_gbps=copy_bandwidth / 1e9, copy_spread=spreads[0],
                unsteady=spreads[0] > UNSTEADY_COPY)
     for name, seconds, spread in zip(names, times.values(), spreads[1:]):

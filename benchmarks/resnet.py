@@ -5,6 +5,7 @@ must agree: exit status 1 otherwise), then the float32 training-step and inferen
     python benchmarks/resnet.py                          # resnet50; on CPU batch 8 at 64x64
     python benchmarks/resnet.py --model resnet18 --device cuda --batch 128 --image-size 224
     python benchmarks/resnet.py --fuse
+    python benchmarks/resnet.py --device cuda --batch 256 --channels-last --fuse --autocast bfloat16 --compile
 
 The losses are compared in float64: an untrained ResNet on random labels amplifies rounding by orders of
 magnitude per SGD step, so in float32 torch's own run leaves its float64 twin by about 1e-2 within two steps
@@ -32,6 +33,10 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, help="default: 224 on cuda, 64 on cpu")
     parser.add_argument("--channels-last", action="store_true", help="model and input in NHWC memory")
     parser.add_argument("--fuse", action="store_true", help="fusedbn.fuse_model instead of convert_model")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
+                        help="time the models under torch.autocast to this dtype (float32 parameters, as in "
+                        "mixed-precision training); the losses are compared in float64 regardless")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of torch's model")
     parser.add_argument("--steps", type=int, default=5, help="SGD steps whose losses are compared")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--tolerance", type=float, default=1e-6,
@@ -46,9 +51,10 @@ def parse_args(argv=None):
     return args
 
 
-def train_step(model, optimizer, images, labels):
+def train_step(model, optimizer, images, labels, autocast=None):
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(images), labels)
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        loss = nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
     return loss
@@ -109,14 +115,17 @@ def main(argv=None):
         return 1
 
     models = {"torch": original, "fusedbn": with_fusedbn(original, args)}
+    if args.compile:
+        models["torch.compile"] = torch.compile(copy.deepcopy(original))
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for name, m in models.items()}
     images, labels = batches[0]
+    autocast = getattr(torch, args.autocast) if args.autocast else None
 
     def infer(model):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
             return model(images)
 
-    tasks = {"training step": lambda name: train_step(models[name], optimizers[name], images, labels),
+    tasks = {"training step": lambda name: train_step(models[name], optimizers[name], images, labels, autocast),
              "inference": lambda name: infer(models[name])}
     timings = []
     for task, run in tasks.items():
@@ -124,10 +133,13 @@ def main(argv=None):
             model.train(task == "training step")
         times, spreads = bench_lib.interleaved_medians([functools.partial(run, name) for name in models],
                                                        args.min_run_time, args.rounds)
-        timings.append([task, *(f"{t * 1e3:.2f}" for t in times), f"{times[1] / times[0]:.3f}",
+        timings.append([task, *(f"{t * 1e3:.2f}" for t in times), *(f"{t / times[0]:.3f}" for t in times[1:]),
                         f"{100 * max(spreads):.0f}"])
-    print("\nfloat32, median time (interleaved rounds, best kept; spread: slowest round over the best):")
-    print("\n".join(aligned([["", "torch ms", "fusedbn ms", "fusedbn/torch", "spread %"]] + timings)))
+    others = list(models)[1:]
+    print(f"\n{args.autocast + ' autocast' if args.autocast else 'float32'}, median time (interleaved rounds, best "
+          "kept; spread: slowest round over the best):")
+    print("\n".join(aligned([["", *(f"{name} ms" for name in models), *(f"{name}/torch" for name in others),
+                               "spread %"]] + timings)))
     return 0
 
 

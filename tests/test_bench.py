@@ -76,7 +76,8 @@ def test_explicit_shapes_layouts_modes_dtypes_anchors():
 
 @pytest.mark.parametrize("argv", [["--shapes", "2,3,4"], ["--shapes", "2,0,4,4"], ["--shapes", "a,b,c,d"],
                                   ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
-                                  ["--dtype", "int8"], ["--compare", "jit"], ["--workload", "bn+tanh"]])
+                                  ["--dtype", "int8"], ["--compare", "jit"], ["--workload", "bn+tanh"],
+                                  ["--device", "cpu", "--cuda-graph"]])
 def test_bad_arguments_are_rejected(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
@@ -160,7 +161,7 @@ def test_outputs(tmp_path, capsys):
     assert {"machine", "device", "torch", "fusedbn", "threads", "passes", "anchors", "ours", "rows"} <= set(data)
     rows = data["rows"]
     assert len(rows) == 12 and [r["mode"] for r in rows[:3]] == list(MODES)
-    assert set(rows[0]) == {"workload", "shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "copy_s",
+    assert set(rows[0]) == {"workload", "shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "cuda_graph", "copy_s",
                             "copy_gbps", "copy_spread", "unsteady", "torch_s", "torch_spread", "torch_gbps",
                             "torch_roofline", "fusedbn_s", "fusedbn_spread", "fusedbn_gbps", "fusedbn_roofline",
                             "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
@@ -232,10 +233,12 @@ def test_resnet_losses_agree(capsys, fuse):
     import resnet
 
     assert resnet.main(["--model", "resnet18", "--device", "cpu", "--batch", "4", "--image-size", "32",
-                        "--steps", "2", "--min-run-time", "0.01", "--rounds", "1"] + (["--fuse"] if fuse else [])) == 0
+                        "--steps", "2", "--min-run-time", "0.01", "--rounds", "1"]
+                       + (["--fuse", "--autocast", "bfloat16"] if fuse else [])) == 0
     out = capsys.readouterr().out
     assert "largest difference" in out and "training step" in out and "inference" in out
     assert ("fused (relu): 8, fused (add+relu): 8" in out) == fuse
+    assert ("bfloat16 autocast, median time" in out) == fuse
 
 
 def test_whole_model_rows(tmp_path, capsys):

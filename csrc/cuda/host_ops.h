@@ -105,22 +105,33 @@ ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
   return g;
 }
 
-// Whether a reduction's kernels read 16-byte vectors: aligned tensors, and channels-last also C % kVec == 0.
-template <int kVecWidth>
-bool reduce_vectorized(const ChannelLayout& layout, bool aligned) {
-  return aligned && (!layout.channels_last || layout.C % kVecWidth == 0);
+// The vector width of a kernel over `layout`, as f(std::integral_constant<int, kVec>) for each layout
+// (f_first channels-first, f_last channels-last): kVec = min(kVecWidth, kMaxLanes) (the kernel's widest
+// vector, kernels.cuh) where the tensors are aligned and, channels-last, C is a multiple of it or,
+// channels-first where `runs_hold_a_vector`, S >= kVec; 1 otherwise. Each layout's kernel is instantiated
+// only for its own widths.
+template <int kVecWidth, int kMaxLanes, typename First, typename Last>
+void with_layout_width(const ChannelLayout& layout, bool aligned, bool runs_hold_a_vector, First&& f_first,
+                       Last&& f_last) {
+  constexpr int kLanes = kVecWidth < kMaxLanes ? kVecWidth : kMaxLanes;
+  if (!layout.channels_last) {
+    with_vec_width<kLanes>(aligned && (!runs_hold_a_vector || layout.S >= kLanes), f_first);
+  } else {
+    with_vec_width<kLanes>(aligned && layout.C % kLanes == 0, f_last);
+  }
 }
 
-// The scratch (scratch.h) a reduction over `layout` needs, with partials of type State after
-// `reserved_bytes` the caller uses for its own per-channel terms.
-template <int kVecWidth, typename State, typename Context>
+// The scratch (scratch.h) a reduction by Reducer over `layout` needs, its partials after `reserved_bytes`
+// the caller uses for its own per-channel terms.
+template <int kVecWidth, typename Reducer, typename Context>
 Scratch reduce_scratch(const ChannelLayout& layout, bool aligned, int64_t reserved_bytes, const Tensor& like,
                        const Context& ctx) {
   ReduceGrid g;
-  with_vec_width<kVecWidth>(reduce_vectorized<kVecWidth>(layout, aligned),
-                            [&](auto vec) { g = reduce_grid<decltype(vec)::value>(layout, ctx); });
+  auto grid = [&](auto vec) { g = reduce_grid<decltype(vec)::value>(layout, ctx); };
+  with_layout_width<kVecWidth, Reducer::kMaxLanes>(layout, aligned, false, grid, grid);
   return scratch(ctx, like, g.counters(),
-                 round_up16(reserved_bytes) + g.partials(layout.C) * static_cast<int64_t>(sizeof(State)));
+                 round_up16(reserved_bytes) +
+                     g.partials(layout.C) * static_cast<int64_t>(sizeof(typename Reducer::State)));
 }
 
 // Per-channel reduction (reducer, finisher from kernels.cuh) over the layout, with the partials and
@@ -130,47 +141,51 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
                    const Scratch& scratch, int64_t reserved_bytes, const Context& ctx) {
   using State = typename Reducer::State;
   State* partials = scratch.at<State>(round_up16(reserved_bytes));
-  with_vec_width<kVecWidth>(reduce_vectorized<kVecWidth>(layout, aligned), [&](auto vec) {
-    constexpr int kVec = decltype(vec)::value;
-    const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
-    if (!layout.channels_last) {
-      FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
-          reducer, finisher, layout.N, layout.C, layout.S, g.windows_per_run, partials, scratch.counter_ptr());
-    } else {
-      FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
-          reducer, finisher, layout.rows(), layout.C, partials, scratch.counter_ptr());
-    }
-  });
+  with_layout_width<kVecWidth, Reducer::kMaxLanes>(
+      layout, aligned, false,
+      [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
+        FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
+            reducer, finisher, layout.N, layout.C, layout.S, g.windows_per_run, partials, scratch.counter_ptr());
+      },
+      [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
+        FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
+            reducer, finisher, layout.rows(), layout.C, partials, scratch.counter_ptr());
+      });
   FUSEDBN_LAUNCH_CHECK();
 }
 
-// One elementwise pass over the layout, with 16-byte vectors when every tensor is aligned and a vector
-// spans at most two channel runs (channels-first, S >= kVec) or whole channels (channels-last).
+// One elementwise pass over the layout, with vectors of up to 16 bytes (at most Op::kMaxLanes values) when
+// every tensor is aligned and a vector spans at most two channel runs (channels-first, S >= kVec) or whole
+// channels (channels-last).
 template <int kVecWidth, typename Op, typename Context>
 void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel, bool aligned, const Context& ctx) {
   if (numel == 0) return;
   const int64_t C = layout.C;
   const int64_t max_blocks = 8 * static_cast<int64_t>(ctx.sm_count);
   const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
-  if (!layout.channels_last) {
-    with_vec_width<kVecWidth>(aligned && layout.S >= kVecWidth, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int64_t blocks = std::min<int64_t>(ceil_div(numel / kVec, threads), max_blocks);
-      FUSEDBN_LAUNCH((&channels_first_elementwise_kernel<Op, kVec>), dim3(std::max<int64_t>(1, blocks)),
-                     dim3(threads), 0, ctx.stream)(op, numel, layout.S, C);
-    });
-  } else {
-    with_vec_width<kVecWidth>(aligned && C % kVecWidth == 0, [&](auto vec) {
-      constexpr int kVec = decltype(vec)::value;
-      const int64_t M = layout.rows();
-      const dim3 block = channels_last_block(ceil_div(C, kVec), threads);
-      const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
-      const int64_t row_blocks = std::min<int64_t>({ceil_div(M, block.y), std::max<int64_t>(1, max_blocks / groups), 65535});
-      FUSEDBN_LAUNCH((&channels_last_elementwise_kernel<Op, kVec>),
-                     dim3(static_cast<unsigned>(groups), static_cast<unsigned>(row_blocks)), block, 0, ctx.stream)(
-          op, M, C);
-    });
-  }
+  with_layout_width<kVecWidth, Op::kMaxLanes>(
+      layout, aligned, true,
+      [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const int64_t blocks = std::min<int64_t>(ceil_div(numel / kVec, threads), max_blocks);
+        FUSEDBN_LAUNCH((&channels_first_elementwise_kernel<Op, kVec>), dim3(std::max<int64_t>(1, blocks)),
+                       dim3(threads), 0, ctx.stream)(op, numel, layout.S, C);
+      },
+      [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const int64_t M = layout.rows();
+        const dim3 block = channels_last_block(ceil_div(C, kVec), threads);
+        const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
+        const int64_t row_blocks =
+            std::min<int64_t>({ceil_div(M, block.y), std::max<int64_t>(1, max_blocks / groups), 65535});
+        FUSEDBN_LAUNCH((&channels_last_elementwise_kernel<Op, kVec>),
+                       dim3(static_cast<unsigned>(groups), static_cast<unsigned>(row_blocks)), block, 0, ctx.stream)(
+            op, M, C);
+      });
   FUSEDBN_LAUNCH_CHECK();
 }
 
@@ -240,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                    mean.mutable_data_ptr<acc_t>(),  invstd.mutable_data_ptr<acc_t>(),
                                                    momentum,                        eps};
       constexpr int kVecWidth = vec_width<scalar_t>();
-      const Scratch s = reduce_scratch<kVecWidth, WelfordPartial<acc_t>>(layout, aligned16(x), 0, x, ctx);
+      const Scratch s = reduce_scratch<kVecWidth, decltype(reducer)>(layout, aligned16(x), 0, x, ctx);
       launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
       y = normalize<scalar_t>(x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual,
                               epilogue, ctx);
@@ -291,8 +306,7 @@ GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in) {
 // The forward's coefficients, alpha = w * invstd and beta = b, for the backward's kernels.
 template <typename acc_t, typename param_t>
 ChannelCoefficients<acc_t, param_t> forward_coefficients(const BackwardInputs& in) {
-  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, contiguous(in.weight), contiguous(in.bias),
-                                              0.0);
+  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0);
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
@@ -309,7 +323,7 @@ void dispatch_backward(const BackwardInputs& in, F&& f) {
   });
 }
 
-// The per-channel gradient reduction with `finisher`, in `scratch` (reduce_scratch<.., GradSums>).
+// The per-channel gradient reduction with `finisher`, in `scratch` (reduce_scratch for its GradReducer).
 template <typename scalar_t, typename param_t, typename Finisher, typename Context>
 void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Scratch& scratch, int64_t reserved_bytes,
                     const Context& ctx) {
@@ -321,17 +335,18 @@ void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Sc
 }
 
 // dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: mean_dz and
-// proj null), and grad_residual = dz when it is defined. `read_x`: whether dz or dx needs x (not for
-// dx = dy * alpha).
+// proj null) where `want_dx`, and grad_residual = dz when it is defined. `read_x`: whether dz or dx needs x
+// (not for dx = dy * alpha).
 template <typename scalar_t, typename param_t, typename Context>
 Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_dz,
-               const at::opmath_type<scalar_t>* proj, const Tensor& grad_residual, bool read_x, const Context& ctx) {
+               const at::opmath_type<scalar_t>* proj, const Tensor& grad_residual, bool want_dx, bool read_x,
+               const Context& ctx) {
   using acc_t = at::opmath_type<scalar_t>;
-  Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
+  Tensor grad_input = want_dx ? empty_like_dense(in.x, in.x.scalar_type()) : Tensor();
   const BackwardElemtOp<scalar_t, acc_t, param_t> op{
       in.dy.const_data_ptr<scalar_t>(),
       read_x ? in.x.const_data_ptr<scalar_t>() : nullptr,
-      grad_input.mutable_data_ptr<scalar_t>(),
+      want_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
       grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
       mean_dz,
       proj,
@@ -339,7 +354,9 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
       grad_source<scalar_t, acc_t>(in)};
   launch_elementwise<vec_width<scalar_t>()>(
       in.layout, op, in.x.numel(),
-      backward_aligned(in) && aligned16(grad_input) && (!grad_residual.defined() || aligned16(grad_residual)), ctx);
+      backward_aligned(in) && (!want_dx || aligned16(grad_input)) &&
+          (!grad_residual.defined() || aligned16(grad_residual)),
+      ctx);
   return grad_input;
 }
 
@@ -375,8 +392,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVecWidth = vec_width<scalar_t>();
     const int64_t reserved = plan.centered ? 2 * C * static_cast<int64_t>(sizeof(acc_t)) : 0;
-    const Scratch s = plan.sums ? reduce_scratch<kVecWidth, GradSums<acc_t>>(in.layout, backward_aligned(in), reserved,
-                                                                             in.x, ctx)
+    const Scratch s = plan.sums ? reduce_scratch<kVecWidth, GradReducer<scalar_t, acc_t, param_t>>(
+                                      in.layout, backward_aligned(in), reserved, in.x, ctx)
                                 : Scratch{};
     acc_t* mean_dz = plan.centered ? s.at<acc_t>(0) : nullptr;
     acc_t* proj = plan.centered ? mean_dz + C : nullptr;
@@ -388,10 +405,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       grad_reduction<scalar_t, param_t>(in, finisher, s, reserved, ctx);
     }
     if (plan.scaled_dy || plan.elementwise) {
-      grad_input = dx_pass<scalar_t, param_t>(in, mean_dz, proj, grad_residual, !plan.scaled_dy, ctx);
+      grad_input = dx_pass<scalar_t, param_t>(in, mean_dz, proj, grad_residual, output_mask[0], !plan.scaled_dy, ctx);
     }
   });
-  return {output_mask[0] ? grad_input : Tensor(), grad_weight, grad_bias, grad_residual};
+  return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
 template <typename Context>
@@ -409,7 +426,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
                                                   layout.channels_last ? 1 : layout.S};
     const MomentsFinisher<acc_t> finisher{mean.mutable_data_ptr<acc_t>(), m2.mutable_data_ptr<acc_t>()};
     constexpr int kVecWidth = vec_width<scalar_t>();
-    const Scratch s = reduce_scratch<kVecWidth, WelfordPartial<acc_t>>(layout, aligned16(x), 0, x, ctx);
+    const Scratch s = reduce_scratch<kVecWidth, decltype(reducer)>(layout, aligned16(x), 0, x, ctx);
     launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
   });
   return {mean, m2};
@@ -431,7 +448,8 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
     using acc_t = at::opmath_type<scalar_t>;
     const SumsFinisher<acc_t> finisher{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
     const Scratch s =
-        reduce_scratch<vec_width<scalar_t>(), GradSums<acc_t>>(in.layout, backward_aligned(in), 0, in.x, ctx);
+        reduce_scratch<vec_width<scalar_t>(), GradReducer<scalar_t, acc_t, decltype(param_tag)>>(
+            in.layout, backward_aligned(in), 0, in.x, ctx);
     grad_reduction<scalar_t, decltype(param_tag)>(in, finisher, s, 0, ctx);
   });
   return {sum_dz, sum_dz_xmu};
@@ -453,7 +471,8 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     grad_input = dx_pass<scalar_t, decltype(param_tag)>(in, in.mean_dz.const_data_ptr<acc_t>(),
-                                                         in.proj.const_data_ptr<acc_t>(), grad_residual, true, ctx);
+                                                         in.proj.const_data_ptr<acc_t>(), grad_residual, true, true,
+                                                         ctx);
   });
   return {grad_input, grad_residual};
 }

@@ -119,9 +119,9 @@ struct ChannelCoefficients {
 // Reducers: how a thread folds values into its partials. Two views of the data:
 //   at_channel(c)        channels-first: add<kVec>(state, offset) takes kVec contiguous values of channel c;
 //   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
-//                        add(offset) takes one value of each, stored contiguously at `offset`, and lane(k)
-//                        is channel c + k's partial.
-// `result(c, total)` turns a channel's merged total into what the finisher needs.
+//                        add(offset) takes one value of each, stored contiguously at
+//                        `offset`, and lane(k) is channel c + k's partial; value-initialized, it is empty.
+// `result(c, total)` turns a channel's merged total into what the finisher needs; kVec <= kMaxLanes.
 
 // Welford statistics of values shifted by the channel's first value K (channel_shift, welford.h; every
 // thread and block of the channel uses the same K, so the partials merge exactly): means stay of the
@@ -130,6 +130,7 @@ struct ChannelCoefficients {
 template <typename scalar_t, typename acc_t>
 struct WelfordReducer {
   using State = WelfordPartial<acc_t>;
+  static constexpr int kMaxLanes = 8;  // the widest vector; channels-last: shift, mean and M2 a lane
   const scalar_t* __restrict__ x;
   int64_t channel_stride;  // channel c's first value is x[c * channel_stride]
 
@@ -233,6 +234,9 @@ struct GradSource {
 template <typename scalar_t, typename acc_t, typename param_t>
 struct GradReducer {
   using State = GradSums<acc_t>;
+  // The widest vector: dy, x and the side value a lane and, channels-last, 3 coefficients and 2 sums a lane,
+  // within 64 registers.
+  static constexpr int kMaxLanes = 4;
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
@@ -479,38 +483,58 @@ FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finish
   const int64_t r_begin = per_split * blockIdx.y;
   const int64_t r_end = r_begin + per_split < M ? r_begin + per_split : M;
 
-  State s[kVec] = {};
+  using Lanes = decltype(reducer.template at_channels<kVec>(0));
+  Lanes lanes{};
   if (c < C) {
-    auto lanes = reducer.template at_channels<kVec>(c);
+    lanes = reducer.template at_channels<kVec>(c);
     for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) lanes.add(r * C + c);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) s[k] = lanes.lane(k);
   }
+  // One lane at a time through the merges, so only its partial is live besides the accumulator.
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) s[k] = column_merge(s[k]);
-  if (splits > 1) {
+  for (int k = 0; k < kVec; ++k) {
+    const State total = column_merge(lanes.lane(k));
     if (threadIdx.y == 0 && c < C) {
-      for (int k = 0; k < kVec; ++k) workspace[blockIdx.y * C + c + k] = s[k];
-    }
-    if (!last_block_of_group(counters + blockIdx.x, static_cast<unsigned>(splits))) return;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) s[k] = State{};
-    if (c < C) {
-      for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) {
-        for (int k = 0; k < kVec; ++k) s[k] = merge(s[k], workspace[i * C + c + k]);
+      if (splits == 1) {
+        finisher(c + k, reducer.result(c + k, total));
+      } else {
+        workspace[blockIdx.y * C + c + k] = total;
       }
     }
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) s[k] = column_merge(s[k]);
   }
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 0; k < kVec; ++k) finisher(c + k, reducer.result(c + k, s[k]));
+  if (splits == 1 || !last_block_of_group(counters + blockIdx.x, static_cast<unsigned>(splits))) return;
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    State s{};
+    if (c < C) {
+      for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) s = merge(s, workspace[i * C + c + k]);
+    }
+    s = column_merge(s);
+    if (threadIdx.y == 0 && c < C) finisher(c + k, reducer.result(c + k, s));
   }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Elementwise passes. An op has per-channel `Coeffs coeffs(c)` and `apply<kVec>(offset, co)`, which
-// reads kVec contiguous values at `offset`, lane k using the coefficients co[k], and writes kVec results.
+// reads kVec contiguous values at `offset`, lane k using the coefficients co(k), and writes kVec results.
+// kMaxLanes: the widest vector an op takes (of either layout), so that its values and coefficients stay
+// within 64 registers (tests/test_kernel_resources.py).
+
+// co(k) of a channels-first vector: it spans at most two channels' runs, lanes k < boundary in the first
+// (two sets of coefficients in registers, not one per lane). By value: a reference chosen at run time
+// would need the two sets in addressable (local) memory.
+template <typename Coeffs>
+struct TwoChannels {
+  Coeffs first, second;
+  int boundary;
+  __device__ __forceinline__ Coeffs operator()(int k) const { return k < boundary ? first : second; }
+};
+
+// co(k) of a channels-last vector: lane k is channel c + k.
+template <typename Coeffs, int kLanes>
+struct PerLane {
+  Coeffs co[kLanes];
+  __device__ __forceinline__ const Coeffs& operator()(int k) const { return co[k]; }
+};
 
 // y = act((x - mean) * alpha + beta [+ residual]), the coefficients from `coefficients`, the activation a
 // run-time value as in GradSource.
@@ -526,14 +550,17 @@ struct NormalizeOp {
   using Coeffs = Coefficients<acc_t>;
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
 
-  template <int kVec>
-  __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
+  static constexpr int kMaxLanes = 8;  // 16 bytes of 2-byte values; channels-last: 3 coefficients a lane
+
+  template <int kVec, typename Lanes>
+  __device__ __forceinline__ void apply(int64_t offset, const Lanes& co) const {
     const auto xv = load_vec<kVec>(x + offset);
     const auto rv = residual ? load_vec<kVec>(residual + offset) : Vec<scalar_t, kVec>{};
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      acc_t z = normalized(static_cast<acc_t>(xv.val[k]), co[k].mean, co[k].alpha, co[k].beta);
+      const Coeffs ck = co(k);
+      acc_t z = normalized(static_cast<acc_t>(xv.val[k]), ck.mean, ck.alpha, ck.beta);
       if (residual) z += static_cast<acc_t>(rv.val[k]);
       out.val[k] = static_cast<scalar_t>(
           with_activation(act, [&](auto kind) { return ActivationFn<decltype(kind)::value>::forward(z, param); }));
@@ -551,7 +578,7 @@ template <typename scalar_t, typename acc_t, typename param_t>
 struct BackwardElemtOp {
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
-  scalar_t* __restrict__ dx;
+  scalar_t* __restrict__ dx;             // may be null (only grad_residual wanted)
   scalar_t* __restrict__ grad_residual;  // may be null
   const acc_t* __restrict__ mean_dz;
   const acc_t* __restrict__ proj;
@@ -566,8 +593,12 @@ struct BackwardElemtOp {
     return Coeffs{coefficients(c), mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0)};
   }
 
-  template <int kVec>
-  __device__ __forceinline__ void apply(int64_t offset, const Coeffs (&co)[kVec]) const {
+  // dy, x, the side value and two outputs per lane, and (channels-last) 5 coefficients a lane: 4 lanes keep
+  // a thread within 64 registers (1 of double).
+  static constexpr int kMaxLanes = sizeof(acc_t) == 8 ? 1 : 4;
+
+  template <int kVec, typename Lanes>
+  __device__ __forceinline__ void apply(int64_t offset, const Lanes& co) const {
     const auto gv = load_vec<kVec>(dy + offset);
     const auto xv = x ? load_vec<kVec>(x + offset) : Vec<scalar_t, kVec>{};
     const auto ov = source.template load_side<kVec>(offset);
@@ -575,13 +606,13 @@ struct BackwardElemtOp {
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
-      const Coefficients<acc_t>& bn = co[k].bn;
-      const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], bn);
-      out.val[k] = static_cast<scalar_t>(mean_dz ? dx_of<true>(dz, xk, bn.mean, co[k].mean_dz, co[k].proj, bn.alpha)
-                                                 : dx_of<false>(dz, xk, bn.mean, acc_t(0), acc_t(0), bn.alpha));
+      const Coeffs ck = co(k);
+      const acc_t dz = source(static_cast<acc_t>(gv.val[k]), xk, ov.val[k], ck.bn);
+      out.val[k] = static_cast<scalar_t>(mean_dz ? dx_of<true>(dz, xk, ck.bn.mean, ck.mean_dz, ck.proj, ck.bn.alpha)
+                                                 : dx_of<false>(dz, xk, ck.bn.mean, acc_t(0), acc_t(0), ck.bn.alpha));
       dz_out.val[k] = static_cast<scalar_t>(dz);
     }
-    store_vec<kVec>(dx + offset, out);
+    if (dx) store_vec<kVec>(dx + offset, out);
     if (grad_residual) store_vec<kVec>(grad_residual + offset, dz_out);
   }
 };
@@ -600,16 +631,10 @@ FUSEDBN_KERNEL void channels_first_elementwise_kernel(Op op, int64_t numel, int6
     int64_t pos = first * kVec % S, c = first * kVec / S % C;
     const int64_t step_pos = stride * kVec % S, step_c = stride * kVec / S % C;
     for (int64_t v = first; v < vectors; v += stride) {
-      Coeffs co[kVec];
       const Coeffs here = op.coeffs(c);
-      if (pos + kVec <= S) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) co[k] = here;
-      } else {
-        const Coeffs next = op.coeffs(c + 1 < C ? c + 1 : 0);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) co[k] = pos + k < S ? here : next;
-      }
+      const bool spans_two = pos + kVec > S;
+      const TwoChannels<Coeffs> co{here, spans_two ? op.coeffs(c + 1 < C ? c + 1 : 0) : here,
+                                   spans_two ? static_cast<int>(S - pos) : kVec};
       op.template apply<kVec>(v * kVec, co);
       pos += step_pos;
       c += step_c;
@@ -622,8 +647,8 @@ FUSEDBN_KERNEL void channels_first_elementwise_kernel(Op op, int64_t numel, int6
   }
   const int64_t e = vectors * kVec + first;
   if (e < numel) {
-    const Coeffs co[1] = {op.coeffs(e / S % C)};
-    op.template apply<1>(e, co);
+    const Coeffs here = op.coeffs(e / S % C);
+    op.template apply<1>(e, TwoChannels<Coeffs>{here, here, 1});
   }
 }
 
@@ -634,9 +659,9 @@ template <typename Op, int kVec>
 FUSEDBN_KERNEL void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (c >= C) return;
-  typename Op::Coeffs co[kVec];
+  PerLane<typename Op::Coeffs, kVec> co;
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) co[k] = op.coeffs(c + k);
+  for (int k = 0; k < kVec; ++k) co.co[k] = op.coeffs(c + k);
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += stride) {
     op.template apply<kVec>(r * C + c, co);
