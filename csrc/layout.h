@@ -18,7 +18,22 @@ struct ChannelLayout {
   int64_t rows() const { return channels_last ? N * S : N; }
 };
 
-inline bool is_channels_last_dense(const at::Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+// t.movedim(1, -1).is_contiguous(), read from the strides without making the view: C innermost, then the
+// spatial dims from the last, then N (a dim of size 1 may have any stride; an empty tensor is dense).
+inline bool is_channels_last_dense(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  int64_t expected = 1;
+  auto next = [&](int64_t d) {
+    const bool dense = t.size(d) == 1 || t.stride(d) == expected;
+    expected *= t.size(d);
+    return dense;
+  };
+  if (!next(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (!next(d)) return false;
+  }
+  return next(0);
+}
 
 inline ChannelLayout channel_layout(const at::Tensor& dense) {
   ChannelLayout layout;

@@ -1,6 +1,8 @@
 """Checks that only make sense on a real GPU: streams, device guards, CUDA graphs, determinism and
 sizes beyond 32-bit launch and index limits. The rest of the suite also runs on CUDA through the device
 fixture."""
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,39 @@ def test_same_results_on_any_stream_and_bitwise_repeatable(shape, memory_format)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_reductions_on_concurrent_streams_and_threads_agree():
+    """The grid merge's counters and partials and the backward's per-channel terms are per host thread and
+    stream (csrc/cuda/scratch.h): ops running at once on two streams, or from two threads on one stream,
+    give the bits of one op at a time."""
+    shape = (64, 2, 64, 64)  # two channels, each over many blocks: the grid merge
+    xs = [torch.randn(shape, device="cuda") for _ in range(4)]
+    expected = [_train_step(_fresh(2), x, torch.ones_like(x)) for x in xs]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    on_streams = []
+    for i in range(8):
+        with torch.cuda.stream(streams[i % 2]):
+            on_streams.append(_train_step(_fresh(2), xs[i % 4], torch.ones_like(xs[i % 4])))
+    for stream in streams:
+        torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    from_threads = [None] * 8
+    modules = [_fresh(2) for _ in range(8)]  # made here: the threads would race on the random generator
+
+    def work(i):
+        from_threads[i] = _train_step(modules[i], xs[i % 4], torch.ones_like(xs[i % 4]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    for i, result in enumerate(on_streams + from_threads):
+        assert all(torch.equal(a, b) for a, b in zip(result, expected[i % 4])), i
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs to put the input on a non-current device")

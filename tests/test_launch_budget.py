@@ -2,7 +2,7 @@
 which runs the same host code (csrc/cuda/host_ops.h) as the CUDA build.
 
 Per call, after a first call has made the per-stream scratch (csrc/cuda/scratch.h): training forward 2
-kernels, eval 1, backward 2 (1 where only one of its passes is wanted), the SyncBatchNorm halves 1 each;
+kernels (1 where a channel fits one block), eval 1, backward 2 (1 where only one of its passes is wanted), the SyncBatchNorm halves 1 each;
 no ATen op besides allocating the outputs (no fill, copy or per-channel arithmetic), and no allocation
 beyond the outputs (the saved statistics are outputs of the training forward). Shapes are picked so that
 the reductions take their grid merge (several blocks per channel), where the arrival counters live.
@@ -71,6 +71,16 @@ def test_forward_train_launches_two_kernels_and_allocates_its_outputs(layout, ep
     w, b, rm, rv = params(x.shape[1])
     kwargs = epilogue_args(epilogue, x)
     assert count(lambda: OPS.forward_train(x, w, b, rm, rv, 0.1, 1e-5, **kwargs)) == (2, 3, [])
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+def test_forward_train_is_one_launch_where_a_channel_fits_a_block(epilogue):
+    # host_ops.h launch_one_pass_forward: channels-first, 4 x 5 x 5 values a channel (28 windows of 4) fit
+    # the emulator's 64-thread block at 4 windows a thread.
+    x = torch.randn(4, 16, 5, 5)
+    w, b, rm, rv = params(16)
+    kwargs = epilogue_args(epilogue, x)
+    assert count(lambda: OPS.forward_train(x, w, b, rm, rv, 0.1, 1e-5, **kwargs)) == (1, 3, [])
 
 
 @pytest.mark.parametrize("layout", SHAPES)

@@ -80,15 +80,20 @@ struct ReduceGrid {
   int64_t partials(int64_t C) const { return splits() > 1 ? C * splits() : 0; }
 };
 
+// Channels-first: the kVec-aligned windows a run of S values can overlap (at least one, so an empty run
+// still indexes safely); S / kVec when every window is full.
+template <int kVec>
+int64_t windows_per_run(int64_t S) {
+  return std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
+}
+
 template <int kVec, typename Context>
 ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
   const int64_t C = layout.C;
   auto wave = [&](int64_t threads) { return ctx.sm_count * std::max<int64_t>(1, ctx.resident_threads_per_sm / threads); };
   ReduceGrid g;
   if (!layout.channels_last) {
-    const int64_t S = layout.S;
-    // Windows a run can overlap (at least one, so an empty run (S = 0) still indexes safely).
-    g.windows_per_run = std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
+    g.windows_per_run = windows_per_run<kVec>(layout.S);
     const int64_t windows = layout.N * g.windows_per_run;
     const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
     const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
@@ -210,19 +215,53 @@ ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, con
           eps};
 }
 
-// y = act((x - mean) * alpha + beta [+ residual]) per channel, the coefficients computed in the kernel from
-// `coefficients`, with x's strides.
-template <typename scalar_t, typename acc_t, typename param_t, typename Context>
-Tensor normalize(const Tensor& x, const ChannelLayout& layout, const ChannelCoefficients<acc_t, param_t>& coefficients,
-                 const OptTensor& residual, Epilogue epilogue, const Context& ctx) {
+// The normalize pass, y = act((x - mean) * alpha + beta [+ residual]) per channel with the coefficients
+// computed in the kernel from `coefficients`: its output (with x's strides), residual (in x's view) and op.
+template <typename scalar_t, typename acc_t, typename param_t>
+struct NormalizePass {
+  Tensor y, r;
+  NormalizeOp<scalar_t, acc_t, param_t> op;
+
+  bool aligned(const Tensor& x) const { return aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)); }
+};
+
+template <typename scalar_t, typename acc_t, typename param_t>
+NormalizePass<scalar_t, acc_t, param_t> normalize_pass(const Tensor& x, const ChannelLayout& layout,
+                                                       const ChannelCoefficients<acc_t, param_t>& coefficients,
+                                                       const OptTensor& residual, Epilogue epilogue) {
   Tensor y = empty_like_dense(x, x.scalar_type());
-  const Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
+  Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   const NormalizeOp<scalar_t, acc_t, param_t> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, coefficients,
                                                  epilogue.act, static_cast<acc_t>(epilogue.param)};
-  launch_elementwise<vec_width<scalar_t>()>(layout, op, x.numel(),
-                                            aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)), ctx);
-  return y;
+  return {y, r, op};
+}
+
+// The training forward in one launch (kernels.cuh channels_first_forward_kernel) where it applies:
+// channels-first, and each channel's windows within kOnePassRows a thread of one block. The reduction of
+// the two-launch path would take one block per channel for such shapes too (it splits a channel only
+// where each split gets at least 4 windows a thread), so this one loses no parallelism and reads x once.
+// Returns whether it launched.
+constexpr int kOnePassRows = 4;
+
+template <int kVecWidth, typename scalar_t, typename acc_t, typename param_t, typename Context>
+bool launch_one_pass_forward(const ChannelLayout& layout, const WelfordReducer<scalar_t, acc_t>& reducer,
+                             const StatsFinisher<acc_t, param_t>& finisher,
+                             const NormalizeOp<scalar_t, acc_t, param_t>& op, bool aligned, const Context& ctx) {
+  if (layout.channels_last || layout.count_per_channel() == 0) return false;
+  bool launched = false;
+  with_vec_width<kVecWidth>(aligned, [&](auto vec) {
+    constexpr int kVec = decltype(vec)::value;
+    const int64_t W = windows_per_run<kVec>(layout.S);
+    const int64_t threads = std::max<int64_t>(kWarpSize, ceil_div(ceil_div(layout.N * W, kOnePassRows), kWarpSize) * kWarpSize);
+    if (threads > ctx.max_threads) return;
+    FUSEDBN_LAUNCH((&channels_first_forward_kernel<scalar_t, acc_t, param_t, kVec, kOnePassRows>),
+                   dim3(static_cast<unsigned>(layout.C)), dim3(static_cast<unsigned>(threads)), 0, ctx.stream)(
+        reducer, finisher, op, layout.N, layout.C, layout.S, W);
+    FUSEDBN_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
 }
 
 template <typename Context>
@@ -255,10 +294,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                    mean.mutable_data_ptr<acc_t>(),  invstd.mutable_data_ptr<acc_t>(),
                                                    momentum,                        eps};
       constexpr int kVecWidth = vec_width<scalar_t>();
+      const auto pass = normalize_pass<scalar_t>(
+          x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual, epilogue);
+      y = pass.y;
+      if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
       const Scratch s = reduce_scratch<kVecWidth, decltype(reducer)>(layout, aligned16(x), 0, x, ctx);
       launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
-      y = normalize<scalar_t>(x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual,
-                              epilogue, ctx);
+      launch_elementwise<kVecWidth>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
     });
   });
   {
@@ -288,8 +330,10 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &rm, &rv}), [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      y = normalize<scalar_t>(x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps),
-                              residual, epilogue, ctx);
+      const auto pass = normalize_pass<scalar_t>(
+          x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps), residual, epilogue);
+      launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
+      y = pass.y;
     });
   });
   return y;

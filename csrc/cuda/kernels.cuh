@@ -117,7 +117,8 @@ struct ChannelCoefficients {
 
 // ---------------------------------------------------------------------------------------------------
 // Reducers: how a thread folds values into its partials. Two views of the data:
-//   at_channel(c)        channels-first: add<kVec>(state, offset) takes kVec contiguous values of channel c;
+//   at_channel(c)        channels-first: add<kVec>(state, offset, first, last) takes the lanes [first, last)
+//                        of the kVec contiguous values at `offset` (a full or, at a run's ends, partial window);
 //   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
 //                        add(offset) takes one value of each, stored contiguously at
 //                        `offset`, and lane(k) is channel c + k's partial; value-initialized, it is empty.
@@ -138,21 +139,25 @@ struct WelfordReducer {
     const scalar_t* __restrict__ x;
     acc_t shift;
 
-    // kVec values: their own mean and M2 (no division per value), then one Chan merge.
+    // The window's values: their own mean and M2 (no division per value), then one Chan merge. Lanes
+    // outside [first, last) count as nothing (selected away, so a NaN there does not leak in).
     template <int kVec>
-    __device__ __forceinline__ void add(State& s, int64_t offset) const {
-      const auto loaded = load_vec<kVec>(x + offset);
+    __device__ __forceinline__ void add(State& s, int64_t offset, int first = 0, int last = kVec) const {
+      add_loaded<kVec>(s, load_vec<kVec>(x + offset), first, last);
+    }
+    template <int kVec>
+    __device__ __forceinline__ void add_loaded(State& s, const Vec<scalar_t, kVec>& loaded, int first, int last) const {
       acc_t v[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) v[k] = static_cast<acc_t>(loaded.val[k]) - shift;
+      for (int k = 0; k < kVec; ++k) v[k] = k >= first && k < last ? static_cast<acc_t>(loaded.val[k]) - shift : acc_t(0);
       acc_t sum = 0;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) sum += v[k];
-      const acc_t mean = sum / acc_t(kVec);
+      const acc_t mean = sum / static_cast<acc_t>(last - first);
       acc_t m2 = 0;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) m2 += (v[k] - mean) * (v[k] - mean);
-      s = welford_merge(s, State{mean, m2, kVec});
+      for (int k = 0; k < kVec; ++k) m2 += k >= first && k < last ? (v[k] - mean) * (v[k] - mean) : acc_t(0);
+      s = welford_merge(s, State{mean, m2, last - first});
     }
   };
 
@@ -242,10 +247,11 @@ struct GradReducer {
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
   GradSource<scalar_t, acc_t> source;
 
-  // dz and dz * (x - mean) of kVec values at `offset`, lane k with coefficients co[k], into sums[k].
+  // dz and dz * (x - mean) of the lanes [first, last) of the kVec values at `offset`, lane k with
+  // coefficients co[k] into sums[k] (kLanes = kVec: channels-last) or all with co[0] into sums[0].
   template <int kVec, int kLanes>
   __device__ __forceinline__ void add(State (&sums)[kLanes], const Coefficients<acc_t> (&co)[kLanes],
-                                      int64_t offset) const {
+                                      int64_t offset, int first = 0, int last = kVec) const {
     const auto g = load_vec<kVec>(dy + offset);
     const auto xv = load_vec<kVec>(x + offset);
     const auto ov = source.template load_side<kVec>(offset);
@@ -254,8 +260,10 @@ struct GradReducer {
       const int lane = kLanes == 1 ? 0 : k;
       const acc_t xk = static_cast<acc_t>(xv.val[k]);
       const acc_t dz = source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], co[lane]);
-      sums[lane].dz += dz;
-      sums[lane].dz_xmu += dz * (xk - co[lane].mean);
+      if (k >= first && k < last) {
+        sums[lane].dz += dz;
+        sums[lane].dz_xmu += dz * (xk - co[lane].mean);
+      }
     }
   }
 
@@ -264,9 +272,9 @@ struct GradReducer {
     Coefficients<acc_t> co[1];
 
     template <int kVec>
-    __device__ __forceinline__ void add(State& s, int64_t offset) const {
+    __device__ __forceinline__ void add(State& s, int64_t offset, int first = 0, int last = kVec) const {
       State sums[1] = {s};
-      r->template add<kVec>(sums, co, offset);
+      r->template add<kVec>(sums, co, offset, first, last);
       s = sums[0];
     }
   };
@@ -415,11 +423,45 @@ __device__ State column_merge(State s) {
   return s;
 }
 
+// Window j of sample n of channel c (channels-first (N, C, S)): the kVec-aligned vector at `start` and its
+// lanes [first, last) inside the channel's run [base, base + S), base = n * C*S + c * S (first == last where
+// the window misses the run). `fits`: the whole vector lies inside the tensor; only a last window can
+// reach past its end, and it is read value by value.
+struct Window {
+  int64_t start;
+  int first, last;
+  bool fits;
+};
+
+template <int kVec>
+__device__ __forceinline__ Window window_of(int64_t n, int64_t j, int64_t channel_offset, int64_t sample_stride,
+                                           int64_t S, int64_t numel) {
+  const int64_t base = n * sample_stride + channel_offset;
+  const int64_t start = base / kVec * kVec + j * kVec;
+  const int64_t lo = start > base ? start : base;
+  const int64_t hi = start + kVec < base + S ? start + kVec : base + S;
+  return Window{start, static_cast<int>(lo - start), static_cast<int>(hi > lo ? hi - start : lo - start),
+                start + kVec <= numel};
+}
+
+// The window's vector (zeros outside [first, last) where it does not fit: read value by value).
+template <int kVec, typename T>
+__device__ __forceinline__ Vec<T, kVec> load_window(const T* p, const Window& w) {
+  if (w.fits) return load_vec<kVec>(p + w.start);
+  Vec<T, kVec> v{};
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k >= w.first && k < w.last) v.val[k] = p[w.start + k];
+  }
+  return v;
+}
+
 // Channels-first (N, C, S): blockIdx.x = channel, blockIdx.y = split of the channel's N * W windows.
 // Window j of sample n is the j-th kVec-aligned group of elements (aligned in memory too: the host side
-// passes 16-byte aligned tensors) overlapping the run [base, base + S), base = (n*C + c) * S. The host side
-// gives W = S / kVec when S % kVec == 0 (every window full), else the most windows a run can overlap.
-// A full window is one vector load; the partial ones at a run's ends are read value by value.
+// passes 16-byte aligned tensors) overlapping the run (window_of). The host side gives W = S / kVec when
+// S % kVec == 0 (every window full), else the most windows a run can overlap.
+// Every window is one aligned vector load, the partial ones at a run's ends with the lanes outside the run
+// masked, except a last window reaching past the tensor's end, read value by value.
 // With several splits, the last block of a channel merges the splits' partials (workspace[c * splits + i]):
 // thread t takes partials t, t + blockDim.x, ... in order, then the block merge, so the order is fixed and
 // the result bitwise repeatable.
@@ -430,6 +472,7 @@ FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finis
   const int64_t c = blockIdx.x;
   const int64_t splits = gridDim.y;
   const int64_t windows = N * W;
+  const int64_t numel = N * C * S;
   const int64_t per_split = (windows + splits - 1) / splits;
   const int64_t w_begin = per_split * blockIdx.y;
   const int64_t w_end = w_begin + per_split < windows ? w_begin + per_split : windows;
@@ -440,14 +483,13 @@ FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finis
   int64_t n = first / W, j = first - n * W;  // (sample, window), advanced without division
   const int64_t step_n = blockDim.x / W, step_j = blockDim.x - step_n * W;
   for (int64_t w = first; w < w_end; w += blockDim.x) {
-    const int64_t base = (n * C + c) * S;
-    const int64_t start = base / kVec * kVec + j * kVec;
-    const int64_t lo = start > base ? start : base;
-    const int64_t hi = start + kVec < base + S ? start + kVec : base + S;
-    if (lo == start && hi == start + kVec) {
-      channel.template add<kVec>(s, start);
+    const Window win = window_of<kVec>(n, j, c * S, C * S, S, numel);
+    if (win.first == 0 && win.last == kVec) {
+      channel.template add<kVec>(s, win.start);
+    } else if (win.first < win.last && win.fits) {
+      channel.template add<kVec>(s, win.start, win.first, win.last);
     } else {
-      for (int64_t e = lo; e < hi; ++e) channel.template add<1>(s, e);
+      for (int k = win.first; k < win.last; ++k) channel.template add<1>(s, win.start + k);
     }
     n += step_n;
     j += step_j;
@@ -487,6 +529,8 @@ FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finish
   Lanes lanes{};
   if (c < C) {
     lanes = reducer.template at_channels<kVec>(c);
+    // Unrolled so that two rows' loads are in flight before the first is used (the loop stores nothing).
+#pragma unroll 2
     for (int64_t r = r_begin + threadIdx.y; r < r_end; r += blockDim.y) lanes.add(r * C + c);
   }
   // One lane at a time through the merges, so only its partial is live besides the accumulator.
@@ -554,8 +598,14 @@ struct NormalizeOp {
 
   template <int kVec, typename Lanes>
   __device__ __forceinline__ void apply(int64_t offset, const Lanes& co) const {
-    const auto xv = load_vec<kVec>(x + offset);
     const auto rv = residual ? load_vec<kVec>(residual + offset) : Vec<scalar_t, kVec>{};
+    store_vec<kVec>(y + offset, outputs<kVec>(load_vec<kVec>(x + offset), rv, co));
+  }
+
+  // The outputs of the values xv (and their residual rv, zeros without one), lane k with co(k).
+  template <int kVec, typename Lanes>
+  __device__ __forceinline__ Vec<scalar_t, kVec> outputs(const Vec<scalar_t, kVec>& xv, const Vec<scalar_t, kVec>& rv,
+                                                         const Lanes& co) const {
     Vec<scalar_t, kVec> out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
@@ -565,7 +615,7 @@ struct NormalizeOp {
       out.val[k] = static_cast<scalar_t>(
           with_activation(act, [&](auto kind) { return ActivationFn<decltype(kind)::value>::forward(z, param); }));
     }
-    store_vec<kVec>(y + offset, out);
+    return out;
   }
 };
 
@@ -665,6 +715,61 @@ FUSEDBN_KERNEL void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   for (int64_t r = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += stride) {
     op.template apply<kVec>(r * C + c, co);
+  }
+}
+
+// The training forward in one launch where a channel's N * W windows fit in one block, kRows a thread
+// (channels-first; the host side checks N * W <= kRows * blockDim.x): the block reads its channel once and
+// keeps the values on chip, merges their statistics, finishes the channel (StatsFinisher: mean, invstd,
+// the running statistics) and normalizes the kept values, two passes over memory instead of three. They
+// are kept in shared memory, each thread's own (read back without a barrier): in registers they would not
+// fit beside the merge within 64 (32 KB a 512-thread block, so 6 blocks still fit an SM). A window's lanes
+// outside the run are neither counted nor written: other blocks own them.
+template <typename scalar_t, typename acc_t, typename param_t, int kVec, int kRows>
+FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t> reducer,
+                                                  StatsFinisher<acc_t, param_t> finisher,
+                                                  NormalizeOp<scalar_t, acc_t, param_t> op, int64_t N, int64_t C,
+                                                  int64_t S, int64_t W) {
+  const int64_t c = blockIdx.x;
+  const int64_t numel = N * C * S, channel_offset = c * S, sample_stride = C * S;
+  // A channel's windows fit in a block, so their indices divide in 32 bits.
+  const int windows = static_cast<int>(N * W), per_run = static_cast<int>(W);
+  auto window = [&](int i) {
+    const int w = static_cast<int>(threadIdx.x + i * blockDim.x);
+    return w < windows ? window_of<kVec>(w / per_run, w % per_run, channel_offset, sample_stride, S, numel)
+                       : Window{0, 0, 0, true};
+  };
+  const auto channel = reducer.at_channel(c);
+  WelfordPartial<acc_t> s{};
+  __shared__ Vec<scalar_t, kVec> kept[kRows * kMaxBlockThreads];
+  auto kept_at = [&](int i) -> Vec<scalar_t, kVec>& { return kept[i * blockDim.x + threadIdx.x]; };
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const Window win = window(i);
+    if (win.first >= win.last) continue;
+    const auto values = load_window<kVec>(reducer.x, win);
+    kept_at(i) = values;
+    channel.template add_loaded<kVec>(s, values, win.first, win.last);
+  }
+  s = block_merge(s);
+  if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
+  __syncthreads();  // the finisher's mean and invstd, which the coefficients are computed from, are visible
+  const typename NormalizeOp<scalar_t, acc_t, param_t>::Coeffs here = op.coeffs(c);
+  const TwoChannels<decltype(here)> co{here, here, kVec};
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const Window win = window(i);
+    if (win.first >= win.last) continue;
+    const auto rv = op.residual ? load_window<kVec>(op.residual, win) : Vec<scalar_t, kVec>{};
+    const auto out = op.template outputs<kVec>(kept_at(i), rv, co);
+    if (win.first == 0 && win.last == kVec) {
+      store_vec<kVec>(op.y + win.start, out);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (k >= win.first && k < win.last) op.y[win.start + k] = out.val[k];
+      }
+    }
   }
 }
 
