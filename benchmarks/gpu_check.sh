@@ -12,7 +12,7 @@
 #
 # The previous kernels come as a source archive of the last commit measured on a GPU, made here and carried
 # to the machine (an ignored path, so the device tool's `carry` takes it):
-#   git archive -o build/prev-src.tar 10067ed   # measured on the H100: benchmarks/results/h100
+#   git archive -o build/prev-src.tar ede88ac   # the kernels measured on the H100 (benchmarks/results/h100)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -71,7 +71,7 @@ bench graph-bfloat16 30 --dtype bfloat16 --workload bn --shapes "256,1024,14,14;
 step "benchmark BN+Add+ReLU against torch.compile"
 bench compile-bfloat16 70 --dtype bfloat16 --workload bn+add+relu --shapes "256,256,56,56;256,2048,7,7" --compare eager,compile
 if [ -n "$prev_build" ]; then
-  step "the previous kernels on the same shapes"
+  step "the previous kernels ($PREV_TAR) on the same shapes"
   if wait "$prev_build"; then
     BENCH_PYTHONPATH=$PREV_DIR bench prev-bfloat16 50 --dtype bfloat16 --shapes resnet50 --workload bn
   else

@@ -8,11 +8,12 @@
 //                 arrival counter that resets itself), whose threads all merge the blocks' partials and
 //                 then call the finisher for the channel: Welford statistics (forward) or the gradient
 //                 sums (backward).
-//   elementwise - one read and one write per value, 16-byte vectors where alignment allows, grid-stride;
-//                 channels-first tracks the channel of each vector incrementally (no division in the
-//                 loop), channels-last keeps each thread on fixed channels with their coefficients in
-//                 registers. The per-channel coefficients are computed in the kernel from the statistics
-//                 and the parameters (ChannelCoefficients), so no other kernel runs before it.
+//   elementwise - one read and one write per value, vectors of up to 16 bytes where alignment allows,
+//                 grid-stride; channels-first tracks the channel of each vector incrementally (no division
+//                 in the loop), channels-last keeps each thread on fixed channels with their coefficients
+//                 in registers. The per-channel coefficients are computed in the kernel from the
+//                 statistics and the parameters (ChannelCoefficients), so no other kernel runs before it.
+// and the one-launch training forward (channels_first_forward_kernel), both in one block per channel.
 // Every kernel is launched with at most kMaxBlockThreads threads per block and compiled for
 // kMinResidentThreads resident threads per SM (at most 64 registers a thread), which
 // tests/test_kernel_resources.py checks on the sm_90 build.
@@ -754,8 +755,9 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
   s = block_merge(s);
   if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
   __syncthreads();  // the finisher's mean and invstd, which the coefficients are computed from, are visible
-  const typename NormalizeOp<scalar_t, acc_t, param_t>::Coeffs here = op.coeffs(c);
-  const TwoChannels<decltype(here)> co{here, here, kVec};
+  using Coeffs = typename NormalizeOp<scalar_t, acc_t, param_t>::Coeffs;
+  const Coeffs here = op.coeffs(c);
+  const TwoChannels<Coeffs> co{here, here, kVec};
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const Window win = window(i);
