@@ -20,12 +20,13 @@ struct ChannelLayout {
 
 // t.movedim(1, -1).is_contiguous(), read from the strides without making the view: C innermost, then the
 // spatial dims from the last, then N (a dim of size 1 may have any stride; an empty tensor is dense).
+// Symbolic sizes too (the meta kernels under dynamic shapes).
 inline bool is_channels_last_dense(const at::Tensor& t) {
-  if (t.numel() == 0) return true;
-  int64_t expected = 1;
+  if (t.sym_numel() == 0) return true;
+  c10::SymInt expected = 1;
   auto next = [&](int64_t d) {
-    const bool dense = t.size(d) == 1 || t.stride(d) == expected;
-    expected *= t.size(d);
+    const bool dense = t.sym_size(d) == 1 || t.sym_stride(d) == expected;
+    expected *= t.sym_size(d);
     return dense;
   };
   if (!next(1)) return false;
