@@ -2,10 +2,11 @@
 which runs the same host code (csrc/cuda/host_ops.h) as the CUDA build.
 
 Per call, after a first call has made the per-stream scratch (csrc/cuda/scratch.h): training forward 2
-kernels (1 where a channel fits one block), eval 1, backward 2 (1 where only one of its passes is wanted), the SyncBatchNorm halves 1 each;
-no ATen op besides allocating the outputs (no fill, copy or per-channel arithmetic), and no allocation
-beyond the outputs (the saved statistics are outputs of the training forward). Shapes are picked so that
-the reductions take their grid merge (several blocks per channel), where the arrival counters live.
+kernels (1 where a channel fits one block), eval 1, backward 2 (1 where only one of its passes is
+wanted), the SyncBatchNorm halves 1 each; no ATen op besides allocating the outputs (no fill, copy or
+per-channel arithmetic), and no allocation beyond the outputs (the saved statistics are outputs of the
+training forward). Shapes are picked so that the reductions take their grid merge (several blocks per
+channel), where the arrival counters live.
 """
 import importlib.util
 
