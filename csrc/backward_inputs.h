@@ -21,7 +21,7 @@ struct BackwardInputs {
   at::Tensor residual;  // the forward's residual in the same view, when z is recomputed with it
   at::Tensor mean;  // per-channel statistics in the accumulation dtype, contiguous
   at::Tensor invstd;
-  std::optional<at::Tensor> weight, bias;  // as contiguous (C,) vectors (flat_channels), read by channel index
+  std::optional<at::Tensor> weight, bias;  // as (C,) vectors (flat_channels)
   ChannelLayout layout;
   at::ScalarType acc;
   Epilogue epilogue;
@@ -49,9 +49,8 @@ inline BackwardInputs prepare_backward(const at::Tensor& grad_output, const at::
   in.acc = at::toOpMathType(input.scalar_type());
   in.mean = mean.to(in.acc).contiguous();
   in.invstd = invstd.to(in.acc).contiguous();
-  for (auto [given, flat] : {std::pair{&weight, &in.weight}, std::pair{&bias, &in.bias}}) {
-    if (has(*given)) *flat = flat_channels(*given)->contiguous();
-  }
+  in.weight = flat_channels(weight);
+  in.bias = flat_channels(bias);
   return in;
 }
 

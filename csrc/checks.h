@@ -64,9 +64,9 @@ inline void check_optional_param(const std::optional<at::Tensor>& param, const c
   if (has(param)) check_channel_param(*param, name, input, kind);
 }
 
-// weight or bias as the (C,) vector the kernels index.
+// weight or bias as the contiguous (C,) vector the kernels index (a copy only of a strided one).
 inline std::optional<at::Tensor> flat_channels(const std::optional<at::Tensor>& param) {
-  return has(param) ? std::optional<at::Tensor>(param->reshape({-1})) : param;
+  return has(param) ? std::optional<at::Tensor>(param->reshape({-1}).contiguous()) : param;
 }
 
 // Parameters given together must agree on dtype, as nn.BatchNorm requires in mixed precision.

@@ -275,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   // The kernels index per-channel tensors by channel and the statistics kernel updates the running
   // statistics in place (the kernel is the one place they are written): strided ones are read from
   // contiguous copies, and the running statistics copied back.
-  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
+  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -321,7 +321,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
   const Epilogue epilogue = parse_epilogue(activation, activation_param);
   const Context ctx(input);
-  const OptTensor w = contiguous(flat_channels(weight)), b = contiguous(flat_channels(bias));
+  const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);

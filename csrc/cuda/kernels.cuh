@@ -121,8 +121,8 @@ struct ChannelCoefficients {
 //   at_channel(c)        channels-first: add<kVec>(state, offset, first, last) takes the lanes [first, last)
 //                        of the kVec contiguous values at `offset` (a full or, at a run's ends, partial window);
 //   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
-//                        add(offset) takes one value of each, stored contiguously at
-//                        `offset`, and lane(k) is channel c + k's partial; value-initialized, it is empty.
+//                        add(offset) takes one value of each, stored contiguously at `offset`, and
+//                        lane(k) is channel c + k's partial; value-initialized, it is empty.
 // `result(c, total)` turns a channel's merged total into what the finisher needs; kVec <= kMaxLanes.
 
 // Welford statistics of values shifted by the channel's first value K (channel_shift, welford.h; every
