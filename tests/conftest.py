@@ -2,6 +2,7 @@
 import dataclasses
 import importlib.util
 import os
+import random
 
 import pytest
 import torch
@@ -15,6 +16,17 @@ if HAS_SIMT:
     from fusedbn._op_autograd import register_autograd_kernels
 
     register_autograd_kernels("fusedbn_simt")  # the ops' autograd, as fusedbn's own have it
+
+# The emulator runs a launch's blocks in a random order (csrc/simt/simt.h), different in every run of the
+# suite unless FUSEDBN_SIMT_SEED is set: each test on the simt device starts from this seed, so setting it to
+# the value a failure (or the header) reports replays that test's block orders.
+SIMT_SEED = int(os.environ["FUSEDBN_SIMT_SEED"], 0) if os.environ.get("FUSEDBN_SIMT_SEED") else random.randrange(2**32)
+
+
+def pytest_report_header(config):
+    if HAS_SIMT:
+        return (f"simt: blocks in random order from FUSEDBN_SIMT_SEED={SIMT_SEED}, "
+                f"{fusedbn._simt.concurrent_blocks()} at once, sanitizer {'on' if fusedbn._simt.sanitize() else 'off'}")
 
 # Where a test runs. A device joins the whole suite by being added here.
 #   cpu  - the C++ CPU kernels
@@ -56,8 +68,12 @@ class Backend:
 def backend(request, monkeypatch):
     if request.param == "simt":
         route_ops("fusedbn_simt", monkeypatch.setattr)
-        return Backend("simt", "cpu", "fusedbn_simt")
-    return Backend(request.param, request.param, "fusedbn")
+        fusedbn._simt.set_seed(SIMT_SEED)
+        yield Backend("simt", "cpu", "fusedbn_simt")
+        # The debug hook of the arrival counters: every grid merge's last block reset its counter.
+        assert fusedbn._simt.nonzero_arrival_counters() == [], "arrival counters left non-zero"
+        return
+    yield Backend(request.param, request.param, "fusedbn")
 
 
 @pytest.fixture

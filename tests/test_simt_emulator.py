@@ -14,16 +14,21 @@ WARP = 32
 
 
 @pytest.fixture(scope="module")
-def ops():
+def selftest():
+    """The self-test module: its functions are the emulator's settings (csrc/simt/python_controls.h)."""
     from torch.utils.cpp_extension import load
 
-    load(
+    return load(
         name="_simt_selftest",
         sources=[str(ROOT / "csrc" / "simt" / "selftest.cpp")],
         extra_cflags=["-O1", "-std=c++20"],
         is_python_module=True,
         verbose=False,
     )
+
+
+@pytest.fixture(scope="module")
+def ops(selftest):
     return torch.ops.fusedbn_simt_selftest
 
 
@@ -43,13 +48,93 @@ def test_block_sum_of_nothing(ops):
     assert total.item() == 0 and partials.tolist() == [0.0]
 
 
-def test_barrier_orders_shared_memory(ops):
-    x = torch.arange(1, 65, dtype=torch.float32)
-    expected = x.sum().item()
+# ---- The sanitizer's checks, each tripped by a planted bug (csrc/simt/selftest.cpp) with a message naming
+# the kernel, the block and thread, and the shared element, barrier or address.
+
+WHERE = r"in kernel \w+, block \(\d+, 0, 0\), thread \(\d+, 0, 0\)"
+
+
+@pytest.mark.parametrize("bug,match", [
+    ("unwritten_shared", r"shared-memory initcheck " + WHERE + r": reads element \d+ of the __shared__ array "
+                         r"declared at selftest.cpp:\d+, which no thread of the block has written"),
+    ("no_writer_fence", r"cross-block ordering " + WHERE + r": reads the partial at 0x[0-9a-f]+ written by block "
+                        r"\(\d+, 0, 0\), thread \(0, 0, 0\), which did not __threadfence after writing it"),
+    ("no_reader_fence", r"cross-block ordering " + WHERE + r": reads the partial at 0x[0-9a-f]+ written by block .* "
+                        r"without acquiring it"),
+    ("no_counter_reset", r"arrival counters not back at zero after block_sum returned .*counter 0 of the counters "
+                         r"at 0x[0-9a-f]+: 3"),
+    ("fixed_last_block", r"cross-block ordering " + WHERE + r": reads the partial at 0x[0-9a-f]+(, which no block has "
+                         r"written in this launch| written by .* whose block did not arrive)"),
+])
+def test_grid_merge_bugs_are_reported(ops, bug, match):
+    x = torch.randn(3 * 256)  # 3 blocks of 64 threads
+    with pytest.raises(RuntimeError, match=match):
+        ops.block_sum(x, 64, bug)
+    # The launch that failed left nothing behind: the next one is clean.
+    total, _ = ops.block_sum(x, 64)
+    torch.testing.assert_close(total.double(), x.double().sum().reshape(1), rtol=1e-5, atol=1e-3)
+
+
+def test_failure_names_the_seed_that_reproduces_the_block_order(ops):
+    with pytest.raises(RuntimeError, match=r"\[blocks in random order: launch \d+ since FUSEDBN_SIMT_SEED=\d+, "
+                                           r"concurrent blocks 3\]"):
+        ops.block_sum(torch.randn(3 * 256), 64, "no_writer_fence")
+
+
+def test_random_block_order_breaks_a_kernel_that_assumes_a_last_block(selftest, ops):
+    """Without the sanitizer, only the block order shows the bug: with the blocks in a fixed order its
+    "last" block would always run last and sum correctly; in random orders it sums too early."""
+    x = torch.ones(8 * 256)
+    selftest.set_sanitize(False)
+    try:
+        totals = []
+        for seed in range(8):
+            selftest.set_seed(seed)
+            totals.append(ops.block_sum(x, 64, "fixed_last_block")[0].item())
+            assert ops.block_sum(x, 64)[0].item() == x.numel()  # the correct kernel, in the same orders
+    finally:
+        selftest.set_sanitize(True)
+    assert any(t != x.numel() for t in totals), totals
+
+
+@pytest.mark.parametrize("bug,match", [
+    ("no_barrier", r"shared-memory race " + WHERE + r": reads element \d+ of the __shared__ array declared at "
+                   r"selftest.cpp:\d+, written by thread \(\d+, 0, 0\) with no barrier between \(read after write\)"),
+    ("no_second_barrier", r"shared-memory race " + WHERE + r": writes element \d+ of .* read by thread "
+                          r"\(\d+, 0, 0\) with no barrier between \(write after read\)"),
+    ("same_element", r"shared-memory race " + WHERE + r": writes element 0 of .* written by thread \(\d+, 0, 0\) "
+                     r"with no barrier between \(write after write\)"),
+    ("warp_shuffle_only", r"shared-memory race " + WHERE + r": reads element \d+ .*\(read after write\)"),
+])
+def test_shared_memory_races_are_reported(ops, bug, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.shared_exchange(torch.arange(64.0), bug)
+
+
+@pytest.mark.parametrize("bug", ["none", "warp_sync"])
+def test_ordered_shared_memory_passes(ops, bug):
+    x = torch.arange(64.0)
+    got = ops.shared_exchange(x, bug)
+    neighbour = (torch.arange(64) + 1) % 64 if bug == "none" else (torch.arange(64) // 32) * 32 + (torch.arange(64) + 1) % 32
+    assert got.tolist() == (2 * x[neighbour] + 1).tolist()
+
+
+def test_shared_memory_bounds_and_size_are_checked(ops):
+    with pytest.raises(RuntimeError, match=r"shared-memory bounds " + WHERE + r": index 3\d of the __shared__ array "
+                                           r"declared at selftest.cpp:\d+ holds 32 elements"):
+        ops.shared_bounds(1, False)
+    with pytest.raises(RuntimeError, match=r"shared-memory size " + WHERE + r": the block's static shared memory "
+                                           r"reaches \d+ bytes with the __shared__ array declared at selftest.cpp:\d+, over the limit of 49152"):
+        ops.shared_bounds(0, True)
+
+
+def test_outputs_are_poisoned_so_an_unwritten_value_shows(ops):
+    x = torch.arange(1.0, 101.0)
+    assert ops.poisoned_output(x, False).tolist() == (2 * x).tolist()
+    # The buggy call gets memory the correct call just freed, which held 2 * x[-1] there: it reads NaN instead.
     for _ in range(3):
-        assert ops.racy_sum(x, True).item() == expected
-    # Without the barrier thread 0 reads before the (deliberately slow) writers: real concurrency.
-    assert any(ops.racy_sum(x, False).item() != expected for _ in range(5))
+        out = ops.poisoned_output(x, True)
+        assert out[:-1].tolist() == (2 * x[:-1]).tolist() and math.isnan(out[-1].item())
 
 
 def shuffle_reference(x, kind, arg, width):
@@ -93,10 +178,19 @@ def test_shuffle_rejects_bad_width(ops):
 
 
 @pytest.mark.parametrize("mode,timeout,match", [
-    ("exit", 5.0, r"__syncthreads deadlock"),     # detected as soon as the other half exits
-    ("stall", 0.5, r"__syncthreads deadlock: only 32 of 64 threads arrived within 0.5 s"),
-    ("shuffle", 5.0, r"warp shuffle deadlock"),
-    ("throw", 5.0, r"thread 5 threw"),             # the first exception wins over the barriers it broke
+    # detected as soon as the other half exits
+    ("exit", 5.0, r"__syncthreads of block \(\d, 0, 0\) deadlock: 32 of 64 threads wait at selftest.cpp:\d+, which "
+                  r"the other 32 can never reach"),
+    ("stall", 0.5, r"__syncthreads of block \(\d, 0, 0\) deadlock: only 32 of 64 threads arrived at "
+                   r"selftest.cpp:\d+ within 0.5 s"),
+    ("shuffle", 5.0, r"warp \d of block \(\d, 0, 0\) deadlock"),
+    ("throw", 5.0, r"thread 5 threw"),  # the first exception wins over the barriers it broke
+    # every thread reaches a barrier, but not the same one: on a GPU, undefined behaviour that may pass
+    ("two_barriers", 5.0, r"__syncthreads of block \(\d, 0, 0\) divergence: thread \(\d+, 0, 0\) waits at "
+                          r"selftest.cpp:(\d+) while thread \(\d+, 0, 0\) waits at selftest.cpp:(?!\1)\d+"),
+    ("two_shuffles", 5.0, r"warp \d of block \(\d, 0, 0\) divergence: thread \(\d+, 0, 0\) \(a shuffle\) waits at "
+                          r"selftest.cpp:\d+ while .* waits at selftest.cpp:\d+"),
+    ("partial_mask", 5.0, r"synccheck " + WHERE + r": warp shuffle with mask 65535: only the full warp mask"),
 ])
 def test_divergent_kernels_fail_cleanly(ops, mode, timeout, match):
     start = time.monotonic()
@@ -104,17 +198,43 @@ def test_divergent_kernels_fail_cleanly(ops, mode, timeout, match):
         ops.divergent_barrier(mode, timeout)
     assert time.monotonic() - start < 4.0
     # The pool and barriers are usable again after a failed launch.
-    assert ops.racy_sum(torch.ones(64), True).item() == 64
+    assert ops.shared_exchange(torch.arange(64.0)).sum().item() == 2 * torch.arange(64.0).sum().item() + 64
 
 
-def test_builtin_variables_and_block_order(ops):
+def test_builtin_variables(ops):
     grid, block = [3, 2, 2], [32, 2, 2]
     rows = ops.indices(grid, block).view(3 * 2 * 2, 128, 13)
     for b in range(12):
         bx, by, bz = b % 3, b // 3 % 2, b // 6
         for t in range(128):
             tx, ty, tz = t % 32, t // 32 % 2, t // 64
-            assert rows[b, t].tolist() == [tx, ty, tz, bx, by, bz, *block, *grid, b]  # b: x fastest order
+            assert rows[b, t, :12].tolist() == [tx, ty, tz, bx, by, bz, *block, *grid]
+            assert rows[b, t, 12] == rows[b, 0, 12]  # the block's start, as thread 0 recorded it
+
+
+def block_starts(selftest, ops, seed, blocks=24):
+    """The order in which a launch's blocks started, after set_seed(seed), one block at a time."""
+    selftest.set_seed(seed)
+    rows = ops.indices([blocks, 1, 1], [32, 1, 1]).view(blocks, 32, 13)
+    return rows[:, 0, 12].argsort().tolist()
+
+
+def test_blocks_start_in_a_seeded_random_order(selftest, ops):
+    saved = selftest.concurrent_blocks()
+    selftest.set_concurrent_blocks(1)
+    try:
+        orders = [block_starts(selftest, ops, seed) for seed in (1, 2, 3)]
+        assert block_starts(selftest, ops, 1) == orders[0]  # the seed reproduces it
+    finally:
+        selftest.set_concurrent_blocks(saved)
+    assert all(sorted(o) == list(range(24)) for o in orders)
+    assert len({tuple(o) for o in orders + [list(range(24))]}) == 4  # not the grid's order, nor each other's
+
+
+def test_blocks_run_concurrently(selftest, ops):
+    """settings().concurrent_blocks blocks at once, each on its own threads (4 unless the environment says)."""
+    assert selftest.concurrent_blocks() > 1
+    assert ops.blocks_in_flight(12).max().item() > 1
 
 
 @pytest.mark.parametrize("threads,match", [
@@ -142,3 +262,16 @@ def test_atomics(ops):
     n = blocks * threads
     got = ops.atomics(blocks, threads).tolist()
     assert got == [n, 3 * n, 5 * n, 0.5 * n, 0.25 * n, 2 * n, n, n * (n + 1) // 2]
+
+
+def test_kernels_declare_shared_memory_as_shared_arrays():
+    """A plain `__shared__ T name[N]` would be one static copy for every block the emulator runs at once
+    (simt.h): the kernels declare shared memory as SharedArray, which has a copy per block and is checked."""
+    import re
+
+    sources = [*(ROOT / "csrc" / "cuda").glob("*.cuh"), ROOT / "csrc" / "simt" / "selftest.cpp"]
+    declarations = [(p.name, line) for p in sources for line in p.read_text().splitlines()
+                    if re.search(r"^\s*__shared__\b", line)]
+    assert declarations, "no shared memory found: the pattern is stale"
+    plain = [d for d in declarations if not re.search(r"__shared__\s+SharedArray<", d[1])]
+    assert plain == []

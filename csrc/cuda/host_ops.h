@@ -5,7 +5,8 @@
 // Context must provide: `stream` (passed to FUSEDBN_LAUNCH), `int sm_count`, `int max_threads` (threads
 // per block the launches may use: kMaxBlockThreads on a GPU, fewer under the emulator, where each thread
 // is an OS thread), `int resident_threads_per_sm` (what the grids are sized for: kMinResidentThreads on a
-// GPU), and for the scratch (scratch.h) `scratch_key()` and `capturing()`.
+// GPU), and for the scratch (scratch.h) `scratch_key()`, `capturing()` and `on_scratch(scratch)` (called
+// when an op takes its scratch: nothing on a GPU; the emulator poisons and checks it).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -145,7 +146,7 @@ template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Finisher& finisher, bool aligned,
                    const Scratch& scratch, int64_t reserved_bytes, const Context& ctx) {
   using State = typename Reducer::State;
-  State* partials = scratch.at<State>(round_up16(reserved_bytes));
+  const BlockPartials<State> partials{scratch.at<State>(round_up16(reserved_bytes))};
   with_layout_width<kVecWidth, Reducer::kMaxLanes>(
       layout, aligned, false,
       [&](auto vec) {
@@ -521,11 +522,19 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   return {grad_input, grad_residual};
 }
 
-// The six ops' kernels for one Context (the CUDA build and the emulator's register the same set).
-template <typename Context>
+// Registers an op as it is.
+template <auto Op>
+struct AsIs {
+  static constexpr auto call = Op;
+};
+
+// The six ops' kernels for one Context (the CUDA build and the emulator's register the same set), each
+// as Wrap<op>::call (the emulator's wraps them in its host-side checks).
+template <typename Context, template <auto> class Wrap = AsIs>
 void register_cuda_kernels(torch::Library& m) {
-  fusedbn::register_kernels(m, &forward_train<Context>, &forward_eval<Context>, &backward<Context>,
-                            &batch_stats<Context>, &grad_sums<Context>, &backward_elemt<Context>);
+  fusedbn::register_kernels(m, Wrap<&forward_train<Context>>::call, Wrap<&forward_eval<Context>>::call,
+                            Wrap<&backward<Context>>::call, Wrap<&batch_stats<Context>>::call,
+                            Wrap<&grad_sums<Context>>::call, Wrap<&backward_elemt<Context>>::call);
 }
 
 }  // namespace fusedbn::cuda

@@ -1,6 +1,8 @@
 // The CUDA kernels of fusedbn, written in the CUDA subset the SIMT emulator (csrc/simt/simt.h) also
 // compiles: no <<<>>> (launches go through FUSEDBN_LAUNCH in launch.h), no CUDA runtime calls, static
-// __shared__ arrays of trivial types, full-warp shuffles, block sizes that are multiples of 32.
+// shared memory as `__shared__ SharedArray<T, N>` of trivial types and the blocks' partials as
+// BlockPartials (device_memory.h, so the emulator checks every access), full-warp shuffles, block sizes
+// that are multiples of 32.
 //
 // Two kernel families, each one template over the element type and a small functor,
 //   reductions  - per-channel partials per thread, warp merge by shuffles, block merge through shared
@@ -26,6 +28,7 @@
 
 #include "../epilogue.h"
 #include "../welford.h"
+#include "device_memory.h"
 
 namespace fusedbn::cuda {
 
@@ -111,8 +114,11 @@ struct ChannelCoefficients {
 
   __device__ __forceinline__ Coefficients<acc_t> operator()(int64_t c) const {
     const acc_t istd = invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps);
-    return {invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), alpha_of(weight, c, istd),
-            beta_of<acc_t>(bias, c)};
+    return of_statistics(c, invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), istd);
+  }
+  // Channel c's coefficients from its mean and invstd as given.
+  __device__ __forceinline__ Coefficients<acc_t> of_statistics(int64_t c, acc_t mean_c, acc_t invstd_c) const {
+    return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c)};
   }
 };
 
@@ -378,47 +384,48 @@ struct GradFinisher {
 // memory); the block's total is returned to thread 0. Every thread must call it.
 template <typename State>
 __device__ State block_merge(State s) {
-  __shared__ State warp_totals[kMaxWarps];
+  __shared__ SharedArray<State, kMaxWarps> warp_totals;
   const int tid = threadIdx.x + threadIdx.y * blockDim.x;
   const int warps = (blockDim.x * blockDim.y) / kWarpSize;
   for (int delta = kWarpSize / 2; delta > 0; delta /= 2) s = merge(s, shfl_down(s, delta));
   if (tid % kWarpSize == 0) warp_totals[tid / kWarpSize] = s;
   __syncthreads();
   if (tid == 0) {
-    for (int w = 1; w < warps; ++w) s = merge(s, warp_totals[w]);
+    for (int w = 1; w < warps; ++w) s = merge(s, static_cast<State>(warp_totals[w]));
   }
   __syncthreads();  // warp_totals may be reused by the caller's next block_merge
   return s;
 }
 
-// Called by every thread after the block wrote its partials for a group of channels into the workspace:
+// Called by every thread after the block wrote its partials for a group of channels (BlockPartials):
 // true in all threads of the one block (per group) that arrives last. The counter is zero before the
 // launch (allocated zeroed, scratch.h) and that last block sets it back to zero, which is safe because
 // every other block of the group has counted already: the next launch finds it zeroed, so no launch
 // fills counters, and a CUDA graph's replays find them as its capture did.
 __device__ __forceinline__ bool last_block_of_group(unsigned* counter, unsigned blocks_in_group) {
-  __shared__ bool is_last;
+  __shared__ SharedArray<bool, 1> is_last;
   __threadfence();  // this thread's partial writes are visible device-wide ...
   __syncthreads();  // ... for every writer of the block, before the block signals
   if (threadIdx.x == 0 && threadIdx.y == 0) {
-    is_last = atomicAdd(counter, 1u) == blocks_in_group - 1;
-    if (is_last) *counter = 0u;
+    is_last[0] = atomicAdd(counter, 1u) == blocks_in_group - 1;
+    if (is_last[0]) *counter = 0u;
   }
   __syncthreads();
-  if (is_last) __threadfence();  // order the reads of the other blocks' partials after the signal
-  return is_last;
+  const bool last = is_last[0];
+  if (last) __threadfence();  // order the reads of the other blocks' partials after the signal
+  return last;
 }
 
 // Merges the partials of the threads that share threadIdx.x (blockDim.y of them, a power of two) by a
 // tree in shared memory; the total lands in threadIdx.y == 0. Every thread must call it.
 template <typename State>
 __device__ State column_merge(State s) {
-  __shared__ State column[kMaxBlockThreads];
+  __shared__ SharedArray<State, kMaxBlockThreads> column;
   const unsigned i = threadIdx.y * blockDim.x + threadIdx.x;
   for (unsigned half = blockDim.y / 2; half > 0; half /= 2) {
     column[i] = s;
     __syncthreads();
-    if (threadIdx.y < half) s = merge(s, column[i + half * blockDim.x]);
+    if (threadIdx.y < half) s = merge(s, static_cast<State>(column[i + half * blockDim.x]));
     __syncthreads();
   }
   return s;
@@ -463,12 +470,13 @@ __device__ __forceinline__ Vec<T, kVec> load_window(const T* p, const Window& w)
 // S % kVec == 0 (every window full), else the most windows a run can overlap.
 // Every window is one aligned vector load, the partial ones at a run's ends with the lanes outside the run
 // masked, except a last window reaching past the tensor's end, read value by value.
-// With several splits, the last block of a channel merges the splits' partials (workspace[c * splits + i]):
+// With several splits, the last block of a channel merges the splits' partials (partials[c * splits + i]):
 // thread t takes partials t, t + blockDim.x, ... in order, then the block merge, so the order is fixed and
 // the result bitwise repeatable.
 template <typename Reducer, typename Finisher, int kVec>
 FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finisher, int64_t N, int64_t C, int64_t S,
-                                                 int64_t W, typename Reducer::State* workspace, unsigned* counters) {
+                                                 int64_t W, BlockPartials<typename Reducer::State> partials,
+                                                 unsigned* counters) {
   using State = typename Reducer::State;
   const int64_t c = blockIdx.x;
   const int64_t splits = gridDim.y;
@@ -501,10 +509,10 @@ FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finis
   }
   s = block_merge(s);
   if (splits > 1) {
-    if (threadIdx.x == 0) workspace[c * splits + blockIdx.y] = s;
+    if (threadIdx.x == 0) partials[c * splits + blockIdx.y] = s;
     if (!last_block_of_group(counters + c, static_cast<unsigned>(splits))) return;
     s = State{};
-    for (int64_t i = threadIdx.x; i < splits; i += blockDim.x) s = merge(s, workspace[c * splits + i]);
+    for (int64_t i = threadIdx.x; i < splits; i += blockDim.x) s = merge(s, static_cast<State>(partials[c * splits + i]));
     s = block_merge(s);
   }
   if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
@@ -513,12 +521,12 @@ FUSEDBN_KERNEL void channels_first_reduce_kernel(Reducer reducer, Finisher finis
 // Channels-last (M = N*S rows, C): threadIdx.x walks groups of kVec consecutive channels (one vector load
 // per row, coalesced across the warp), threadIdx.y walks rows; blockIdx.x = blockDim.x * kVec channels,
 // blockIdx.y = split of the rows. C % kVec == 0.
-// With several splits, the last block of a channel group merges the splits' partials (workspace[i * C + c])
+// With several splits, the last block of a channel group merges the splits' partials (partials[i * C + c])
 // as the rows were merged: thread row y takes splits y, y + blockDim.y, ... in order, then the column merge
 // (a fixed order: bitwise repeatable).
 template <typename Reducer, typename Finisher, int kVec>
 FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, int64_t M, int64_t C,
-                                                typename Reducer::State* workspace, unsigned* counters) {
+                                                BlockPartials<typename Reducer::State> partials, unsigned* counters) {
   using State = typename Reducer::State;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   const int64_t splits = gridDim.y;
@@ -542,7 +550,7 @@ FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finish
       if (splits == 1) {
         finisher(c + k, reducer.result(c + k, total));
       } else {
-        workspace[blockIdx.y * C + c + k] = total;
+        partials[blockIdx.y * C + c + k] = total;
       }
     }
   }
@@ -551,7 +559,7 @@ FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finish
   for (int k = 0; k < kVec; ++k) {
     State s{};
     if (c < C) {
-      for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) s = merge(s, workspace[i * C + c + k]);
+      for (int64_t i = threadIdx.y; i < splits; i += blockDim.y) s = merge(s, static_cast<State>(partials[i * C + c + k]));
     }
     s = column_merge(s);
     if (threadIdx.y == 0 && c < C) finisher(c + k, reducer.result(c + k, s));
@@ -742,8 +750,8 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
   };
   const auto channel = reducer.at_channel(c);
   WelfordPartial<acc_t> s{};
-  __shared__ Vec<scalar_t, kVec> kept[kRows * kMaxBlockThreads];
-  auto kept_at = [&](int i) -> Vec<scalar_t, kVec>& { return kept[i * blockDim.x + threadIdx.x]; };
+  __shared__ SharedArray<Vec<scalar_t, kVec>, kRows * kMaxBlockThreads> kept;
+  auto kept_at = [&](int i) -> decltype(auto) { return kept[i * blockDim.x + threadIdx.x]; };
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const Window win = window(i);
@@ -753,10 +761,17 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
     channel.template add_loaded<kVec>(s, values, win.first, win.last);
   }
   s = block_merge(s);
-  if (threadIdx.x == 0) finisher(c, reducer.result(c, s));
-  __syncthreads();  // the finisher's mean and invstd, which the coefficients are computed from, are visible
+  // Thread 0 finishes the channel and hands its coefficients to the block through shared memory. Not
+  // through op.coeffs(c): its mean and invstd pointers are __restrict__, a promise that nothing writes
+  // them during the launch, which the finisher just did.
   using Coeffs = typename NormalizeOp<scalar_t, acc_t, param_t>::Coeffs;
-  const Coeffs here = op.coeffs(c);
+  __shared__ SharedArray<Coeffs, 1> channel_coeffs;
+  if (threadIdx.x == 0) {
+    finisher(c, reducer.result(c, s));
+    channel_coeffs[0] = op.coefficients.of_statistics(c, finisher.mean[c], finisher.invstd[c]);
+  }
+  __syncthreads();
+  const Coeffs here = channel_coeffs[0];
   const TwoChannels<Coeffs> co{here, here, kVec};
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {

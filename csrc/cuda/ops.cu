@@ -27,6 +27,7 @@ struct CudaContext {
   }
   std::pair<int, c10::StreamId> scratch_key() const { return {current.device_index(), current.id()}; }
   bool capturing() const { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }
+  void on_scratch(const Scratch&) const {}
 };
 
 }  // namespace

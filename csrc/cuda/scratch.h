@@ -40,7 +40,11 @@ template <typename Context>
 Scratch scratch(const Context& ctx, const at::Tensor& like, int64_t counters, int64_t bytes) {
   auto make_counters = [&](int64_t n) { return at::zeros({n}, like.options().dtype(at::kInt)); };
   auto make_bytes = [&](int64_t n) { return at::empty({n}, like.options().dtype(at::kByte)); };
-  if (ctx.capturing()) return {make_counters(counters), make_bytes(bytes)};
+  if (ctx.capturing()) {
+    const Scratch fresh{make_counters(counters), make_bytes(bytes)};
+    ctx.on_scratch(fresh);
+    return fresh;
+  }
   thread_local std::map<decltype(ctx.scratch_key()), Scratch> cache;
   Scratch& s = cache[ctx.scratch_key()];
   // Grown by doubling, so a sequence of growing shapes reallocates a few times only. The old tensors are
@@ -51,6 +55,7 @@ Scratch scratch(const Context& ctx, const at::Tensor& like, int64_t counters, in
   if (bytes > (s.bytes.defined() ? s.bytes.numel() : 0)) {
     s.bytes = make_bytes(std::max<int64_t>(bytes, 2 * (s.bytes.defined() ? s.bytes.numel() : 0)));
   }
+  ctx.on_scratch(s);
   return s;
 }
 

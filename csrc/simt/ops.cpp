@@ -1,26 +1,73 @@
 // Test-only library `fusedbn_simt`: the CUDA kernels (csrc/cuda/kernels.cuh) and their host side
 // (csrc/cuda/host_ops.h), compiled as host C++ with the SIMT emulator and registered for CPU tensors under
-// the same schemas as `fusedbn`. The equivalence suite runs it as one more device.
+// the same schemas as `fusedbn`. The equivalence suite runs it as one more device. Every op runs sanitized
+// (simt.h, host_checks.h): its allocations poisoned, its reused scratch poisoned and its arrival counters
+// checked at zero before and after.
 #include <Python.h>
 
-#include "simt.h"  // first: the emulator's FUSEDBN_LAUNCH, which csrc/cuda/launch.h then leaves alone
+#include <cstring>
+#include <string>
+
+#include "simt.h"  // first: the emulator's FUSEDBN_LAUNCH and device memory, which the CUDA headers then use
 #include "../cuda/host_ops.h"
 #include "../meta_kernels.h"
 #include "../schemas.h"
+#include "host_checks.h"
+#include "python_controls.h"
 
 namespace fusedbn::cuda {
 namespace {
 
-// An emulated device: few SMs and small blocks, so that small test shapes already take the multi-block
-// paths (grid merge, several splits per channel) and each launch stays cheap in OS threads.
+// The GPU the host code sizes its launches for, read as CudaContext reads a real one (ops.cu):
+//   small - few SMs and small blocks, so that small test shapes already take the multi-block paths (grid
+//           merge, several splits per channel) and each launch stays cheap in OS threads;
+//   h200  - an H200 as the CUDA build sees it: 132 SMs, blocks of up to kMaxBlockThreads, grids sized for
+//           kMinResidentThreads a SM (its 2048 threads, 64K registers and 228 KB of shared memory a SM
+//           allow that at 64 registers a thread, which tests/test_kernel_resources.py checks).
+struct EmulatedDevice {
+  const char* name;
+  int sm_count;
+  int max_threads;
+  int resident_threads_per_sm;
+};
+constexpr EmulatedDevice kDevices[] = {{"small", 2, 64, 256}, {"h200", 132, kMaxBlockThreads, kMinResidentThreads}};
+
+EmulatedDevice& device() {
+  static EmulatedDevice d = kDevices[0];
+  return d;
+}
+
 struct SimtContext {
   int stream = 0;
-  int sm_count = 2;
-  int max_threads = 64;
-  int resident_threads_per_sm = 256;
+  int sm_count = device().sm_count;
+  int max_threads = device().max_threads;
+  int resident_threads_per_sm = device().resident_threads_per_sm;
   explicit SimtContext(const Tensor&) {}
   int scratch_key() const { return stream; }
   bool capturing() const { return false; }
+  // Scratch taken by an op: its bytes poisoned (partials and per-channel terms are written before they are
+  // read, in every launch), its counters registered and checked at zero.
+  void on_scratch(const Scratch& s) const {
+    if (s.bytes.defined()) simt::poison(s.bytes.data_ptr(), s.bytes.numel());
+    if (!s.counters.defined()) return;
+    simt::register_counters(s.counters);
+    simt::check_counters_at_rest("the previous op");
+  }
+};
+
+// An op run sanitized: what it allocates is poisoned, and its counters must be at rest when it returns.
+template <auto Op>
+struct Sanitized;
+template <typename R, typename... Args, R (*Op)(Args...)>
+struct Sanitized<Op> {
+  static R call(Args... args) {
+    R result = [&] {
+      const simt::PoisonAllocations poisoned;
+      return Op(args...);
+    }();
+    simt::check_counters_at_rest("an op");
+    return result;
+  }
 };
 
 }  // namespace
@@ -29,16 +76,34 @@ TORCH_LIBRARY(fusedbn_simt, m) { define_schemas(m); }
 
 TORCH_LIBRARY_IMPL(fusedbn_simt, Meta, m) { meta::register_meta_kernels(m); }
 
-TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_cuda_kernels<SimtContext>(m); }
+TORCH_LIBRARY_IMPL(fusedbn_simt, CPU, m) { register_cuda_kernels<SimtContext, Sanitized>(m); }
 
 }  // namespace fusedbn::cuda
 
 namespace {
-PyObject* launch_count(PyObject*, PyObject*) {
-  return PyLong_FromUnsignedLongLong(fusedbn::simt::launch_count().load());
+
+PyObject* set_device(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (!name) return nullptr;
+  for (const auto& d : fusedbn::cuda::kDevices) {
+    if (std::strcmp(d.name, name) == 0) {
+      fusedbn::cuda::device() = d;
+      Py_RETURN_NONE;
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "unknown emulated device '%s' (small, h200)", name);
+  return nullptr;
 }
+PyObject* device(PyObject*, PyObject*) {
+  const auto& d = fusedbn::cuda::device();
+  return Py_BuildValue("{s:s,s:i,s:i,s:i}", "name", d.name, "sm_count", d.sm_count, "max_threads", d.max_threads,
+                       "resident_threads_per_sm", d.resident_threads_per_sm);
+}
+
 PyMethodDef methods[] = {
-    {"launch_count", launch_count, METH_NOARGS, "Kernel launches the emulator has run since the process started."},
+    FUSEDBN_SIMT_PYTHON_CONTROLS,
+    {"set_device", set_device, METH_O, "The GPU the host code sizes its launches for: 'small' or 'h200'."},
+    {"device", device, METH_NOARGS, "The emulated GPU's description."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
