@@ -116,14 +116,15 @@ FUSEDBN_HOST_DEVICE inline acc_t grad_weight_of(acc_t sum_dz_xmu, acc_t invstd) 
 }
 
 // normalize's per-channel coefficients, y = (x - mean) * alpha + beta: alpha = weight * invstd (invstd
-// without a weight), beta = bias (0 without), from parameters of any dtype (null where absent).
-template <typename acc_t, typename param_t>
-FUSEDBN_HOST_DEVICE inline acc_t alpha_of(const param_t* weight, int64_t c, acc_t invstd) {
+// without a weight), beta = bias (0 without), from parameters of any dtype (null where absent) through a
+// pointer (or the CUDA kernels' pointer type, csrc/cuda/device_memory.h).
+template <typename acc_t, typename ParamPointer>
+FUSEDBN_HOST_DEVICE inline acc_t alpha_of(ParamPointer weight, int64_t c, acc_t invstd) {
   return weight ? static_cast<acc_t>(weight[c]) * invstd : invstd;
 }
 
-template <typename acc_t, typename param_t>
-FUSEDBN_HOST_DEVICE inline acc_t beta_of(const param_t* bias, int64_t c) {
+template <typename acc_t, typename ParamPointer>
+FUSEDBN_HOST_DEVICE inline acc_t beta_of(ParamPointer bias, int64_t c) {
   return bias ? static_cast<acc_t>(bias[c]) : acc_t(0);
 }
 

@@ -21,7 +21,7 @@ def selftest():
     return load(
         name="_simt_selftest",
         sources=[str(ROOT / "csrc" / "simt" / "selftest.cpp")],
-        extra_cflags=["-O1", "-std=c++20"],
+        extra_cflags=["-O1", "-std=c++20", "-fno-gnu-unique"],  # its own emulator state, not fusedbn._simt's
         is_python_module=True,
         verbose=False,
     )
@@ -126,6 +126,16 @@ def test_shared_memory_bounds_and_size_are_checked(ops):
     with pytest.raises(RuntimeError, match=r"shared-memory size " + WHERE + r": the block's static shared memory "
                                            r"reaches \d+ bytes with the __shared__ array declared at selftest.cpp:\d+, over the limit of 49152"):
         ops.shared_bounds(0, True)
+
+
+def test_restrict_aliasing_is_reported(ops):
+    x = torch.arange(1.0, 5.0)
+    assert ops.restrict_alias(x, False).tolist() == (2 * x).repeat_interleave(32).tolist()
+    with pytest.raises(RuntimeError, match=r"__restrict__ aliasing in kernel restrict_alias_kernel: block \(\d, 0, 0\), "
+                                           r"thread \(\d+, 0, 0\) reads \[0x[0-9a-f]+, 0x[0-9a-f]+\) through the "
+                                           r"__restrict__ pointer given 0x[0-9a-f]+, and block \(\d, 0, 0\), thread "
+                                           r"\(0, 0, 0\) writes .* through the pointer given 0x[0-9a-f]+ in the same launch"):
+        ops.restrict_alias(x, True)
 
 
 def test_outputs_are_poisoned_so_an_unwritten_value_shows(ops):

@@ -46,14 +46,15 @@ struct alignas(sizeof(T) * N) Vec {
   T val[N];
 };
 
-template <int kVec, typename T>
-__device__ __forceinline__ Vec<T, kVec> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, kVec>*>(p);
+// kVec values at p, a pointer to global memory (device_memory.h), as one vector access.
+template <int kVec, typename P>
+__device__ __forceinline__ Vec<pointee_t<P>, kVec> load_vec(P p) {
+  return *reinterpret_cast<const Vec<pointee_t<P>, kVec>*>(reading(p, kVec));
 }
 
-template <int kVec, typename T>
-__device__ __forceinline__ void store_vec(T* p, const Vec<T, kVec>& v) {
-  *reinterpret_cast<Vec<T, kVec>*>(p) = v;
+template <int kVec, typename P>
+__device__ __forceinline__ void store_vec(P p, const Vec<pointee_t<P>, kVec>& v) {
+  *reinterpret_cast<Vec<pointee_t<P>, kVec>*>(writing(p, kVec)) = v;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -104,12 +105,12 @@ struct Coefficients {
 
 template <typename acc_t, typename param_t>
 struct ChannelCoefficients {
-  const acc_t* __restrict__ mean;  // batch statistics, or null with invstd (eval)
-  const acc_t* __restrict__ invstd;
-  const param_t* __restrict__ running_mean;  // eval
-  const param_t* __restrict__ running_var;
-  const param_t* __restrict__ weight;  // may be null
-  const param_t* __restrict__ bias;    // may be null
+  Restrict<const acc_t> mean;  // batch statistics, or null with invstd (eval)
+  Restrict<const acc_t> invstd;
+  Restrict<const param_t> running_mean;  // eval
+  Restrict<const param_t> running_var;
+  Restrict<const param_t> weight;  // may be null
+  Restrict<const param_t> bias;    // may be null
   double eps;
 
   __device__ __forceinline__ Coefficients<acc_t> operator()(int64_t c) const {
@@ -139,11 +140,11 @@ template <typename scalar_t, typename acc_t>
 struct WelfordReducer {
   using State = WelfordPartial<acc_t>;
   static constexpr int kMaxLanes = 8;  // the widest vector; channels-last: shift, mean and M2 a lane
-  const scalar_t* __restrict__ x;
+  Restrict<const scalar_t> x;
   int64_t channel_stride;  // channel c's first value is x[c * channel_stride]
 
   struct Local {
-    const scalar_t* __restrict__ x;
+    Restrict<const scalar_t> x;
     acc_t shift;
 
     // The window's values: their own mean and M2 (no division per value), then one Chan merge. Lanes
@@ -172,7 +173,7 @@ struct WelfordReducer {
   // so they share one count and one reciprocal.
   template <int kVec>
   struct Lanes {
-    const scalar_t* __restrict__ x;
+    Restrict<const scalar_t> x;
     acc_t shift[kVec];
     acc_t mean[kVec];
     acc_t m2[kVec];
@@ -219,7 +220,7 @@ struct GradSource {
   GradFrom from;
   Activation act;
   acc_t param;
-  const scalar_t* __restrict__ side;  // kOutput: the output; kRecompute: the residual (may be null)
+  Restrict<const scalar_t> side;  // kOutput: the output; kRecompute: the residual (may be null)
 
   // The values dz is computed from besides dy and x (zeros where it reads none).
   template <int kVec>
@@ -249,8 +250,8 @@ struct GradReducer {
   // The widest vector: dy, x and the side value a lane and, channels-last, 3 coefficients and 2 sums a lane,
   // within 64 registers.
   static constexpr int kMaxLanes = 4;
-  const scalar_t* __restrict__ dy;
-  const scalar_t* __restrict__ x;
+  Restrict<const scalar_t> dy;
+  Restrict<const scalar_t> x;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
   GradSource<scalar_t, acc_t> source;
 
@@ -314,10 +315,10 @@ struct GradReducer {
 // place so no extra launch is needed (the normalize pass computes its coefficients from mean and invstd).
 template <typename acc_t, typename param_t>
 struct StatsFinisher {
-  param_t* running_mean;  // may be null (then running_var is too)
-  param_t* running_var;
-  acc_t* mean;
-  acc_t* invstd;
+  Global<param_t> running_mean;  // may be null (then running_var is too)
+  Global<param_t> running_var;
+  Global<acc_t> mean;
+  Global<acc_t> invstd;
   double momentum;
   double eps;
 
@@ -325,9 +326,10 @@ struct StatsFinisher {
     mean[c] = total.mean;
     invstd[c] = welford_invstd(total, eps);
     if (running_mean && total.count > 0) {
-      running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(running_mean[c]), total.mean, momentum));
+      const param_t old_mean = running_mean[c], old_var = running_var[c];
+      running_mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(old_mean), total.mean, momentum));
       running_var[c] =
-          static_cast<param_t>(running_update(static_cast<acc_t>(running_var[c]), welford_unbiased_var(total), momentum));
+          static_cast<param_t>(running_update(static_cast<acc_t>(old_var), welford_unbiased_var(total), momentum));
     }
   }
 };
@@ -336,8 +338,8 @@ struct StatsFinisher {
 // across processes before use (SyncBatchNorm).
 template <typename acc_t>
 struct MomentsFinisher {
-  acc_t* mean;
-  acc_t* m2;
+  Global<acc_t> mean;
+  Global<acc_t> m2;
   __device__ void operator()(int64_t c, const WelfordPartial<acc_t>& total) const {
     mean[c] = total.mean;
     m2[c] = total.m2;
@@ -346,8 +348,8 @@ struct MomentsFinisher {
 
 template <typename acc_t>
 struct SumsFinisher {
-  acc_t* sum_dz;
-  acc_t* sum_dz_xmu;
+  Global<acc_t> sum_dz;
+  Global<acc_t> sum_dz_xmu;
   __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
     sum_dz[c] = total.dz;
     sum_dz_xmu[c] = total.dz_xmu;
@@ -358,11 +360,11 @@ struct SumsFinisher {
 // grad_weight_of and centering_of).
 template <typename acc_t, typename param_t>
 struct GradFinisher {
-  const acc_t* invstd;
-  param_t* grad_weight;  // may be null
-  param_t* grad_bias;    // may be null
-  acc_t* mean_dz;        // may be null (then proj is too)
-  acc_t* proj;
+  Global<const acc_t> invstd;
+  Global<param_t> grad_weight;  // may be null
+  Global<param_t> grad_bias;    // may be null
+  Global<acc_t> mean_dz;        // may be null (then proj is too)
+  Global<acc_t> proj;
   int64_t count;
 
   __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
@@ -453,10 +455,10 @@ __device__ __forceinline__ Window window_of(int64_t n, int64_t j, int64_t channe
 }
 
 // The window's vector (zeros outside [first, last) where it does not fit: read value by value).
-template <int kVec, typename T>
-__device__ __forceinline__ Vec<T, kVec> load_window(const T* p, const Window& w) {
+template <int kVec, typename P>
+__device__ __forceinline__ Vec<pointee_t<P>, kVec> load_window(P p, const Window& w) {
   if (w.fits) return load_vec<kVec>(p + w.start);
-  Vec<T, kVec> v{};
+  Vec<pointee_t<P>, kVec> v{};
 #pragma unroll
   for (int k = 0; k < kVec; ++k) {
     if (k >= w.first && k < w.last) v.val[k] = p[w.start + k];
@@ -593,9 +595,9 @@ struct PerLane {
 // run-time value as in GradSource.
 template <typename scalar_t, typename acc_t, typename param_t>
 struct NormalizeOp {
-  const scalar_t* __restrict__ x;
-  scalar_t* __restrict__ y;
-  const scalar_t* __restrict__ residual;  // may be null
+  Restrict<const scalar_t> x;
+  Restrict<scalar_t> y;
+  Restrict<const scalar_t> residual;  // may be null
   ChannelCoefficients<acc_t, param_t> coefficients;
   Activation act;
   acc_t param;
@@ -635,12 +637,12 @@ struct NormalizeOp {
 // statistics: dx is dy scaled).
 template <typename scalar_t, typename acc_t, typename param_t>
 struct BackwardElemtOp {
-  const scalar_t* __restrict__ dy;
-  const scalar_t* __restrict__ x;
-  scalar_t* __restrict__ dx;             // may be null (only grad_residual wanted)
-  scalar_t* __restrict__ grad_residual;  // may be null
-  const acc_t* __restrict__ mean_dz;
-  const acc_t* __restrict__ proj;
+  Restrict<const scalar_t> dy;
+  Restrict<const scalar_t> x;
+  Restrict<scalar_t> dx;             // may be null (only grad_residual wanted)
+  Restrict<scalar_t> grad_residual;  // may be null
+  Restrict<const acc_t> mean_dz;
+  Restrict<const acc_t> proj;
   ChannelCoefficients<acc_t, param_t> coefficients;
   GradSource<scalar_t, acc_t> source;
 

@@ -19,6 +19,8 @@
 namespace {
 
 using fusedbn::simt::BlockPartials;
+using fusedbn::simt::Global;
+using fusedbn::simt::Restrict;
 using fusedbn::simt::SharedArray;
 
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -178,6 +180,27 @@ at::Tensor poisoned_output(const at::Tensor& x_in, bool skip_last) {
   FUSEDBN_LAUNCH(&poisoned_output_kernel, 1, 32, 0, nullptr)(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(),
                                                            skip_last);
   return out;
+}
+
+// ---- restrict_alias: thread 0 of each block writes its block's statistic through a plain pointer, then
+// every thread reads it back: through that pointer (correct), or, the planted bug, through a __restrict__
+// pointer to the same memory, which promises the compiler that nothing else writes it during the launch
+// (kernels.cuh's one-launch forward once read its mean and invstd that way).
+
+__global__ void restrict_alias_kernel(Restrict<const float> x, Global<float> stats, Restrict<const float> stats_in,
+                                      Restrict<float> y, bool through_restrict) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (threadIdx.x == 0) stats[blockIdx.x] = 2 * x[blockIdx.x];
+  __syncthreads();
+  y[i] = through_restrict ? stats_in[blockIdx.x] : static_cast<float>(stats[blockIdx.x]);
+}
+
+at::Tensor restrict_alias(const at::Tensor& x_in, bool through_restrict) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor stats = at::empty_like(x), y = at::empty({x.numel() * 32}, x.options());
+  FUSEDBN_LAUNCH(&restrict_alias_kernel, x.numel(), 32, 0, nullptr)(
+      x.data_ptr<float>(), stats.data_ptr<float>(), stats.data_ptr<float>(), y.data_ptr<float>(), through_restrict);
+  return y;
 }
 
 // ---- shuffle: one block, out[i] = shuffle of x over the block's warps. Parameters travel as a struct.
@@ -373,6 +396,7 @@ TORCH_LIBRARY(fusedbn_simt_selftest, m) {
   m.def("shared_exchange(Tensor x, str bug='none') -> Tensor", &shared_exchange);
   m.def("shared_bounds(int index, bool too_big) -> ()", &shared_bounds);
   m.def("poisoned_output(Tensor x, bool skip_last) -> Tensor", &poisoned_output);
+  m.def("restrict_alias(Tensor x, bool through_restrict) -> Tensor", &restrict_alias);
   m.def("shuffle(Tensor x, str kind, int arg, int width=32) -> Tensor", &shuffle);
   m.def("divergent_barrier(str mode, float timeout_s) -> ()", &divergent_barrier);
   m.def("indices(int[] grid, int[] block, int smem=0) -> Tensor", &indices);

@@ -4,8 +4,9 @@
 //
 // Include this header before any kernel source. What is emulated:
 //   * threadIdx / blockIdx / blockDim / gridDim, __syncthreads, __syncwarp, warp shuffles (full mask),
-//     atomics, __threadfence, shared memory (SharedArray), the blocks' partials read across blocks
-//     (BlockPartials), and a launcher with CUDA's launch-size checks.
+//     atomics, __threadfence, shared memory (SharedArray), global memory through the kernels' pointers
+//     (Restrict, Global), the blocks' partials read across blocks (BlockPartials), and a launcher with
+//     CUDA's launch-size checks.
 // Execution model (a kernel author must respect these):
 //   * A launch's blocks start in a seeded random order, several at once on different OS threads
 //     (settings(): seed, concurrent_blocks), so any block can be the last of a grid merge; the threads
@@ -29,6 +30,8 @@
 //     writer fenced after writing and arrived (atomic) after the fence, the reader arrived later on the
 //     same counter and fenced before reading (any thread's fence or arrival counts where a
 //     __syncthreads orders it with the access);
+//   * memory that a __restrict__ pointer (Restrict) reads or writes and another pointer writes, or that it
+//     writes and another reads, in the same launch (checked after the grid);
 //   * out-of-bounds shared indices and static shared memory beyond the device's per-block limit.
 // The first exception any emulated thread throws is rethrown by the launch, after every thread of the
 // block has been released, with the launch's block-order seed.
@@ -132,6 +135,11 @@ inline std::string seconds_str(double s) {
 }
 inline std::string str(dim3 d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+inline std::string address_str(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  return buf;
 }
 inline dim3 coordinates(uint64_t linear, dim3 extent) {
   return dim3(static_cast<unsigned>(linear % extent.x), static_cast<unsigned>(linear / extent.x % extent.y),
@@ -307,6 +315,39 @@ struct Block {
   }
 };
 
+// ---- Global memory through the kernels' pointers (Pointer, below): the address range each pointer read
+// and wrote, with the first block and thread that did.
+struct Span {
+  uintptr_t lo = UINTPTR_MAX, hi = 0;
+  uint64_t block = 0;
+  uint32_t thread = 0;
+  bool empty() const { return hi == 0; }
+  void add(uintptr_t a, size_t bytes, uint64_t b, uint32_t t) {
+    if (empty()) block = b, thread = t;
+    lo = std::min(lo, a), hi = std::max<uintptr_t>(hi, a + bytes);
+  }
+  void add(const Span& o) {
+    if (o.empty()) return;
+    if (empty()) block = o.block, thread = o.thread;
+    lo = std::min(lo, o.lo), hi = std::max(hi, o.hi);
+  }
+  bool overlaps(const Span& o) const { return !empty() && !o.empty() && lo < o.hi && o.lo < hi; }
+};
+
+// A pointer is named by the address the host gave it and whether it is restrict-qualified.
+struct PointerUse {
+  uintptr_t base;
+  bool restricted;
+  Span read, written;
+};
+
+inline PointerUse& use_of(std::vector<PointerUse>& uses, uintptr_t base, bool restricted) {
+  for (PointerUse& u : uses) {
+    if (u.base == base && u.restricted == restricted) return u;
+  }
+  return uses.emplace_back(PointerUse{base, restricted, {}, {}});
+}
+
 // ---- Cross-block memory ordering of one launch (the sanitizer's record of partials, fences, atomics).
 
 struct Launch {
@@ -329,6 +370,7 @@ struct Launch {
     std::vector<Atomic> atomics;
   };
   std::mutex m;
+  std::vector<PointerUse> pointer_uses;                 // merged from every thread's, by pointer
   std::unordered_map<uintptr_t, Event> partial_writes;  // last write of each partial's first byte
   std::unordered_map<uint64_t, BlockLog> blocks;
   std::unordered_map<uintptr_t, uint64_t> modifications;  // atomic operations so far, per address
@@ -339,6 +381,7 @@ struct ThreadContext {
   Launch* launch = nullptr;
   Position at;
   unsigned shuffles = 0;  // shuffles this thread has done in this block: picks the exchange buffer
+  std::vector<PointerUse> uses;  // this thread's, merged into the launch's when it exits
   unsigned linear() const { return at.thread; }
 };
 inline thread_local ThreadContext context;
@@ -442,6 +485,50 @@ inline std::vector<uint64_t> block_order(uint64_t blocks, uint64_t seed) {
   return order;
 }
 
+inline void merge_pointer_uses(Launch& launch, const std::vector<PointerUse>& uses) {
+  if (uses.empty()) return;
+  std::lock_guard lk(launch.m);
+  for (const PointerUse& u : uses) {
+    PointerUse& merged = use_of(launch.pointer_uses, u.base, u.restricted);
+    merged.read.add(u.read);
+    merged.written.add(u.written);
+  }
+}
+
+// __restrict__ promises the compiler that, while a restrict pointer's accesses and some write touch the
+// same memory, no other pointer accesses it: a launch that reads or writes through one what another
+// pointer writes (or writes what another reads) lets the GPU build reorder or cache the accesses.
+inline void check_restrict(const Launch& launch, dim3 grid, dim3 block) {
+  if (!launch.sanitize) return;
+  auto who = [&](const Span& s) {
+    return "block " + str(coordinates(s.block, grid)) + ", thread " + str(coordinates(s.thread, block));
+  };
+  auto range = [](const Span& s) { return "[" + address_str(reinterpret_cast<void*>(s.lo)) + ", " +
+                                          address_str(reinterpret_cast<void*>(s.hi)) + ")"; };
+  auto pointer = [](const PointerUse& u) {
+    return std::string(u.restricted ? "the __restrict__ pointer" : "the pointer") + " given " +
+           address_str(reinterpret_cast<void*>(u.base));
+  };
+  for (const PointerUse& r : launch.pointer_uses) {
+    if (!r.restricted) continue;
+    for (const PointerUse& other : launch.pointer_uses) {
+      if (&other == &r) continue;
+      const Span* mine = nullptr;
+      const Span* theirs = nullptr;
+      const char* how = "";
+      if (other.written.overlaps(r.read)) mine = &r.read, theirs = &other.written, how = "reads";
+      else if (other.written.overlaps(r.written)) mine = &r.written, theirs = &other.written, how = "writes";
+      else if (r.written.overlaps(other.read)) mine = &r.written, theirs = &other.read, how = "writes";
+      if (!mine) continue;
+      const bool other_writes = theirs == &other.written;
+      throw std::runtime_error(
+          "simt: __restrict__ aliasing in kernel " + launch.kernel + ": " + who(*mine) + " " + how + " " + range(*mine) +
+          " through " + pointer(r) + ", and " + who(*theirs) + (other_writes ? " writes " : " reads ") + range(*theirs) +
+          " through " + pointer(other) + " in the same launch");
+    }
+  }
+}
+
 // Runs `body` (the kernel call) on every thread of every block, settings().concurrent_blocks blocks at a
 // time in the order block_order(launch.seed); rethrows the first failure with the seed that reproduces it.
 inline void run_grid(dim3 grid, dim3 dim, const std::function<void()>& body, Launch& launch) {
@@ -468,6 +555,7 @@ inline void run_grid(dim3 grid, dim3 dim, const std::function<void()>& body, Lau
       } catch (...) {
         block.fail(std::current_exception());
       }
+      merge_pointer_uses(launch, context.uses);
       block.barrier.exit();
       block.warps[i / 32].barrier.exit();
       context = {};
@@ -486,6 +574,13 @@ inline void run_grid(dim3 grid, dim3 dim, const std::function<void()>& body, Lau
   for (unsigned s = 1; s < slots; ++s) others.emplace_back(slot_main, s);
   slot_main(0);
   for (std::thread& t : others) t.join();
+  if (!error) {
+    try {
+      check_restrict(launch, grid, dim);
+    } catch (...) {
+      error = std::current_exception();
+    }
+  }
   if (error) {
     try {
       std::rethrow_exception(error);
@@ -590,12 +685,6 @@ auto record_atomic(void* address, F&& op) {
   return old;
 }
 
-inline std::string address_str(const void* p) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%p", p);
-  return buf;
-}
-
 template <typename T>
 void partial_store(T* p, const T& v) {
   if (!sanitizing()) {
@@ -644,6 +733,12 @@ T partial_load(const T* p) {
   }
   std::memcpy(&v, p, sizeof(T));
   return v;
+}
+
+inline void note_access(const void* base, bool restricted, bool write, const void* address, size_t bytes) {
+  if (!sanitizing()) return;
+  PointerUse& u = use_of(context.uses, reinterpret_cast<uintptr_t>(base), restricted);
+  (write ? u.written : u.read).add(reinterpret_cast<uintptr_t>(address), bytes, context.block->linear, context.at.thread);
 }
 
 }  // namespace detail
@@ -794,6 +889,86 @@ struct BlockPartials {
   T* data;
   PartialRef<T> operator[](int64_t i) const { return PartialRef<T>(data + i); }
 };
+
+// ---- Global memory through the kernels' pointers: Restrict<T> (a `T* __restrict__` under nvcc) and
+// Global<T> (a plain `T*`), device_memory.h. Each thread notes the address range it reads and writes
+// through each pointer; after the grid, check_restrict reports memory that a restrict pointer accesses and
+// another pointer writes (or that it writes and another reads) in the same launch.
+
+template <typename T, bool kRestrict>
+class Pointer;
+
+template <typename T, bool kRestrict>
+class GlobalRef {
+ public:
+  explicit GlobalRef(const Pointer<T, kRestrict>& p) : p_(p) {}
+  operator T() const { return *p_.reading(0, 1); }
+  GlobalRef& operator=(const T& v) {
+    *p_.writing(0, 1) = v;
+    return *this;
+  }
+
+ private:
+  Pointer<T, kRestrict> p_;
+};
+
+template <typename T, bool kRestrict>
+class Pointer {
+ public:
+  using element_type = T;
+  using value_type = std::remove_cv_t<T>;
+
+  Pointer() = default;
+  Pointer(std::nullptr_t) {}
+  template <typename U>
+    requires std::is_convertible_v<U*, T*>
+  Pointer(U* p) : p_(p), base_(p) {}
+
+  explicit operator bool() const { return p_ != nullptr; }
+  Pointer operator+(int64_t i) const {
+    Pointer q = *this;
+    q.p_ += i;
+    return q;
+  }
+  // Element i: its value where T is const, else a reference object that reads and writes it.
+  auto operator[](int64_t i) const {
+    if constexpr (std::is_const_v<T>) {
+      return *(*this + i).reading(0, 1);
+    } else {
+      return GlobalRef<T, kRestrict>(*this + i);
+    }
+  }
+  // The address of `count` elements at offset i, noted as read or written through this pointer.
+  const value_type* reading(int64_t i, int count) const {
+    detail::note_access(base_, kRestrict, false, p_ + i, sizeof(T) * count);
+    return p_ + i;
+  }
+  value_type* writing(int64_t i, int count) const
+    requires(!std::is_const_v<T>)
+  {
+    detail::note_access(base_, kRestrict, true, p_ + i, sizeof(T) * count);
+    return p_ + i;
+  }
+
+ private:
+  T* p_ = nullptr;
+  T* base_ = nullptr;  // the address the host gave: names the pointer
+};
+
+template <typename T>
+using Restrict = Pointer<T, true>;
+template <typename T>
+using Global = Pointer<T, false>;
+
+// device_memory.h's reading(p, count) / writing(p, count): the address of count elements at p.
+template <typename T, bool kRestrict>
+const std::remove_cv_t<T>* reading(const Pointer<T, kRestrict>& p, int count) {
+  return p.reading(0, count);
+}
+template <typename T, bool kRestrict>
+T* writing(const Pointer<T, kRestrict>& p, int count) {
+  return p.writing(0, count);
+}
 
 }  // namespace fusedbn::simt
 
