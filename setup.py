@@ -103,10 +103,14 @@ def extension():
 
 
 def simt_extension():
+    # Rounded as written, with an fma exactly where the source writes one (host_device.h's mul_add and
+    # fma_exact: libm's fma, correctly rounded on any x86-64, where nvcc's fma is): g++'s own contraction
+    # (its default wherever the target has FMA, e.g. aarch64) would fuse other products than nvcc does, so
+    # the emulator does not try to imitate it. No -mfma: the library runs on any x86-64.
     return cpp_extension.CppExtension(
         "fusedbn._simt",
         ["csrc/simt/ops.cpp"],
-        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas"]},
+        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off", "-DFUSEDBN_EXACT_FMA"]},
     )
 
 

@@ -9,6 +9,15 @@
 // The backward needs act'(z). It is recomputed from x, the channel's coefficients (and the residual) exactly
 // as the forward computed z, so only x (and the residual) stay alive for backward; ReLU with a residual
 // reads its mask from the output instead (torch's composition keeps that output anyway).
+//
+// Rounding (host_device.h): normalized fuses its product and sum explicitly (mul_add), as nvcc would: the
+// same bits on the GPU, the SIMT emulator and the CPU's FMA builds, and the same in every pass of one
+// backend (the recomputed z is the forward's); the x86-64 baseline CPU build rounds the product apart.
+// dx_of is left to the compiler (see there). The activations are left to each compiler too: those without
+// exp, erf or tanh have no product feeding a sum (identity, ReLU, ReLU6, leaky ReLU, Hardswish: the same
+// bits everywhere for the same z); the others differ between backends in their elementary functions
+// anyway (CUDA's, libm's, the CPU vectors'), and nvcc contracts parts of them: they agree within the tests'
+// tolerances, not to the bit.
 #pragma once
 
 #include <cmath>
@@ -203,11 +212,12 @@ struct Epilogue {
 };
 
 // bn(x) = (x - mean) * alpha + beta with alpha = weight * invstd, beta = bias: the one expression every
-// pass uses, so a recomputed value equals the forward's bit for bit. Centering before scaling keeps it
-// exact for inputs whose mean is large next to their spread.
+// pass uses, so a recomputed value equals the forward's bit for bit (its fma explicit, not left to the
+// compiler's contraction, which could differ between passes). Centering before scaling keeps it exact for
+// inputs whose mean is large next to their spread.
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t normalized(acc_t x, acc_t mean, acc_t alpha, acc_t beta) {
-  return (x - mean) * alpha + beta;
+  return mul_add(x - mean, alpha, beta);
 }
 
 // z rounded to the input's dtype: ReLU's mask is taken on it, so that it is the mask of the output, as
@@ -241,7 +251,10 @@ FUSEDBN_HOST_DEVICE inline acc_t grad_through_activation(acc_t g, acc_t x, scala
 // dx of one value from its dz: (dz - mean_dz - (x - mean) * proj) * alpha (kCentered: training), dz * alpha
 // under eval statistics (x does not enter: a NaN input keeps a finite gradient, as in torch). Subtracting
 // before scaling by alpha = w * invstd avoids the cancellation between alpha*dz and alpha*mean_dz when
-// invstd is large.
+// invstd is large. The product and its difference are left to the compiler (nvcc fuses them, as g++ does
+// for an FMA target; the SIMT emulator and the x86-64 baseline CPU build round the product first): an
+// explicit fma here costs the one-value backward passes 1-2 registers on sm_90 (40 -> 42, and fewer
+// resident threads), for a last bit that the backends' differing sums (mean_dz, proj) blur anyway.
 template <bool kCentered, typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t dx_of(acc_t dz, acc_t x, acc_t mean, acc_t mean_dz, acc_t proj, acc_t alpha) {
   if constexpr (kCentered) {

@@ -13,6 +13,14 @@
 //  - where delta itself is not finite (means of opposite sign near the range's end, or an infinite mean),
 //    the mean is the weighted sum ma * na/n + mb * nb/n, which is finite where the true mean is and
 //    inf (or NaN, for inf - inf) exactly where a plain sum of the values is.
+//
+// Rounding (host_device.h): a formula here either has no product feeding a sum (invstd, the variances,
+// 1/m, centering_of, grad_weight_of, alpha_of: each step correctly rounded, so the same inputs give the
+// same bits on every backend), or says where it is fused: fma_exact (the running-statistics update: the
+// same bits on every backend) or mul_add (the merge, which also runs per vector in the CUDA reductions:
+// the same bits on the GPU, the SIMT emulator and the CPU's FMA builds, but for its fallback where the
+// means' difference is not finite; the x86-64 baseline CPU build rounds the products apart). The statistics
+// themselves differ between the CPU and the GPU in the last bits anyway: they sum in different orders.
 #pragma once
 
 #include <cstdint>
@@ -31,13 +39,14 @@ struct WelfordPartial {
 };
 
 // The Chan merge of side b's (mean, M2) into side a's, given nb / n and na * nb / n (shared by every
-// column of a block on the CPU, where the columns merge in vectorized loops).
+// column of a block on the CPU, where the columns merge in vectorized loops). Fused as nvcc fuses it:
+// mean + delta * nb/n and m2_b + delta * (delta * na nb/n) in one rounding each (mul_add).
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline void chan_merge_into(acc_t& mean, acc_t& m2, acc_t mean_b, acc_t m2_b, acc_t nb_over_n,
                                                 acc_t na_nb_over_n) {
   const acc_t delta = mean_b - mean;
-  mean += delta * nb_over_n;
-  m2 += m2_b + delta * (delta * na_nb_over_n);
+  mean = mul_add(delta, nb_over_n, mean);
+  m2 += mul_add(delta, delta * na_nb_over_n, m2_b);
 }
 
 template <typename acc_t>
@@ -48,6 +57,8 @@ FUSEDBN_HOST_DEVICE inline WelfordPartial<acc_t> welford_merge(
   const acc_t nb_over_n = static_cast<acc_t>(b.count) * inv_n;
   WelfordPartial<acc_t> out{a.mean, a.m2, n};
   chan_merge_into(out.mean, out.m2, b.mean, b.m2, nb_over_n, static_cast<acc_t>(a.count) * nb_over_n);
+  // Left to the compiler (nvcc fuses the first product, g++ on an FMA target may): an explicit fma here costs
+  // the Welford reductions 2 registers, for a last bit of means near float's range or beyond it.
   if (!std::isfinite(b.mean - a.mean)) out.mean = a.mean * (static_cast<acc_t>(a.count) * inv_n) + b.mean * nb_over_n;
   return out;
 }
@@ -61,7 +72,8 @@ FUSEDBN_HOST_DEVICE inline acc_t channel_shift(acc_t first_value) {
 }
 
 // 1 / sqrt(var + eps) in acc_t, the batch's biased variance in training and running_var in eval: the same
-// bits on every backend (IEEE division and square root, no fast-math build).
+// bits on every backend for the same var, three correctly rounded steps and no product to contract (nvcc's
+// default -prec-div=true -prec-sqrt=true: no fast-math build, which would make them approximate).
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t invstd_of(acc_t var, double eps) {
   return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
@@ -81,11 +93,13 @@ FUSEDBN_HOST_DEVICE inline acc_t welford_unbiased_var(const WelfordPartial<acc_t
 
 // nn.BatchNorm's running-statistic update, (1 - momentum) * old + momentum * batch, in acc_t (torch's CPU
 // kernel computes it in float64: the two may differ in the last bit; a momentum beyond float32's range
-// makes the update NaN in both).
+// makes the update NaN in both). One fma, (1 - m) * old + round(m * batch), as nvcc contracts it: the same
+// bits on every backend for the same batch statistic (per channel: libm's fma costs the x86-64 baseline
+// CPU build nothing worth counting).
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double momentum) {
   const acc_t m = static_cast<acc_t>(momentum);
-  return (acc_t(1) - m) * old + m * batch;
+  return fma_exact(acc_t(1) - m, old, m * batch);
 }
 
 // The backward's per-channel terms from the gradient sums over a channel's m values, sum(dz) and
@@ -94,6 +108,8 @@ FUSEDBN_HOST_DEVICE inline acc_t running_update(acc_t old, acc_t batch, double m
 //   training dx = (dz - mean_dz - (x - mean) * proj) * alpha (dx_of, epilogue.h) with
 //   mean_dz = sum(dz) / m and proj = invstd^2 * sum(dz * (x - mean)) / m.
 // 1/m is rounded once from double, so a count beyond float's 2^24 still divides exactly as far as it can.
+// Products only (invstd * invstd * sum * 1/m from the left, no sum to contract): the same bits on every
+// backend for the same sums; the sums themselves are reduced in each backend's own order.
 template <typename acc_t>
 FUSEDBN_HOST_DEVICE inline acc_t inv_count_of(int64_t count) {
   return static_cast<acc_t>(1.0 / static_cast<double>(count > 0 ? count : 1));
@@ -117,7 +133,8 @@ FUSEDBN_HOST_DEVICE inline acc_t grad_weight_of(acc_t sum_dz_xmu, acc_t invstd) 
 
 // normalize's per-channel coefficients, y = (x - mean) * alpha + beta: alpha = weight * invstd (invstd
 // without a weight), beta = bias (0 without), from parameters of any dtype (null where absent) through a
-// pointer (or the CUDA kernels' pointer type, csrc/cuda/device_memory.h).
+// pointer (or the CUDA kernels' pointer type, csrc/cuda/device_memory.h). One product: the same bits on
+// every backend for the same invstd (in eval, from running_var: the same everywhere).
 template <typename acc_t, typename ParamPointer>
 FUSEDBN_HOST_DEVICE inline acc_t alpha_of(ParamPointer weight, int64_t c, acc_t invstd) {
   return weight ? static_cast<acc_t>(weight[c]) * invstd : invstd;
