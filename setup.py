@@ -110,7 +110,10 @@ def simt_extension():
     return cpp_extension.CppExtension(
         "fusedbn._simt",
         ["csrc/simt/ops.cpp"],
-        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off", "-DFUSEDBN_EXACT_FMA"]},
+        # -fno-gnu-unique: the emulator's state (its settings, the running launch) is this library's own, not
+        # shared with another built from simt.h in the same process (the self-test's).
+        extra_compile_args={"cxx": ["-O2", "-Wno-unknown-pragmas", "-ffp-contract=off", "-DFUSEDBN_EXACT_FMA",
+                                    "-fno-gnu-unique"]},
     )
 
 

@@ -164,7 +164,10 @@ struct WelfordReducer {
       const acc_t mean = sum / static_cast<acc_t>(last - first);
       acc_t m2 = 0;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) m2 += k >= first && k < last ? (v[k] - mean) * (v[k] - mean) : acc_t(0);
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t d = k >= first && k < last ? v[k] - mean : acc_t(0);
+        m2 = mul_add(d, d, m2);  // fused on every backend that runs this source (host_device.h)
+      }
       s = welford_merge(s, State{mean, m2, last - first});
     }
   };
@@ -186,8 +189,8 @@ struct WelfordReducer {
       for (int k = 0; k < kVec; ++k) {
         const acc_t v = static_cast<acc_t>(loaded.val[k]) - shift[k];
         const acc_t d = v - mean[k];
-        mean[k] += d * inv_n;
-        m2[k] += d * (v - mean[k]);
+        mean[k] = mul_add(d, inv_n, mean[k]);  // fused as nvcc fuses them, in the emulator too (host_device.h)
+        m2[k] = mul_add(d, v - mean[k], m2[k]);
       }
     }
     __device__ __forceinline__ State lane(int k) const { return State{mean[k], m2[k], count}; }
@@ -270,7 +273,7 @@ struct GradReducer {
       const acc_t dz = source(static_cast<acc_t>(g.val[k]), xk, ov.val[k], co[lane]);
       if (k >= first && k < last) {
         sums[lane].dz += dz;
-        sums[lane].dz_xmu += dz * (xk - co[lane].mean);
+        sums[lane].dz_xmu = mul_add(dz, xk - co[lane].mean, sums[lane].dz_xmu);  // fused: host_device.h
       }
     }
   }
