@@ -83,7 +83,7 @@ inline std::vector<at::Tensor>& registered_counters() {
 }
 }  // namespace detail
 
-// Called when an op takes `counters` for its launches: they must be zero already.
+// Called when an op takes `counters` for its launches: check_counters_at_rest covers them from then on.
 inline void register_counters(const at::Tensor& counters) {
   if (!counters.defined()) return;
   std::lock_guard lk(detail::counters_mutex());

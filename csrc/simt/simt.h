@@ -110,9 +110,10 @@ struct Settings {
     const double s = env ? std::strtod(env, nullptr) : 0.0;
     return s > 0 ? s : 10.0;
   }()};
-  // Static shared memory a block may use (CUDA's limit without opt-in).
-  std::atomic<size_t> shared_bytes_per_block{48 * 1024};
 };
+
+// Static shared memory a block may declare (CUDA's limit without opt-in).
+constexpr size_t kSharedBytesPerBlock = 48 * 1024;
 
 inline Settings& settings() {
   static Settings s;
@@ -852,10 +853,10 @@ class SharedArray {
   // This block's copy, made on first use: filled with 0xFF (a NaN in every float type), its shadow empty.
   detail::SharedRegion& region(detail::Block& b) const {
     if (const auto it = b.shared.find(this); it != b.shared.end()) return it->second;
-    if (b.shared_bytes + sizeof(T) * N > settings().shared_bytes_per_block)
+    if (b.shared_bytes + sizeof(T) * N > kSharedBytesPerBlock)
       detail::report("shared-memory size", "the block's static shared memory reaches " +
                                                std::to_string(b.shared_bytes + sizeof(T) * N) + " bytes with " + name() +
-                                               ", over the limit of " + std::to_string(settings().shared_bytes_per_block.load()));
+                                               ", over the limit of " + std::to_string(kSharedBytesPerBlock));
     b.shared_bytes += sizeof(T) * N;
     detail::SharedRegion& r = b.shared[this];
     r.storage.assign(sizeof(T) * N + 64, std::byte{0xFF});
