@@ -105,6 +105,9 @@ struct Settings {
   // Blocks running at once (each on its own OS threads).
   std::atomic<unsigned> concurrent_blocks{static_cast<unsigned>(env_u64("FUSEDBN_SIMT_CONCURRENT_BLOCKS", 4))};
   std::atomic<bool> sanitize{env_u64("FUSEDBN_SIMT_SANITIZE", 1) != 0};
+  // Launches are validated and recorded (recorded_launches), not run: what the host code would launch on
+  // the emulated device, at shapes too large to emulate.
+  std::atomic<bool> record_only{false};
   std::atomic<double> timeout_s{[] {
     const char* env = std::getenv("FUSEDBN_SIMT_TIMEOUT_S");
     const double s = env ? std::strtod(env, nullptr) : 0.0;
@@ -750,13 +753,49 @@ inline std::atomic<uint64_t>& launch_count() {
   return count;
 }
 
+// A launch as the host code made it, kept in record-only mode (Settings::record_only).
+struct RecordedLaunch {
+  std::string kernel;  // with its template arguments, as the compiler spells the instantiation
+  dim3 grid, block;
+  size_t dynamic_shared_bytes;
+};
+struct Recorded {
+  std::mutex mutex;
+  std::vector<RecordedLaunch> launches;
+};
+inline Recorded& recorded() {
+  static Recorded r;
+  return r;
+}
+
+namespace detail {
+// The instantiation kKernel names, e.g. "fusedbn::cuda::channels_last_reduce_kernel<..., 4>" (from the
+// compiler's signature of this function, "... [with auto kKernel = <name>; <other names> = ...]").
+template <auto kKernel>
+std::string instantiation_name() {
+  const std::string_view pretty = __PRETTY_FUNCTION__, marker = "kKernel = ";
+  std::string_view name = pretty.substr(pretty.find(marker) + marker.size());
+  name = name.substr(0, std::min(name.find("; "), name.rfind(']')));
+  return kernel_name(name);
+}
+}  // namespace detail
+
 // launch(kernel, grid, block, smem, name)(args...) runs the whole grid synchronously (see the top of file).
+// `instantiation` names the kernel in record-only mode (detail::instantiation_name).
 template <typename... KArgs>
-auto launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem_bytes, const char* name = "kernel") {
+auto launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t dynamic_smem_bytes, const char* name = "kernel",
+            std::string instantiation = {}) {
   detail::validate(grid, block, dynamic_smem_bytes);
   ++launch_count();
-  return [kernel, grid, block, name](auto&&... args) {
+  const bool run = !settings().record_only;
+  if (!run) {
+    const std::lock_guard lock(recorded().mutex);
+    recorded().launches.push_back({instantiation.empty() ? detail::kernel_name(name) : instantiation, grid, block,
+                                   dynamic_smem_bytes});
+  }
+  return [kernel, grid, block, name, run](auto&&... args) {
     static_assert(sizeof...(args) == sizeof...(KArgs), "wrong number of kernel arguments");
+    if (!run) return;
     auto params = detail::as_params<KArgs...>(std::forward<decltype(args)>(args)...);
     detail::Launch launch;
     launch.kernel = detail::kernel_name(name);
@@ -976,7 +1015,7 @@ T* writing(const Pointer<T, kRestrict>& p, int count) {
 // The kernels' launch macro (csrc/cuda/launch.h) under the emulator: the grid runs here, synchronously, and
 // there is no CUDA error state to check.
 #define FUSEDBN_LAUNCH(kernel, grid, block, shared_bytes, stream) \
-  ::fusedbn::simt::launch(kernel, grid, block, shared_bytes, #kernel)
+  ::fusedbn::simt::launch(kernel, grid, block, shared_bytes, #kernel, ::fusedbn::simt::detail::instantiation_name<kernel>())
 #define FUSEDBN_LAUNCH_CHECK() ((void)0)
 
 // ---- Device functions, in the global namespace like CUDA's.
