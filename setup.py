@@ -92,7 +92,9 @@ def extension():
     if not want_cuda():
         return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                                           extra_link_args=link_flags)
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # +PTX: the sm_90 PTX too, which the driver compiles for newer GPUs (Blackwell) at first use; without
+    # it they would find no kernel image.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     print(f"fusedbn: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     return cpp_extension.CUDAExtension(
         "fusedbn._C",

@@ -4,8 +4,9 @@
 //
 // Context must provide: `stream` (passed to FUSEDBN_LAUNCH), `int sm_count`, `int max_threads` (threads
 // per block the launches may use: kMaxBlockThreads on a GPU, fewer under the emulator, where each thread
-// is an OS thread), `int resident_threads_per_sm` (what the grids are sized for: kMinResidentThreads on a
-// GPU), and for the scratch (scratch.h) `scratch_key()`, `capturing()` and `on_scratch(scratch)` (called
+// is an OS thread), `int blocks_per_sm(const void* kernel, int threads)` (how many blocks of `threads` of
+// that kernel are resident on an SM at once: the grids are at most one wave, sm_count times that), and for
+// the scratch (scratch.h) `scratch_key()`, `capturing()` and `on_scratch(scratch)` (called
 // when an op takes its scratch: nothing on a GPU; the emulator poisons and checks it).
 #pragma once
 
@@ -66,11 +67,23 @@ inline dim3 channels_last_block(int64_t vectors_per_row, int64_t threads) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(threads / x));
 }
 
-// A reduction's launch: channels-first, one block row per channel (grid.x = C), split (grid.y) into
-// several blocks when the channels are too few to fill one wave of the GPU and each split still has >= 4
-// windows per thread; channels-last, blocks of channel vectors x rows (grid.x = channel groups), rows split
-// the same way while each split keeps >= 8 rows per thread row. A wave is what is resident at once:
-// ctx.resident_threads_per_sm / threads blocks per SM.
+// A kernel as the Context's blocks_per_sm takes it.
+template <auto kKernel>
+const void* kernel_id() {
+  return reinterpret_cast<const void*>(kKernel);
+}
+
+// Blocks of `threads` threads of kKernel that run at once on the whole GPU.
+template <auto kKernel, typename Context>
+int64_t wave_of(const Context& ctx, int64_t threads) {
+  return static_cast<int64_t>(ctx.sm_count) * std::max(1, ctx.blocks_per_sm(kernel_id<kKernel>(), static_cast<int>(threads)));
+}
+
+// A reduction's launch, at most one wave of blocks (a wave: what is resident at once): channels-first, one
+// block row per channel, min(C, wave) of them (a block takes several channels when they are more), split
+// (grid.y) into several blocks when the channels are fewer than half a wave and each split still has >= 4
+// windows per thread: wave / C splits, rounded down; channels-last, blocks of channel vectors x rows
+// (grid.x = channel groups), rows split the same way while each split keeps >= 8 rows per thread row.
 struct ReduceGrid {
   dim3 grid, block;
   int64_t windows_per_run = 0;  // channels-first: W, see channels_first_reduce_kernel
@@ -88,24 +101,25 @@ int64_t windows_per_run(int64_t S) {
   return std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
 }
 
-template <int kVec, typename Context>
+template <int kVec, typename Reducer, typename Finisher, typename Context>
 ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
   const int64_t C = layout.C;
-  auto wave = [&](int64_t threads) { return ctx.sm_count * std::max<int64_t>(1, ctx.resident_threads_per_sm / threads); };
   ReduceGrid g;
   if (!layout.channels_last) {
     g.windows_per_run = windows_per_run<kVec>(layout.S);
     const int64_t windows = layout.N * g.windows_per_run;
     const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
+    const int64_t wave = wave_of<&channels_first_reduce_kernel<Reducer, Finisher, kVec>>(ctx, threads);
     const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
-    const int64_t splits = std::min<int64_t>({ceil_div(wave(threads), C), max_splits, 65535});
-    g.grid = dim3(static_cast<unsigned>(C), static_cast<unsigned>(splits));
+    const int64_t splits = std::min<int64_t>({std::max<int64_t>(1, wave / C), max_splits, 65535});
+    g.grid = dim3(static_cast<unsigned>(splits > 1 ? C : std::min(C, wave)), static_cast<unsigned>(splits));
     g.block = dim3(static_cast<unsigned>(threads));
   } else {
     g.block = channels_last_block(ceil_div(C, kVec), ctx.max_threads);
+    const int64_t wave = wave_of<&channels_last_reduce_kernel<Reducer, Finisher, kVec>>(ctx, ctx.max_threads);
     const int64_t groups = ceil_div(C, static_cast<int64_t>(g.block.x) * kVec);
     const int64_t max_splits = std::max<int64_t>(1, layout.rows() / (static_cast<int64_t>(g.block.y) * 8));
-    const int64_t splits = std::min<int64_t>({ceil_div(wave(ctx.max_threads), groups), max_splits, 65535});
+    const int64_t splits = std::min<int64_t>({std::max<int64_t>(1, wave / groups), max_splits, 65535});
     g.grid = dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
   }
   return g;
@@ -127,13 +141,13 @@ void with_layout_width(const ChannelLayout& layout, bool aligned, bool runs_hold
   }
 }
 
-// The scratch (scratch.h) a reduction by Reducer over `layout` needs, its partials after `reserved_bytes`
-// the caller uses for its own per-channel terms.
-template <int kVecWidth, typename Reducer, typename Context>
+// The scratch (scratch.h) a reduction by Reducer and Finisher over `layout` needs, its partials after
+// `reserved_bytes` the caller uses for its own per-channel terms.
+template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 Scratch reduce_scratch(const ChannelLayout& layout, bool aligned, int64_t reserved_bytes, const Tensor& like,
                        const Context& ctx) {
   ReduceGrid g;
-  auto grid = [&](auto vec) { g = reduce_grid<decltype(vec)::value>(layout, ctx); };
+  auto grid = [&](auto vec) { g = reduce_grid<decltype(vec)::value, Reducer, Finisher>(layout, ctx); };
   with_layout_width<kVecWidth, Reducer::kMaxLanes>(layout, aligned, false, grid, grid);
   return scratch(ctx, like, g.counters(),
                  round_up16(reserved_bytes) +
@@ -151,13 +165,13 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
       layout, aligned, false,
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
+        const ReduceGrid g = reduce_grid<kVec, Reducer, Finisher>(layout, ctx);
         FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
             reducer, finisher, layout.N, layout.C, layout.S, g.windows_per_run, partials, scratch.counter_ptr());
       },
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        const ReduceGrid g = reduce_grid<kVec>(layout, ctx);
+        const ReduceGrid g = reduce_grid<kVec, Reducer, Finisher>(layout, ctx);
         FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
             reducer, finisher, layout.rows(), layout.C, partials, scratch.counter_ptr());
       });
@@ -166,18 +180,18 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
 
 // One elementwise pass over the layout, with vectors of up to 16 bytes (at most Op::kMaxLanes values) when
 // every tensor is aligned and a vector spans at most two channel runs (channels-first, S >= kVec) or whole
-// channels (channels-last).
+// channels (channels-last); at most one wave of blocks.
 template <int kVecWidth, typename Op, typename Context>
 void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel, bool aligned, const Context& ctx) {
   if (numel == 0) return;
   const int64_t C = layout.C;
-  const int64_t max_blocks = 8 * static_cast<int64_t>(ctx.sm_count);
   const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
   with_layout_width<kVecWidth, Op::kMaxLanes>(
       layout, aligned, true,
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        const int64_t blocks = std::min<int64_t>(ceil_div(numel / kVec, threads), max_blocks);
+        const int64_t wave = wave_of<&channels_first_elementwise_kernel<Op, kVec>>(ctx, threads);
+        const int64_t blocks = std::min<int64_t>(ceil_div(numel / kVec, threads), wave);
         FUSEDBN_LAUNCH((&channels_first_elementwise_kernel<Op, kVec>), dim3(std::max<int64_t>(1, blocks)),
                        dim3(threads), 0, ctx.stream)(op, numel, layout.S, C);
       },
@@ -185,9 +199,10 @@ void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel
         constexpr int kVec = decltype(vec)::value;
         const int64_t M = layout.rows();
         const dim3 block = channels_last_block(ceil_div(C, kVec), threads);
+        const int64_t wave = wave_of<&channels_last_elementwise_kernel<Op, kVec>>(ctx, threads);
         const int64_t groups = ceil_div(C, static_cast<int64_t>(block.x) * kVec);
         const int64_t row_blocks =
-            std::min<int64_t>({ceil_div(M, block.y), std::max<int64_t>(1, max_blocks / groups), 65535});
+            std::min<int64_t>({ceil_div(M, block.y), std::max<int64_t>(1, wave / groups), 65535});
         FUSEDBN_LAUNCH((&channels_last_elementwise_kernel<Op, kVec>),
                        dim3(static_cast<unsigned>(groups), static_cast<unsigned>(row_blocks)), block, 0, ctx.stream)(
             op, M, C);
@@ -218,21 +233,21 @@ ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, con
 
 // The normalize pass, y = act((x - mean) * alpha + beta [+ residual]) per channel with the coefficients
 // computed in the kernel from `coefficients`: its output (with x's strides), residual (in x's view) and op.
-template <typename scalar_t, typename acc_t, typename param_t>
+template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct NormalizePass {
   Tensor y, r;
-  NormalizeOp<scalar_t, acc_t, param_t> op;
+  NormalizeOp<scalar_t, acc_t, param_t, Act> op;
 
   bool aligned(const Tensor& x) const { return aligned16(x) && aligned16(y) && (!r.defined() || aligned16(r)); }
 };
 
-template <typename scalar_t, typename acc_t, typename param_t>
-NormalizePass<scalar_t, acc_t, param_t> normalize_pass(const Tensor& x, const ChannelLayout& layout,
+template <typename scalar_t, typename Act, typename acc_t, typename param_t>
+NormalizePass<scalar_t, acc_t, param_t, Act> normalize_pass(const Tensor& x, const ChannelLayout& layout,
                                                        const ChannelCoefficients<acc_t, param_t>& coefficients,
                                                        const OptTensor& residual, Epilogue epilogue) {
   Tensor y = empty_like_dense(x, x.scalar_type());
   Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
-  const NormalizeOp<scalar_t, acc_t, param_t> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+  const NormalizeOp<scalar_t, acc_t, param_t, Act> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, coefficients,
                                                  epilogue.act, static_cast<acc_t>(epilogue.param)};
   return {y, r, op};
@@ -245,10 +260,10 @@ NormalizePass<scalar_t, acc_t, param_t> normalize_pass(const Tensor& x, const Ch
 // Returns whether it launched.
 constexpr int kOnePassRows = 4;
 
-template <int kVecWidth, typename scalar_t, typename acc_t, typename param_t, typename Context>
+template <int kVecWidth, typename scalar_t, typename acc_t, typename param_t, typename Act, typename Context>
 bool launch_one_pass_forward(const ChannelLayout& layout, const WelfordReducer<scalar_t, acc_t>& reducer,
                              const StatsFinisher<acc_t, param_t>& finisher,
-                             const NormalizeOp<scalar_t, acc_t, param_t>& op, bool aligned, const Context& ctx) {
+                             const NormalizeOp<scalar_t, acc_t, param_t, Act>& op, bool aligned, const Context& ctx) {
   if (layout.channels_last || layout.count_per_channel() == 0) return false;
   bool launched = false;
   with_vec_width<kVecWidth>(aligned, [&](auto vec) {
@@ -256,8 +271,9 @@ bool launch_one_pass_forward(const ChannelLayout& layout, const WelfordReducer<s
     const int64_t W = windows_per_run<kVec>(layout.S);
     const int64_t threads = std::max<int64_t>(kWarpSize, ceil_div(ceil_div(layout.N * W, kOnePassRows), kWarpSize) * kWarpSize);
     if (threads > ctx.max_threads) return;
-    FUSEDBN_LAUNCH((&channels_first_forward_kernel<scalar_t, acc_t, param_t, kVec, kOnePassRows>),
-                   dim3(static_cast<unsigned>(layout.C)), dim3(static_cast<unsigned>(threads)), 0, ctx.stream)(
+    constexpr auto kernel = &channels_first_forward_kernel<scalar_t, acc_t, param_t, Act, kVec, kOnePassRows>;
+    const int64_t blocks = std::min(layout.C, wave_of<kernel>(ctx, threads));
+    FUSEDBN_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), 0, ctx.stream)(
         reducer, finisher, op, layout.N, layout.C, layout.S, W);
     FUSEDBN_LAUNCH_CHECK();
     launched = true;
@@ -295,13 +311,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                    mean.mutable_data_ptr<acc_t>(),  invstd.mutable_data_ptr<acc_t>(),
                                                    momentum,                        eps};
       constexpr int kVecWidth = vec_width<scalar_t>();
-      const auto pass = normalize_pass<scalar_t>(
-          x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual, epilogue);
-      y = pass.y;
-      if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
-      const Scratch s = reduce_scratch<kVecWidth, decltype(reducer)>(layout, aligned16(x), 0, x, ctx);
-      launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
-      launch_elementwise<kVecWidth>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
+      with_activation_policy(epilogue.act, [&](auto act) {
+        const auto pass = normalize_pass<scalar_t, decltype(act)>(
+            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual, epilogue);
+        y = pass.y;
+        if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
+        const Scratch s =
+            reduce_scratch<kVecWidth, decltype(reducer), decltype(finisher)>(layout, aligned16(x), 0, x, ctx);
+        launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
+        launch_elementwise<kVecWidth>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
+      });
     });
   });
   {
@@ -331,18 +350,21 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(dtype_of_first({&weight, &bias, &rm, &rv}), [&](auto param_tag) {
       using param_t = decltype(param_tag);
-      const auto pass = normalize_pass<scalar_t>(
-          x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps), residual, epilogue);
-      launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
-      y = pass.y;
+      with_activation_policy(epilogue.act, [&](auto act) {
+        const auto pass = normalize_pass<scalar_t, decltype(act)>(
+            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps), residual,
+            epilogue);
+        launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
+        y = pass.y;
+      });
     });
   });
   return y;
 }
 
 // Where dz comes from (kernels.cuh's GradSource).
-template <typename scalar_t, typename acc_t>
-GradSource<scalar_t, acc_t> grad_source(const BackwardInputs& in) {
+template <typename scalar_t, typename acc_t, typename Act>
+GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in) {
   const Tensor& side = in.from == GradFrom::kOutput ? in.out : in.residual;
   return {in.from, in.epilogue.act, static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr};
@@ -359,36 +381,38 @@ inline bool backward_aligned(const BackwardInputs& in) {
          (!in.residual.defined() || aligned16(in.residual));
 }
 
-// Calls f(scalar_t{}, param_t{}) for the backward's input and parameter dtypes.
+// Calls f(scalar_t{}, param_t{}, Act{}) for the backward's input and parameter dtypes and its activation's
+// policy (coefficients.cuh).
 template <typename F>
 void dispatch_backward(const BackwardInputs& in, F&& f) {
   FUSEDBN_DISPATCH_INPUT(in.x.scalar_type(), [&] {
-    with_param_type<scalar_t>(dtype_of_first({&in.weight, &in.bias}),
-                              [&](auto param_tag) { f(scalar_t{}, param_tag); });
+    with_param_type<scalar_t>(dtype_of_first({&in.weight, &in.bias}), [&](auto param_tag) {
+      with_activation_policy(in.epilogue.act, [&](auto act) { f(scalar_t{}, param_tag, act); });
+    });
   });
 }
 
 // The per-channel gradient reduction with `finisher`, in `scratch` (reduce_scratch for its GradReducer).
-template <typename scalar_t, typename param_t, typename Finisher, typename Context>
+template <typename scalar_t, typename param_t, typename Act, typename Finisher, typename Context>
 void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Scratch& scratch, int64_t reserved_bytes,
                     const Context& ctx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const GradReducer<scalar_t, acc_t, param_t> reducer{in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(),
-                                                      forward_coefficients<acc_t, param_t>(in),
-                                                      grad_source<scalar_t, acc_t>(in)};
+  const GradReducer<scalar_t, acc_t, param_t, Act> reducer{
+      in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(), forward_coefficients<acc_t, param_t>(in),
+      grad_source<scalar_t, acc_t, Act>(in)};
   launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, finisher, backward_aligned(in), scratch, reserved_bytes, ctx);
 }
 
 // dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: mean_dz and
 // proj null) where `want_dx`, and grad_residual = dz when it is defined. `read_x`: whether dz or dx needs x
 // (not for dx = dy * alpha).
-template <typename scalar_t, typename param_t, typename Context>
+template <typename scalar_t, typename param_t, typename Act, typename Context>
 Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_dz,
                const at::opmath_type<scalar_t>* proj, const Tensor& grad_residual, bool want_dx, bool read_x,
                const Context& ctx) {
   using acc_t = at::opmath_type<scalar_t>;
   Tensor grad_input = want_dx ? empty_like_dense(in.x, in.x.scalar_type()) : Tensor();
-  const BackwardElemtOp<scalar_t, acc_t, param_t> op{
+  const BackwardElemtOp<scalar_t, acc_t, param_t, Act> op{
       in.dy.const_data_ptr<scalar_t>(),
       read_x ? in.x.const_data_ptr<scalar_t>() : nullptr,
       want_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
@@ -396,7 +420,7 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
       mean_dz,
       proj,
       forward_coefficients<acc_t, param_t>(in),
-      grad_source<scalar_t, acc_t>(in)};
+      grad_source<scalar_t, acc_t, Act>(in)};
   launch_elementwise<vec_width<scalar_t>()>(
       in.layout, op, in.x.numel(),
       backward_aligned(in) && (!want_dx || aligned16(grad_input)) &&
@@ -431,14 +455,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   }
   const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
   Tensor grad_input;
-  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag, auto act) {
     using scalar_t = decltype(scalar_tag);
     using param_t = decltype(param_tag);
+    using Act = decltype(act);
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int kVecWidth = vec_width<scalar_t>();
     const int64_t reserved = plan.centered ? 2 * C * static_cast<int64_t>(sizeof(acc_t)) : 0;
-    const Scratch s = plan.sums ? reduce_scratch<kVecWidth, GradReducer<scalar_t, acc_t, param_t>>(
-                                      in.layout, backward_aligned(in), reserved, in.x, ctx)
+    const Scratch s = plan.sums ? reduce_scratch<kVecWidth, GradReducer<scalar_t, acc_t, param_t, Act>,
+                                                 GradFinisher<acc_t, param_t>>(in.layout, backward_aligned(in),
+                                                                               reserved, in.x, ctx)
                                 : Scratch{};
     acc_t* mean_dz = plan.centered ? s.at<acc_t>(0) : nullptr;
     acc_t* proj = plan.centered ? mean_dz + C : nullptr;
@@ -447,10 +473,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       const GradFinisher<acc_t, param_t> finisher{in.invstd.const_data_ptr<acc_t>(), ptr_or_null<param_t>(grad_weight),
                                                   ptr_or_null<param_t>(grad_bias),   mean_dz,
                                                   proj,                              in.layout.count_per_channel()};
-      grad_reduction<scalar_t, param_t>(in, finisher, s, reserved, ctx);
+      grad_reduction<scalar_t, param_t, Act>(in, finisher, s, reserved, ctx);
     }
     if (plan.scaled_dy || plan.elementwise) {
-      grad_input = dx_pass<scalar_t, param_t>(in, mean_dz, proj, grad_residual, output_mask[0], !plan.scaled_dy, ctx);
+      grad_input = dx_pass<scalar_t, param_t, Act>(in, mean_dz, proj, grad_residual, output_mask[0], !plan.scaled_dy, ctx);
     }
   });
   return {grad_input, grad_weight, grad_bias, grad_residual};
@@ -471,7 +497,7 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
                                                   layout.channels_last ? 1 : layout.S};
     const MomentsFinisher<acc_t> finisher{mean.mutable_data_ptr<acc_t>(), m2.mutable_data_ptr<acc_t>()};
     constexpr int kVecWidth = vec_width<scalar_t>();
-    const Scratch s = reduce_scratch<kVecWidth, decltype(reducer)>(layout, aligned16(x), 0, x, ctx);
+    const Scratch s = reduce_scratch<kVecWidth, decltype(reducer), decltype(finisher)>(layout, aligned16(x), 0, x, ctx);
     launch_reduce<kVecWidth>(layout, reducer, finisher, aligned16(x), s, 0, ctx);
   });
   return {mean, m2};
@@ -488,14 +514,13 @@ std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& in
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
   if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
-  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag, auto act) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const SumsFinisher<acc_t> finisher{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
-    const Scratch s =
-        reduce_scratch<vec_width<scalar_t>(), GradReducer<scalar_t, acc_t, decltype(param_tag)>>(
-            in.layout, backward_aligned(in), 0, in.x, ctx);
-    grad_reduction<scalar_t, decltype(param_tag)>(in, finisher, s, 0, ctx);
+    const Scratch s = reduce_scratch<vec_width<scalar_t>(), GradReducer<scalar_t, acc_t, decltype(param_tag), decltype(act)>,
+                                     decltype(finisher)>(in.layout, backward_aligned(in), 0, in.x, ctx);
+    grad_reduction<scalar_t, decltype(param_tag), decltype(act)>(in, finisher, s, 0, ctx);
   });
   return {sum_dz, sum_dz_xmu};
 }
@@ -512,12 +537,12 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};
   Tensor grad_input;
-  dispatch_backward(in, [&](auto scalar_tag, auto param_tag) {
+  dispatch_backward(in, [&](auto scalar_tag, auto param_tag, auto act) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    grad_input = dx_pass<scalar_t, decltype(param_tag)>(in, in.mean_dz.const_data_ptr<acc_t>(),
-                                                         in.proj.const_data_ptr<acc_t>(), grad_residual, true, true,
-                                                         ctx);
+    grad_input = dx_pass<scalar_t, decltype(param_tag), decltype(act)>(in, in.mean_dz.const_data_ptr<acc_t>(),
+                                                                        in.proj.const_data_ptr<acc_t>(), grad_residual,
+                                                                        true, true, ctx);
   });
   return {grad_input, grad_residual};
 }

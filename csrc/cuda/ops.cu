@@ -6,10 +6,24 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "host_ops.h"
 
 namespace fusedbn::cuda {
 namespace {
+
+// A device's SM count, read once per device.
+int sm_count_of(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard lock(mutex);
+  auto [it, fresh] = counts.try_emplace(device, 0);
+  if (fresh) C10_CUDA_CHECK(cudaDeviceGetAttribute(&it->second, cudaDevAttrMultiProcessorCount, device));
+  return it->second;
+}
 
 // Everything a launch needs about the input's device, with the device made current for the op.
 struct CudaContext {
@@ -18,12 +32,18 @@ struct CudaContext {
   cudaStream_t stream;
   int sm_count;
   int max_threads = kMaxBlockThreads;
-  int resident_threads_per_sm = kMinResidentThreads;
 
   explicit CudaContext(const Tensor& input)
       : guard(input.device()), current(c10::cuda::getCurrentCUDAStream(input.device().index())),
-        stream(current.stream()) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, input.device().index()));
+        stream(current.stream()), sm_count(sm_count_of(input.device().index())) {}
+  // The kernel's occupancy as the driver computes it for this device, once per (device, kernel, block).
+  int blocks_per_sm(const void* kernel, int threads) const {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, const void*, int>, int> blocks;
+    const std::lock_guard lock(mutex);
+    auto [it, fresh] = blocks.try_emplace({current.device_index(), kernel, threads}, 0);
+    if (fresh) C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&it->second, kernel, threads, 0));
+    return it->second;
   }
   std::pair<int, c10::StreamId> scratch_key() const { return {current.device_index(), current.id()}; }
   bool capturing() const { return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None; }

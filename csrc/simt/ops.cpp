@@ -5,6 +5,7 @@
 // checked at zero before and after.
 #include <Python.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -50,8 +51,11 @@ struct SimtContext {
   int stream = 0;
   int sm_count = device().sm_count;
   int max_threads = device().max_threads;
-  int resident_threads_per_sm = device().resident_threads_per_sm;
   explicit SimtContext(const Tensor&) {}
+  // The emulated device's occupancy: the threads every kernel keeps resident (kMinResidentThreads on an
+  // H200-shaped device, what the kernels' launch bounds guarantee; tests/test_launch_grids.py checks the
+  // grids against the sm_90 build's real occupancy too).
+  int blocks_per_sm(const void*, int threads) const { return std::max(1, device().resident_threads_per_sm / threads); }
   int scratch_key() const { return stream; }
   bool capturing() const { return false; }
   // Scratch taken by an op: its bytes poisoned (partials and per-channel terms are written before they are

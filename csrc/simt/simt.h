@@ -1097,6 +1097,16 @@ T atomicCAS(T* address, std::type_identity_t<T> compare, std::type_identity_t<T>
     return compare;  // holds the old value whether or not the exchange happened
   });
 }
+// old >= limit ? 0 : old + 1, in one atomic (CUDA's wrapping increment).
+inline unsigned atomicInc(unsigned* address, unsigned limit) {
+  return fusedbn::simt::detail::record_atomic(address, [&] {
+    std::atomic_ref<unsigned> a(*address);
+    unsigned old = a.load();
+    while (!a.compare_exchange_weak(old, old >= limit ? 0u : old + 1u)) {
+    }
+    return old;
+  });
+}
 template <typename T>
   requires std::is_same_v<T, int> || std::is_same_v<T, unsigned>
 T atomicExch(T* address, std::type_identity_t<T> val) {

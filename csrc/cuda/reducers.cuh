@@ -1,0 +1,273 @@
+// Reducers: how a thread folds values into its partials. Two views of the data:
+//   at_channel(c)        channels-first: one channel's values, either whole vectors (load<kVec>(offset),
+//                        then add_whole(state, loaded[]) for several of them at once) or the lanes
+//                        [first, last) of the kVec values at `offset` (add<kVec>: a window at a run's ends);
+//   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
+//                        load(offset) reads one value of each, stored contiguously at `offset`, add(loaded)
+//                        folds them in, lane(k) is channel c + k's partial; value-initialized, it is empty.
+// `result(c, total)` turns a channel's merged total into what the finisher needs; kVec <= kMaxLanes.
+// kInFlight (the reducer's, per vector width: channels-first whole windows; its Lanes': channels-last rows): how many
+// vectors a thread loads before it uses the first, so that several loads are in flight per thread (as many
+// as fit in the 64 registers beside the accumulators, tests/test_kernel_resources.py).
+#pragma once
+
+#include <cstdint>
+
+#include "../epilogue.h"
+#include "../welford.h"
+#include "coefficients.cuh"
+#include "kernel_basics.cuh"
+#include "merges.cuh"
+
+namespace fusedbn::cuda {
+
+// Welford statistics of values shifted by the channel's first value K (channel_shift, welford.h; every
+// thread and block of the channel uses the same K, so the partials merge exactly): means stay of the
+// order of the spread, and a channel with mean 1e4 and std 1 keeps full precision. Each thread accumulates
+// in acc_t; its partial and every merge above it (warps, block, grid: up to ~20 levels of Chan merges) are
+// in double, so the merges' rounding does not add up to more than the final rounding to acc_t (the mean
+// within half a unit in the last place of what the threads' partials give). x == nullptr marks an empty
+// batch.
+template <typename scalar_t, typename acc_t>
+struct WelfordReducer {
+  using State = WelfordPartial<double>;
+  static constexpr int kMaxLanes = 8;  // the widest vector; channels-last: shift, mean and M2 a lane
+  template <int kVec>
+  static constexpr int kInFlight = kVec >= 8 ? 2 : 4;  // 16 values (8 of double) folded at once
+  Restrict<const scalar_t> x;
+  int64_t channel_stride;  // channel c's first value is x[c * channel_stride]
+
+  struct Local {
+    Restrict<const scalar_t> x;
+    acc_t shift;
+
+    template <int kVec>
+    using Loaded = Vec<scalar_t, kVec>;
+    template <int kVec>
+    __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
+      return load_vec<kVec>(x + offset);
+    }
+    // kCount whole vectors: their own mean (summed pairwise, so its rounding grows with log2 of the count
+    // only; divided by a power of two, exactly) and M2, then one Chan merge into s.
+    template <int kVec, int kCount>
+    __device__ __forceinline__ void add_whole(State& s, const Loaded<kVec> (&loaded)[kCount]) const {
+      constexpr int kValues = kVec * kCount;
+      static_assert((kValues & (kValues - 1)) == 0, "pairwise sums over a power of two");
+      auto value = [&](int i) { return static_cast<acc_t>(loaded[i / kVec].val[i % kVec]) - shift; };
+      acc_t sums[kValues / 2];
+#pragma unroll
+      for (int i = 0; i < kValues / 2; ++i) sums[i] = value(i) + value(i + kValues / 2);
+#pragma unroll
+      for (int width = kValues / 4; width > 0; width /= 2) {
+#pragma unroll
+        for (int i = 0; i < width; ++i) sums[i] += sums[i + width];
+      }
+      const acc_t mean = sums[0] / static_cast<acc_t>(kValues);
+      acc_t m2 = 0;
+#pragma unroll
+      for (int i = 0; i < kValues; ++i) m2 = mul_add(value(i) - mean, value(i) - mean, m2);  // fused: host_device.h
+      s = welford_merge(s, State{mean, m2, kValues});
+    }
+    // The window's values: their own mean and M2 (no division per value), then one Chan merge. Lanes
+    // outside [first, last) count as nothing (selected away, so a NaN there does not leak in).
+    template <int kVec>
+    __device__ __forceinline__ void add(State& s, int64_t offset, int first = 0, int last = kVec) const {
+      add_loaded<kVec>(s, load_vec<kVec>(x + offset), first, last);
+    }
+    template <int kVec>
+    __device__ __forceinline__ void add_loaded(State& s, const Vec<scalar_t, kVec>& loaded, int first, int last) const {
+      acc_t v[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) v[k] = k >= first && k < last ? static_cast<acc_t>(loaded.val[k]) - shift : acc_t(0);
+      acc_t sum = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum += v[k];
+      const acc_t mean = sum / static_cast<acc_t>(last - first);
+      acc_t m2 = 0;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t d = k >= first && k < last ? v[k] - mean : acc_t(0);
+        m2 = mul_add(d, d, m2);  // fused on every backend that runs this source (host_device.h)
+      }
+      s = welford_merge(s, State{mean, m2, last - first});
+    }
+  };
+
+  // One Welford step per channel: mean += d / n, M2 += d * (v - new mean). The lanes see the same rows,
+  // so they share one count and one reciprocal.
+  template <int kVec>
+  struct Lanes {
+    Restrict<const scalar_t> x;
+    acc_t shift[kVec];
+    acc_t mean[kVec];
+    acc_t m2[kVec];
+    int64_t count;
+
+    static constexpr int kInFlight = 2;  // beside 3 accumulators a lane
+    using Loaded = Vec<scalar_t, kVec>;
+    __device__ __forceinline__ Loaded load(int64_t offset) const { return load_vec<kVec>(x + offset); }
+    __device__ __forceinline__ void add(const Loaded& loaded) {
+      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(++count);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        const acc_t v = static_cast<acc_t>(loaded.val[k]) - shift[k];
+        const acc_t d = v - mean[k];
+        mean[k] = mul_add(d, inv_n, mean[k]);  // fused as nvcc fuses them, in the emulator too (host_device.h)
+        m2[k] = mul_add(d, v - mean[k], m2[k]);
+      }
+    }
+    __device__ __forceinline__ State lane(int k) const { return State{mean[k], m2[k], count}; }
+  };
+
+  __device__ __forceinline__ acc_t shift_of(int64_t c) const {
+    return x ? channel_shift(static_cast<acc_t>(x[c * channel_stride])) : acc_t(0);
+  }
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
+  template <int kVec>
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
+    Lanes<kVec> lanes{x, {}, {}, {}, 0};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) lanes.shift[k] = shift_of(c + k);
+    return lanes;
+  }
+  // The channel's statistics in acc_t, each rounded once.
+  __device__ __forceinline__ WelfordPartial<acc_t> result(int64_t c, State total) const {
+    return {static_cast<acc_t>(total.mean + static_cast<double>(shift_of(c))), static_cast<acc_t>(total.m2), total.count};
+  }
+};
+
+// dz, the gradient reaching BatchNorm's output: dy, or dy through the activation that followed it
+// (grad_through_activation, epilogue.h): ReLU's mask read from the forward's output, or the derivative at
+// z recomputed from x with the forward's coefficients (and the residual). Act: the activation policy
+// (coefficients.cuh), fixed for identity and ReLU, else chosen per value. (The CPU's GradSource,
+// elementwise.h, holds the same pointers with the rule as template arguments.)
+template <typename scalar_t, typename acc_t, typename Act>
+struct GradSource {
+  GradFrom from;
+  Activation act;
+  acc_t param;
+  Restrict<const scalar_t> side;  // kOutput: the output; kRecompute: the residual (may be null)
+
+  // The values dz is computed from besides dy and x (zeros where it reads none).
+  template <int kVec>
+  __device__ __forceinline__ Vec<scalar_t, kVec> load_side(int64_t offset) const {
+    return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
+  }
+  // dz[k] of a vector's values: g = dy, x the inputs, o the side values (from load_side), co(k) lane k's
+  // channel's coefficients. One branch on the rule per vector, not per value.
+  template <int kVec, typename Lanes>
+  __device__ __forceinline__ void operator()(acc_t (&dz)[kVec], const Vec<scalar_t, kVec>& g,
+                                             const Vec<scalar_t, kVec>& x, const Vec<scalar_t, kVec>& o,
+                                             const Lanes& co) const {
+    auto each = [&](auto kind, auto from_c) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
+            static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
+            co(k).mean, co(k).alpha, co(k).beta, param);
+      }
+    };
+    using From = GradFrom;
+    switch (from) {
+      case From::kOutput:
+        each(std::integral_constant<Activation, Activation::kRelu>{}, std::integral_constant<From, From::kOutput>{});
+        break;
+      case From::kRecompute:
+        Act::apply(act, [&](auto kind) { each(kind, std::integral_constant<From, From::kRecompute>{}); });
+        break;
+      default:
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) dz[k] = static_cast<acc_t>(g.val[k]);
+    }
+  }
+};
+
+template <typename scalar_t, typename acc_t, typename param_t, typename Act>
+struct GradReducer {
+  using State = GradSums<acc_t>;
+  // The widest vector: dy, x and the side value a lane and, channels-last, 3 coefficients and 2 sums a lane,
+  // within 64 registers.
+  static constexpr int kMaxLanes = 4;
+  template <int kVec>
+  static constexpr int kInFlight = 2;  // vectors of dy, x (and the side value) each
+  Restrict<const scalar_t> dy;
+  Restrict<const scalar_t> x;
+  ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
+  GradSource<scalar_t, acc_t, Act> source;
+
+  template <int kVec>
+  struct Loaded {
+    Vec<scalar_t, kVec> g, x, side;
+  };
+  template <int kVec>
+  __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
+    return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset), source.template load_side<kVec>(offset)};
+  }
+
+  // dz and dz * (x - mean) of the lanes [first, last) of loaded values, lane k with coefficients co[k] into
+  // sums[k] (kLanes = kVec: channels-last) or all with co[0] into sums[0].
+  template <int kVec, int kLanes>
+  __device__ __forceinline__ void add(State (&sums)[kLanes], const Coefficients<acc_t> (&co)[kLanes],
+                                      const Loaded<kVec>& in, int first = 0, int last = kVec) const {
+    acc_t dz[kVec];
+    source(dz, in.g, in.x, in.side, [&](int k) -> const Coefficients<acc_t>& { return co[kLanes == 1 ? 0 : k]; });
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      const int lane = kLanes == 1 ? 0 : k;
+      if (k >= first && k < last) {
+        sums[lane].dz += dz[k];
+        sums[lane].dz_xmu = mul_add(dz[k], static_cast<acc_t>(in.x.val[k]) - co[lane].mean, sums[lane].dz_xmu);
+      }
+    }
+  }
+
+  struct Local {
+    const GradReducer* r;
+    Coefficients<acc_t> co[1];
+
+    template <int kVec>
+    using Loaded = GradReducer::Loaded<kVec>;
+    template <int kVec>
+    __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
+      return r->template load<kVec>(offset);
+    }
+    template <int kVec, int kCount>
+    __device__ __forceinline__ void add_whole(State& s, const Loaded<kVec> (&loaded)[kCount]) const {
+      State sums[1] = {s};
+#pragma unroll
+      for (int i = 0; i < kCount; ++i) r->template add<kVec>(sums, co, loaded[i]);
+      s = sums[0];
+    }
+    template <int kVec>
+    __device__ __forceinline__ void add(State& s, int64_t offset, int first = 0, int last = kVec) const {
+      State sums[1] = {s};
+      r->template add<kVec>(sums, co, r->template load<kVec>(offset), first, last);
+      s = sums[0];
+    }
+  };
+
+  template <int kVec>
+  struct Lanes {
+    const GradReducer* r;
+    Coefficients<acc_t> co[kVec];
+    State sums[kVec];
+
+    static constexpr int kInFlight = GradReducer::kInFlight<kVec>;
+    using Loaded = GradReducer::Loaded<kVec>;
+    __device__ __forceinline__ Loaded load(int64_t offset) const { return r->template load<kVec>(offset); }
+    __device__ __forceinline__ void add(const Loaded& in) { r->template add<kVec>(sums, co, in); }
+    __device__ __forceinline__ State lane(int k) const { return sums[k]; }
+  };
+
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{this, {coefficients(c)}}; }
+  template <int kVec>
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
+    Lanes<kVec> lanes{this, {}, {}};
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) lanes.co[k] = coefficients(c + k);
+    return lanes;
+  }
+  __device__ __forceinline__ State result(int64_t, State total) const { return total; }
+};
+
+}  // namespace fusedbn::cuda
