@@ -37,8 +37,9 @@ def _choices(allowed, all_name):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", help=f"a preset ({', '.join(PRESETS)}: BatchNorm2d shapes at --batch) or "
-                        "'N,C,H,W;N,C,H,W' (default: resnet50, small with --quick)")
+    parser.add_argument("--shapes", help=f"a preset ({', '.join(PRESETS)}: BatchNorm2d shapes at --batch; anchors: "
+                        "published anchors' 3-D, 4-D and 5-D shapes, run them in float16) or 'N,C,H,W;N,C,H,W' "
+                        "(default: resnet50, small with --quick)")
     parser.add_argument("--batch", type=int, help="N of the presets (default: 256 on cuda, 8 on cpu)")
     parser.add_argument("--dtype", type=_choices(DTYPES, "all"), default=["float32"],
                         help="input dtype(s), comma-separated (default: float32)")
@@ -97,6 +98,8 @@ def setups(args):
             param_dtype = dtype if dtype == torch.float64 else getattr(torch, args.param_dtype)
             for shape in args.shapes:
                 for layout in args.layouts:
+                    if layout == "NHWC" and len(shape) not in bench_lib.CHANNELS_LAST:
+                        continue  # a 3-D input has no channels-last format
                     yield Setup(tuple(shape), layout, dtype, param_dtype, args.device, WORKLOADS[workload])
 
 

@@ -66,6 +66,14 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (
 # One of each regime: few channels over a large image, the middle, many channels over a tiny one.
 SMALL_SHAPES = [(64, 56, 56), (512, 28, 28), (2048, 7, 7)]
 PRESETS = {"resnet50": RESNET50_SHAPES, "small": SMALL_SHAPES}
+# Published anchors, whole shapes (no --batch): a 1 GB NCHW tensor (an H200 training forward was published
+# at 0.91 ms, torch.compile's at 1.02 ms; its 2-read-1-write bound at ~4.05 TB/s is ~0.80 ms; float16), a
+# BatchNorm1d input (N, C, L) with few channels and long rows (torch's backward runs ~100x below the
+# roofline there; float16), and a BatchNorm3d input (channels-last-3d as NHWC).
+ANCHOR_SHAPES = [(4, 128, 1024, 1024), (20, 6, 65536), (2, 32, 64, 64, 64)]
+FIXED_PRESETS = {"anchors": ANCHOR_SHAPES}
+# The channels-last memory format of each input rank (a 3-D input has none: channels-first only).
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 # Largest difference from nn.BatchNorm2d that --check accepts, relative to the largest magnitude of the
 # quantity compared (weight and bias gradients are sums over N*H*W values, so an absolute bound would not do).
@@ -73,9 +81,11 @@ CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3
 
 
 def parse_shapes(spec, batch):
-    """A preset name (its (C, H, W) at `batch`) or explicit shapes "N,C,H,W;N,C,H,W"."""
+    """A preset name (its (C, H, W) at `batch`; anchors: whole shapes) or explicit shapes "N,C,H,W;N,C,H,W"."""
     if spec in PRESETS:
         return [(batch, *chw) for chw in PRESETS[spec]]
+    if spec in FIXED_PRESETS:
+        return list(FIXED_PRESETS[spec])
     shapes = []
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         dims = tuple(int(d) for d in item.split(","))
@@ -120,7 +130,8 @@ class Contender:
 
 
 def _torch_composition(c, device, dtype, workload, residual):
-    return Composition(nn.BatchNorm2d(c, device=device, dtype=dtype), workload, False, residual)
+    batch_norm = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[residual.dim()]
+    return Composition(batch_norm(c, device=device, dtype=dtype), workload, False, residual)
 
 
 def _compiled_composition(c, device, dtype, workload, residual):
@@ -130,12 +141,13 @@ def _compiled_composition(c, device, dtype, workload, residual):
 
 
 def _fused(c, device, dtype, workload, residual):
+    d = {3: "1d", 4: "2d", 5: "3d"}[residual.dim()]  # the module of the input's rank, as torch's
     if workload.activation == "identity":
-        bn = fusedbn.FusedBatchNorm2d(c, device=device, dtype=dtype)
+        bn = getattr(fusedbn, f"FusedBatchNorm{d}")(c, device=device, dtype=dtype)
     elif workload.activation == "relu":
-        bn = fusedbn.FusedBatchNormReLU2d(c, device=device, dtype=dtype)
+        bn = getattr(fusedbn, f"FusedBatchNormReLU{d}")(c, device=device, dtype=dtype)
     else:
-        bn = fusedbn.FusedBatchNormAct2d(c, device=device, dtype=dtype, activation=workload.activation)
+        bn = getattr(fusedbn, f"FusedBatchNormAct{d}")(c, device=device, dtype=dtype, activation=workload.activation)
     return Composition(bn, workload, True, residual)
 
 
@@ -163,7 +175,7 @@ class Setup:
         """The input, the upstream gradient and the residual (a leaf needing its gradient), seeded, in the
         setup's layout."""
         generator = torch.Generator().manual_seed(seed)
-        fmt = torch.channels_last if self.layout == "NHWC" else torch.contiguous_format
+        fmt = CHANNELS_LAST[len(self.shape)] if self.layout == "NHWC" else torch.contiguous_format
         x, grad, residual = [torch.randn(self.shape, generator=generator).to(device=self.device, dtype=self.dtype,
                                                                              memory_format=fmt) for _ in range(3)]
         return x, grad, residual.requires_grad_(True)

@@ -74,6 +74,23 @@ def test_explicit_shapes_layouts_modes_dtypes_anchors():
                                                           (torch.float16, torch.float32)}
 
 
+def test_anchors_preset_runs_3d_and_5d_inputs(monkeypatch, tmp_path):
+    """--shapes anchors: whole shapes, not at --batch; a 3-D input (BatchNorm1d) runs channels-first only, a
+    5-D one (BatchNorm3d) also channels-last-3d; float16 is checked and timed (tiny stand-ins here)."""
+    assert bench.parse_args(["--shapes", "anchors", "--batch", "8"]).shapes == bench_lib.ANCHOR_SHAPES
+    assert [len(s) for s in bench_lib.ANCHOR_SHAPES] == [4, 3, 5]
+    monkeypatch.setitem(bench_lib.FIXED_PRESETS, "anchors", [(2, 3, 8), (2, 4, 2, 3, 4)])
+    path = tmp_path / "anchors.json"
+    assert bench.main(["--device", "cpu", "--shapes", "anchors", "--dtype", "float16", "--workload", "bn",
+                       "--mode", "train-fwd-bwd", "--min-run-time", "0.002", "--rounds", "1",
+                       "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["shape"], r["layout"], r["dtype"]) for r in rows] == [
+        ([2, 3, 8], "NCHW", "float16"), ([2, 4, 2, 3, 4], "NCHW", "float16"), ([2, 4, 2, 3, 4], "NHWC", "float16")]
+    x = Setup((2, 4, 2, 3, 4), "NHWC", torch.float16, torch.float32, "cpu").make_tensors()[0]
+    assert x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 @pytest.mark.parametrize("argv", [["--shapes", "2,3,4"], ["--shapes", "2,0,4,4"], ["--shapes", "a,b,c,d"],
                                   ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
                                   ["--dtype", "int8"], ["--compare", "jit"], ["--workload", "bn+tanh"],

@@ -1,6 +1,8 @@
 // The training forward in one launch where a channel's N * W windows fit in one block, kRows a thread
-// (channels-first; the host side checks N * W <= kRows * blockDim.x): the block reads its channel once and
-// keeps the values in registers, its kRows loads issued together, merges their statistics, finishes the
+// (channels-first; the host side checks N * W <= kRows * blockDim.x, and that numel % kVec == 0, so every
+// window is a whole aligned vector inside the tensor): the block reads its channel once and keeps the values
+// in registers, its kRows loads issued together (a row past the channel's windows reads the channel's first
+// window, and is ignored), merges their statistics, finishes the
 // channel (StatsFinisher: mean, invstd, the running statistics) and normalizes the kept values: two passes
 // over memory instead of three. blockIdx.x walks the channels (c, c + gridDim.x, ...: at most one wave of
 // blocks). A window's lanes outside the run are neither counted nor written: other blocks own them.
@@ -34,11 +36,14 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
                          : Window{0, 0, 0, true};
     };
     Vec<scalar_t, kVec> kept[kRows];
+    int64_t start[kRows];
 #pragma unroll
     for (int i = 0; i < kRows; ++i) {
       const Window win = window(i);
-      kept[i] = win.first < win.last ? load_window<kVec>(reducer.x, win) : Vec<scalar_t, kVec>{};
+      start[i] = win.first < win.last ? win.start : window_of<kVec>(0, 0, c * S, sample_stride, S, numel).start;
     }
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) kept[i] = load_vec<kVec>(reducer.x + start[i]);
     const auto channel = reducer.at_channel(c);
     typename WelfordReducer<scalar_t, acc_t>::State s{};
 #pragma unroll
@@ -62,7 +67,7 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
     for (int i = 0; i < kRows; ++i) {
       const Window win = window(i);
       if (win.first >= win.last) continue;
-      const auto rv = op.residual ? load_window<kVec>(op.residual, win) : Vec<scalar_t, kVec>{};
+      const auto rv = op.residual ? load_vec<kVec>(op.residual + win.start) : Vec<scalar_t, kVec>{};
       const auto out = op.template outputs<kVec>(kept[i], rv, co);
       if (win.first == 0 && win.last == kVec) {
         store_vec<kVec>(op.y + win.start, out);

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../backward_inputs.h"
 #include "../checks.h"
@@ -103,20 +104,22 @@ int64_t windows_per_run(int64_t S) {
 
 template <int kVec, typename Reducer, typename Finisher, typename Context>
 ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
+  using R = std::remove_cv_t<Reducer>;  // the kernels launch_reduce instantiates
+  using F = std::remove_cv_t<Finisher>;
   const int64_t C = layout.C;
   ReduceGrid g;
   if (!layout.channels_last) {
     g.windows_per_run = windows_per_run<kVec>(layout.S);
     const int64_t windows = layout.N * g.windows_per_run;
     const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
-    const int64_t wave = wave_of<&channels_first_reduce_kernel<Reducer, Finisher, kVec>>(ctx, threads);
+    const int64_t wave = wave_of<&channels_first_reduce_kernel<R, F, kVec>>(ctx, threads);
     const int64_t max_splits = std::max<int64_t>(1, windows / (threads * 4));
     const int64_t splits = std::min<int64_t>({std::max<int64_t>(1, wave / C), max_splits, 65535});
     g.grid = dim3(static_cast<unsigned>(splits > 1 ? C : std::min(C, wave)), static_cast<unsigned>(splits));
     g.block = dim3(static_cast<unsigned>(threads));
   } else {
     g.block = channels_last_block(ceil_div(C, kVec), ctx.max_threads);
-    const int64_t wave = wave_of<&channels_last_reduce_kernel<Reducer, Finisher, kVec>>(ctx, ctx.max_threads);
+    const int64_t wave = wave_of<&channels_last_reduce_kernel<R, F, kVec>>(ctx, ctx.max_threads);
     const int64_t groups = ceil_div(C, static_cast<int64_t>(g.block.x) * kVec);
     const int64_t max_splits = std::max<int64_t>(1, layout.rows() / (static_cast<int64_t>(g.block.y) * 8));
     const int64_t splits = std::min<int64_t>({std::max<int64_t>(1, wave / groups), max_splits, 65535});
@@ -268,6 +271,7 @@ bool launch_one_pass_forward(const ChannelLayout& layout, const WelfordReducer<s
   bool launched = false;
   with_vec_width<kVecWidth>(aligned, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
+    if (layout.N * layout.C * layout.S % kVec != 0) return;  // a window would reach past the tensor's end
     const int64_t W = windows_per_run<kVec>(layout.S);
     const int64_t threads = std::max<int64_t>(kWarpSize, ceil_div(ceil_div(layout.N * W, kOnePassRows), kWarpSize) * kWarpSize);
     if (threads > ctx.max_threads) return;

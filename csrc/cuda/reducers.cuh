@@ -6,9 +6,9 @@
 //                        load(offset) reads one value of each, stored contiguously at `offset`, add(loaded)
 //                        folds them in, lane(k) is channel c + k's partial; value-initialized, it is empty.
 // `result(c, total)` turns a channel's merged total into what the finisher needs; kVec <= kMaxLanes.
-// kInFlight (the reducer's, per vector width: channels-first whole windows; its Lanes': channels-last rows): how many
-// vectors a thread loads before it uses the first, so that several loads are in flight per thread (as many
-// as fit in the 64 registers beside the accumulators, tests/test_kernel_resources.py).
+// kInFlight (the reducer's, per vector width: channels-first whole windows; its Lanes': channels-last
+// rows): how many vectors a thread loads before it uses the first, so that several loads are in flight per
+// thread (as many as fit in the 64 registers beside the accumulators, tests/test_kernel_resources.py).
 #pragma once
 
 #include <cstdint>
@@ -54,9 +54,16 @@ struct WelfordReducer {
       constexpr int kValues = kVec * kCount;
       static_assert((kValues & (kValues - 1)) == 0, "pairwise sums over a power of two");
       auto value = [&](int i) { return static_cast<acc_t>(loaded[i / kVec].val[i % kVec]) - shift; };
-      acc_t sums[kValues / 2];
+      constexpr int kHalf = kValues > 1 ? kValues / 2 : 1;
+      acc_t sums[kHalf];
 #pragma unroll
-      for (int i = 0; i < kValues / 2; ++i) sums[i] = value(i) + value(i + kValues / 2);
+      for (int i = 0; i < kHalf; ++i) {
+        if constexpr (kValues > 1) {
+          sums[i] = value(i) + value(i + kHalf);
+        } else {
+          sums[i] = value(i);
+        }
+      }
 #pragma unroll
       for (int width = kValues / 4; width > 0; width /= 2) {
 #pragma unroll

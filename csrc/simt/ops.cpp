@@ -61,18 +61,20 @@ struct SimtContext {
   // Scratch taken by an op: its bytes poisoned (partials and per-channel terms are written before they are
   // read, in every launch), its counters registered, so that Sanitized checks them when the op returns.
   void on_scratch(const Scratch& s) const {
-    if (s.bytes.defined()) simt::poison(s.bytes.data_ptr(), s.bytes.numel());
+    if (s.bytes.defined() && !simt::settings().record_only) simt::poison(s.bytes.data_ptr(), s.bytes.numel());
     if (s.counters.defined()) simt::register_counters(s.counters);
   }
 };
 
-// An op run sanitized: what it allocates is poisoned, and its counters must be at rest when it returns.
+// An op run sanitized: what it allocates is poisoned (unless launches are only recorded), and its counters
+// must be at rest when it returns.
 template <auto Op>
 struct Sanitized;
 template <typename R, typename... Args, R (*Op)(Args...)>
 struct Sanitized<Op> {
   static R call(Args... args) {
     R result = [&] {
+      if (simt::settings().record_only) return Op(args...);  // nothing runs: nothing to poison
       const simt::PoisonAllocations poisoned;
       return Op(args...);
     }();
