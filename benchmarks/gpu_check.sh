@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the device tool's H200), within 8 minutes: build fusedbn with the
 # machine's own torch (and, beside it, the previous kernels), the kernels' registers and spills, every
-# CUDA test, compute-sanitizer memcheck and racecheck over a slice of them, the benchmark against
+# CUDA test, compute-sanitizer memcheck and racecheck over a slice of them, ncu's DRAM throughput and
+# stall reasons per kernel at 256x256x56x56, the benchmark against
 # nn.BatchNorm2d at ResNet-50 shapes (batch 256: both layouts, bfloat16 and float32, float16 on a few
 # shapes, CUDA-graph replay at the small-spatial shapes, BN+Add+ReLU against torch.compile), the previous
 # kernels on the same shapes, torch.profiler timelines of one training step and one eval call, and
@@ -95,6 +96,25 @@ timeout "$(cap 45)" compute-sanitizer --tool racecheck --error-exitcode 9 python
   -q -x -p no:cacheprovider -o addopts="" -k "$SLICE and channels_last" > "$OUT/racecheck.log" 2>&1
 echo "racecheck rc=$?" | tee -a "$OUT/steps.log"
 tail -n 3 "$OUT/memcheck.log" "$OUT/racecheck.log"
+
+# Whether the kernels' causes of slowness are gone (issue 28): DRAM throughput, warps active, the long-
+# scoreboard stall (waiting on memory: too few loads in flight) and instructions issued, per kernel, for one
+# training step and one eval call at 256x256x56x56 in bf16 and fp32, both layouts.
+step "ncu at 256x256x56x56"
+timeout "$(cap 60)" ncu --csv --kernel-name regex:fusedbn --metrics \
+  dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__average_warp_latency_issue_stalled_long_scoreboard.ratio,smsp__inst_executed.sum,launch__grid_size,launch__occupancy_limit_registers \
+  python3 -c "
+import torch, fusedbn
+for dtype in (torch.bfloat16, torch.float32):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        bn = fusedbn.FusedBatchNorm2d(256).cuda()
+        x = torch.randn(256, 256, 56, 56, device='cuda', dtype=dtype).to(memory_format=fmt).requires_grad_()
+        bn(x).backward(torch.ones_like(x))
+        with torch.no_grad():
+            bn.eval()(x)
+torch.cuda.synchronize()
+" > "$OUT/ncu-256x256x56x56.csv" 2>&1
+echo "ncu rc=$?" | tee -a "$OUT/steps.log"
 
 step "profiler timelines"
 PYTHONPATH=. timeout "$(cap 30)" python3 benchmarks/profile_step.py --device cuda --dtype bfloat16 --layout nhwc \

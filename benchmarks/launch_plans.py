@@ -237,8 +237,24 @@ def v2_merge_tails(family, grid, block, kvec, welford):
     return 0, 0, 1
 
 
+def v3_merge_tails(family, grid, block, kvec, welford):
+    """The serial merges of the v3 kernels (csrc/cuda/merges.cuh, reduce_kernels.cuh): the warps' totals
+    by a second shuffle round (log2(32) steps); channels-last, column_merge as in v2 and the last block's
+    loop over splits / rows with two lanes' chains at a time, their partials loaded together before the
+    merges (one L2 round trip a step)."""
+    threads = block[0] * block[1] * block[2]
+    splits = grid[1]
+    if family in ("channels_first_reduce_kernel", "channels_first_forward_kernel"):
+        grid_merges = _ceil_div(splits, block[0]) if family == "channels_first_reduce_kernel" and splits > 1 else 0
+        return int(math.log2(min(threads, 32 * 32) // 32 or 1)), grid_merges, 1
+    if family == "channels_last_reduce_kernel":
+        steps = int(math.log2(block[1])) * kvec
+        return steps, _ceil_div(splits, block[1]) * _ceil_div(kvec, 2) if splits > 1 else 0, 1
+    return 0, 0, 1
+
+
 # Each kernel version's serial merges (the source decides them, not the launch); others are taken as v2's.
-MERGE_TAILS = {"v2": v2_merge_tails}
+MERGE_TAILS = {"v2": v2_merge_tails, "v3": v3_merge_tails}
 
 
 def simt_recorder(simt_library=None):

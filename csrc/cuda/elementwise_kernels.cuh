@@ -116,8 +116,9 @@ struct BackwardElemtOp {
   // dy, x, the side value and two outputs per lane, and (channels-last) 5 coefficients a lane: 4 lanes keep
   // a thread within 64 registers (1 of double).
   static constexpr int kMaxLanes = sizeof(acc_t) == 8 ? 1 : 4;
-  // Vectors of dy, x and the side value each; one where any activation's code may run (its registers).
-  static constexpr int kInFlight = std::is_same_v<Act, AnyActivation> ? 1 : 2;
+  // Vectors of dy, x and the side value each; one of double, or where any activation's code may run (their
+  // registers).
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
 
   template <int kVec>
   struct Loaded {

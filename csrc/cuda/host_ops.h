@@ -267,22 +267,27 @@ template <int kVecWidth, typename scalar_t, typename acc_t, typename param_t, ty
 bool launch_one_pass_forward(const ChannelLayout& layout, const WelfordReducer<scalar_t, acc_t>& reducer,
                              const StatsFinisher<acc_t, param_t>& finisher,
                              const NormalizeOp<scalar_t, acc_t, param_t, Act>& op, bool aligned, const Context& ctx) {
-  if (layout.channels_last || layout.count_per_channel() == 0) return false;
-  bool launched = false;
-  with_vec_width<kVecWidth>(aligned, [&](auto vec) {
-    constexpr int kVec = decltype(vec)::value;
-    if (layout.N * layout.C * layout.S % kVec != 0) return;  // a window would reach past the tensor's end
-    const int64_t W = windows_per_run<kVec>(layout.S);
-    const int64_t threads = std::max<int64_t>(kWarpSize, ceil_div(ceil_div(layout.N * W, kOnePassRows), kWarpSize) * kWarpSize);
-    if (threads > ctx.max_threads) return;
-    constexpr auto kernel = &channels_first_forward_kernel<scalar_t, acc_t, param_t, Act, kVec, kOnePassRows>;
-    const int64_t blocks = std::min(layout.C, wave_of<kernel>(ctx, threads));
-    FUSEDBN_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), 0, ctx.stream)(
-        reducer, finisher, op, layout.N, layout.C, layout.S, W);
-    FUSEDBN_LAUNCH_CHECK();
-    launched = true;
-  });
-  return launched;
+  if constexpr (sizeof(acc_t) == 8) {
+    return false;  // not for double: its kRows vectors and statistics do not fit in the registers together
+  } else {
+    if (layout.channels_last || layout.count_per_channel() == 0) return false;
+    bool launched = false;
+    with_vec_width<kVecWidth>(aligned, [&](auto vec) {
+      constexpr int kVec = decltype(vec)::value;
+      if (layout.N * layout.C * layout.S % kVec != 0) return;  // a window would reach past the tensor's end
+      const int64_t W = windows_per_run<kVec>(layout.S);
+      const int64_t threads =
+          std::max<int64_t>(kWarpSize, ceil_div(ceil_div(layout.N * W, kOnePassRows), kWarpSize) * kWarpSize);
+      if (threads > ctx.max_threads) return;
+      constexpr auto kernel = &channels_first_forward_kernel<scalar_t, acc_t, param_t, Act, kVec, kOnePassRows>;
+      const int64_t blocks = std::min(layout.C, wave_of<kernel>(ctx, threads));
+      FUSEDBN_LAUNCH(kernel, dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads)), 0, ctx.stream)(
+          reducer, finisher, op, layout.N, layout.C, layout.S, W);
+      FUSEDBN_LAUNCH_CHECK();
+      launched = true;
+    });
+    return launched;
+  }
 }
 
 template <typename Context>

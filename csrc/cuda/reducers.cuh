@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../epilogue.h"
 #include "../welford.h"
@@ -161,30 +162,35 @@ struct GradSource {
     return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
   }
   // dz[k] of a vector's values: g = dy, x the inputs, o the side values (from load_side), co(k) lane k's
-  // channel's coefficients. One branch on the rule per vector, not per value.
+  // channel's coefficients. One branch on the rule per vector for the fixed activations; per value for any
+  // (the whole vector's values live across the branch to its code would not fit in the registers).
   template <int kVec, typename Lanes>
   __device__ __forceinline__ void operator()(acc_t (&dz)[kVec], const Vec<scalar_t, kVec>& g,
                                              const Vec<scalar_t, kVec>& x, const Vec<scalar_t, kVec>& o,
                                              const Lanes& co) const {
-    auto each = [&](auto kind, auto from_c) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
-            static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
-            co(k).mean, co(k).alpha, co(k).beta, param);
-      }
-    };
     using From = GradFrom;
-    switch (from) {
-      case From::kOutput:
-        each(std::integral_constant<Activation, Activation::kRelu>{}, std::integral_constant<From, From::kOutput>{});
-        break;
-      case From::kRecompute:
-        Act::apply(act, [&](auto kind) { each(kind, std::integral_constant<From, From::kRecompute>{}); });
-        break;
-      default:
+    constexpr int kPerBranch = std::is_same_v<Act, AnyActivation> ? 1 : kVec;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) dz[k] = static_cast<acc_t>(g.val[k]);
+    for (int k0 = 0; k0 < kVec; k0 += kPerBranch) {
+      auto each = [&](auto kind, auto from_c) {
+#pragma unroll
+        for (int k = k0; k < k0 + kPerBranch; ++k) {
+          dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
+              static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
+              co(k).mean, co(k).alpha, co(k).beta, param);
+        }
+      };
+      switch (from) {
+        case From::kOutput:
+          each(std::integral_constant<Activation, Activation::kRelu>{}, std::integral_constant<From, From::kOutput>{});
+          break;
+        case From::kRecompute:
+          Act::apply(act, [&](auto kind) { each(kind, std::integral_constant<From, From::kRecompute>{}); });
+          break;
+        default:
+#pragma unroll
+          for (int k = k0; k < k0 + kPerBranch; ++k) dz[k] = static_cast<acc_t>(g.val[k]);
+      }
     }
   }
 };
@@ -195,8 +201,10 @@ struct GradReducer {
   // The widest vector: dy, x and the side value a lane and, channels-last, 3 coefficients and 2 sums a lane,
   // within 64 registers.
   static constexpr int kMaxLanes = 4;
+  // Vectors of dy, x (and the side value) each: one of double, or where any activation's code may run
+  // (their registers).
   template <int kVec>
-  static constexpr int kInFlight = 2;  // vectors of dy, x (and the side value) each
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
   Restrict<const scalar_t> dy;
   Restrict<const scalar_t> x;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
