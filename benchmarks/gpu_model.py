@@ -130,8 +130,8 @@ def stream_width(kernel):
 
 
 def stream_loop(kernel, sass):
-    """The loop that streams the tensors: of the kernel's loops, the one whose trip loads the most bytes
-    at the stream width; the innermost among equals. sass.hot_loop picks the widest loads instead, which
+    """The loop that streams the tensors: of the kernel's loops holding no other one that loads at the
+    stream width, the one whose trip loads the most bytes at that width; the shortest among equals. sass.hot_loop picks the widest loads instead, which
     for a scalar kernel (4- or 2-byte streams) is the 8-byte loop merging the other blocks' partials."""
     width = stream_width(kernel)
     heads = {}
@@ -142,7 +142,10 @@ def stream_loop(kernel, sass):
     loops = [loop for loop in loops if loop.loads[width]]
     if not loops:
         return sass.hot_loop(kernel)  # the one-launch forward's straight-line region, or None
-    return max(loops, key=lambda loop: (loop.loads[width], loop.start - loop.end))
+
+    def innermost(loop):  # an outer loop (over channels) would count the streaming loop's body once, and more
+        return not any(loop.start <= other.start and other.end <= loop.end and other is not loop for other in loops)
+    return max(loops, key=lambda loop: (innermost(loop), loop.loads[width], loop.start - loop.end))
 
 
 def stream_loads_before_use(loop, width, guarded):

@@ -90,7 +90,7 @@ H200_SHAPES = {
     "nchw-512x2": ((16, 4, 32, 32), torch.float32, False),
     # channels-first, hundreds of elementwise blocks (512 of 256) and 8 splits a channel
     "nchw-hundreds": ((16, 8, 64, 64), torch.float32, False),
-    # channels-last: 16 x 32 blocks, 64 row splits; 1024 elementwise blocks
+    # channels-last: 16 x 32 blocks, 64 row splits; a wave of elementwise blocks (528 of 256 threads)
     "nhwc-64-splits": ((16, 64, 32, 32), torch.float32, True),
     # the one-launch forward at 448 threads (256 x 7 windows of 8 bf16 values a channel)
     "nchw-one-launch-bf16": ((256, 8, 7, 7), torch.bfloat16, False),

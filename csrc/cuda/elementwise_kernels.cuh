@@ -92,8 +92,8 @@ struct NormalizeOp {
 // dx = (dz - mean_dz[c] - (x - mean[c]) * proj[c]) * alpha[c] with dz from `source`; under eval statistics
 // (mean_dz and proj null) dx = dz * alpha[c], which x does not enter (a NaN input keeps a finite gradient,
 // as in torch). dz itself goes into grad_residual when that is not null. The coefficients are the
-// forward's, which the recomputed z needs too. x is null where nothing reads it (dz = dy under eval
-// statistics: dx is dy scaled).
+// forward's, which the recomputed z needs too. Where nothing needs x (dz = dy under eval statistics: dx is
+// dy scaled), x is dy, read and ignored: a load behind no branch, so the loads of a trip issue together.
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct BackwardElemtOp {
   Restrict<const scalar_t> dy;
@@ -126,8 +126,7 @@ struct BackwardElemtOp {
   };
   template <int kVec>
   __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
-    return {load_vec<kVec>(dy + offset), x ? load_vec<kVec>(x + offset) : Vec<scalar_t, kVec>{},
-            source.template load_side<kVec>(offset)};
+    return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset), source.template load_side<kVec>(offset)};
   }
   template <int kVec, typename Lanes>
   __device__ __forceinline__ void store(int64_t offset, const Loaded<kVec>& in, const Lanes& co) const {

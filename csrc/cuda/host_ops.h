@@ -423,7 +423,7 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
   Tensor grad_input = want_dx ? empty_like_dense(in.x, in.x.scalar_type()) : Tensor();
   const BackwardElemtOp<scalar_t, acc_t, param_t, Act> op{
       in.dy.const_data_ptr<scalar_t>(),
-      read_x ? in.x.const_data_ptr<scalar_t>() : nullptr,
+      read_x ? in.x.const_data_ptr<scalar_t>() : in.dy.const_data_ptr<scalar_t>(),
       want_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
       grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
       mean_dz,
