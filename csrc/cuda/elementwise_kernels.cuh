@@ -2,8 +2,9 @@
 // and dz written), vectors of up to 16 bytes where alignment allows. An op has per-channel
 // `Coeffs coeffs(c)`, `load<kVec>(offset)` of the kVec contiguous values at `offset` (all it reads there)
 // and `store<kVec>(offset, loaded, co)`, which computes lane k's results with the coefficients co(k) and
-// writes them. Each thread loads Op::kInFlight vectors before it uses the first. kMaxLanes: the widest
-// vector an op takes (of either layout), so that its values and coefficients stay within 64 registers
+// writes them. Each thread loads Op::kInFlight<kVec> vectors before it uses the first. kMaxLanes,
+// kMaxLanesLast: the widest vector an op takes channels-first and channels-last, so that its values and
+// coefficients stay within 64 registers
 // (tests/test_kernel_resources.py). Act: the activation policy (coefficients.cuh).
 #pragma once
 
@@ -50,8 +51,10 @@ struct NormalizeOp {
   using Coeffs = Coefficients<acc_t>;
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
 
-  static constexpr int kMaxLanes = 8;  // 16 bytes of 2-byte values; channels-last: 3 coefficients a lane
+  static constexpr int kMaxLanes = 8;  // 16 bytes of 2-byte values
+  static constexpr int kMaxLanesLast = 8;
   // Vectors of x and the residual each; one where any activation's code may run (its registers).
+  template <int kVec>
   static constexpr int kInFlight = std::is_same_v<Act, AnyActivation> ? 1 : 2;
 
   template <int kVec>
@@ -113,12 +116,13 @@ struct BackwardElemtOp {
     return Coeffs{coefficients(c), mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0)};
   }
 
-  // dy, x, the side value and two outputs per lane, and (channels-last) 5 coefficients a lane: 4 lanes keep
-  // a thread within 64 registers (1 of double).
-  static constexpr int kMaxLanes = sizeof(acc_t) == 8 ? 1 : 4;
-  // Vectors of dy, x and the side value each; one of double, or where any activation's code may run (their
-  // registers).
-  static constexpr int kInFlight = sizeof(acc_t) == 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
+  // 16 bytes of 2-byte values (1 of double): dy, x, the side value and two outputs a lane.
+  static constexpr int kMaxLanes = sizeof(acc_t) == 8 ? 1 : 8;
+  static constexpr int kMaxLanesLast = kMaxLanes;
+  // Vectors of dy, x and the side value each: two of 4-lane vectors, one of 8 lanes, of double, or where
+  // any activation's code may run (their registers).
+  template <int kVec>
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
 
   template <int kVec>
   struct Loaded {
@@ -156,7 +160,7 @@ template <typename Op, int kVec>
 FUSEDBN_KERNEL void channels_first_elementwise_kernel(Op op, int64_t numel, int64_t S, int64_t C) {
   using Coeffs = typename Op::Coeffs;
   using Loaded = typename Op::template Loaded<kVec>;
-  constexpr int kInFlight = Op::kInFlight;
+  constexpr int kInFlight = Op::template kInFlight<kVec>;
   const int64_t vectors = numel / kVec;
   const int64_t per_block = (vectors + gridDim.x - 1) / gridDim.x;
   const int64_t v_begin = per_block * blockIdx.x;
@@ -203,14 +207,14 @@ FUSEDBN_KERNEL void channels_first_elementwise_kernel(Op op, int64_t numel, int6
 }
 
 // Channels-last (M rows, C): each thread keeps kVec consecutive channels (C % kVec == 0) and walks rows,
-// Op::kInFlight rows loaded before the first is used; threadIdx.x/blockIdx.x = channel vectors (at most a
+// Op::kInFlight<kVec> rows loaded before the first is used; threadIdx.x/blockIdx.x = channel vectors (at most a
 // warp's), threadIdx.y/blockIdx.y = rows (grid-stride). The block's channels' coefficients are computed once,
 // by its first row of threads, into shared memory (in registers, kVec lanes' would crowd out the loads).
 template <typename Op, int kVec>
 FUSEDBN_KERNEL void channels_last_elementwise_kernel(Op op, int64_t M, int64_t C) {
   using Coeffs = typename Op::Coeffs;
   using Loaded = typename Op::template Loaded<kVec>;
-  constexpr int kInFlight = Op::kInFlight;
+  constexpr int kInFlight = Op::template kInFlight<kVec>;
   __shared__ SharedArray<Coeffs, kVec * kWarpSize> table;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (threadIdx.y == 0 && c < C) {

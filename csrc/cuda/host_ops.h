@@ -102,13 +102,14 @@ int64_t windows_per_run(int64_t S) {
   return std::max<int64_t>(1, S % kVec == 0 ? S / kVec : (S + kVec - 2) / kVec + 1);
 }
 
-template <int kVec, typename Reducer, typename Finisher, typename Context>
+// kChannelsLast: the layout's (each layout's kernel exists only at its own vector widths).
+template <bool kChannelsLast, int kVec, typename Reducer, typename Finisher, typename Context>
 ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
   using R = std::remove_cv_t<Reducer>;  // the kernels launch_reduce instantiates
   using F = std::remove_cv_t<Finisher>;
   const int64_t C = layout.C;
   ReduceGrid g;
-  if (!layout.channels_last) {
+  if constexpr (!kChannelsLast) {
     g.windows_per_run = windows_per_run<kVec>(layout.S);
     const int64_t windows = layout.N * g.windows_per_run;
     const int64_t threads = std::min<int64_t>(ctx.max_threads, std::max<int64_t>(32, ceil_div(windows, 32) * 32));
@@ -129,18 +130,18 @@ ReduceGrid reduce_grid(const ChannelLayout& layout, const Context& ctx) {
 }
 
 // The vector width of a kernel over `layout`, as f(std::integral_constant<int, kVec>) for each layout
-// (f_first channels-first, f_last channels-last): kVec = min(kVecWidth, kMaxLanes) (the kernel's widest
-// vector, kernels.cuh) where the tensors are aligned and, channels-last, C is a multiple of it or,
-// channels-first where `runs_hold_a_vector`, S >= kVec; 1 otherwise. Each layout's kernel is instantiated
-// only for its own widths.
-template <int kVecWidth, int kMaxLanes, typename First, typename Last>
+// (f_first channels-first, f_last channels-last): kVec = min(kVecWidth, the kernel's widest vector: K's
+// kMaxLanes channels-first, kMaxLanesLast channels-last) where the tensors are aligned and, channels-last, C
+// is a multiple of it or, channels-first where `runs_hold_a_vector`, S >= kVec; 1 otherwise. Each layout's
+// kernel is instantiated only for its own widths.
+template <int kVecWidth, typename K, typename First, typename Last>
 void with_layout_width(const ChannelLayout& layout, bool aligned, bool runs_hold_a_vector, First&& f_first,
                        Last&& f_last) {
-  constexpr int kLanes = kVecWidth < kMaxLanes ? kVecWidth : kMaxLanes;
+  constexpr int kFirst = std::min(kVecWidth, K::kMaxLanes), kLast = std::min(kVecWidth, K::kMaxLanesLast);
   if (!layout.channels_last) {
-    with_vec_width<kLanes>(aligned && (!runs_hold_a_vector || layout.S >= kLanes), f_first);
+    with_vec_width<kFirst>(aligned && (!runs_hold_a_vector || layout.S >= kFirst), f_first);
   } else {
-    with_vec_width<kLanes>(aligned && layout.C % kLanes == 0, f_last);
+    with_vec_width<kLast>(aligned && layout.C % kLast == 0, f_last);
   }
 }
 
@@ -150,8 +151,10 @@ template <int kVecWidth, typename Reducer, typename Finisher, typename Context>
 Scratch reduce_scratch(const ChannelLayout& layout, bool aligned, int64_t reserved_bytes, const Tensor& like,
                        const Context& ctx) {
   ReduceGrid g;
-  auto grid = [&](auto vec) { g = reduce_grid<decltype(vec)::value, Reducer, Finisher>(layout, ctx); };
-  with_layout_width<kVecWidth, Reducer::kMaxLanes>(layout, aligned, false, grid, grid);
+  with_layout_width<kVecWidth, Reducer>(
+      layout, aligned, false,
+      [&](auto vec) { g = reduce_grid<false, decltype(vec)::value, Reducer, Finisher>(layout, ctx); },
+      [&](auto vec) { g = reduce_grid<true, decltype(vec)::value, Reducer, Finisher>(layout, ctx); });
   return scratch(ctx, like, g.counters(),
                  round_up16(reserved_bytes) +
                      g.partials(layout.C) * static_cast<int64_t>(sizeof(typename Reducer::State)));
@@ -164,17 +167,17 @@ void launch_reduce(const ChannelLayout& layout, const Reducer& reducer, const Fi
                    const Scratch& scratch, int64_t reserved_bytes, const Context& ctx) {
   using State = typename Reducer::State;
   const BlockPartials<State> partials{scratch.at<State>(round_up16(reserved_bytes))};
-  with_layout_width<kVecWidth, Reducer::kMaxLanes>(
+  with_layout_width<kVecWidth, Reducer>(
       layout, aligned, false,
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        const ReduceGrid g = reduce_grid<kVec, Reducer, Finisher>(layout, ctx);
+        const ReduceGrid g = reduce_grid<false, kVec, Reducer, Finisher>(layout, ctx);
         FUSEDBN_LAUNCH((&channels_first_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
             reducer, finisher, layout.N, layout.C, layout.S, g.windows_per_run, partials, scratch.counter_ptr());
       },
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
-        const ReduceGrid g = reduce_grid<kVec, Reducer, Finisher>(layout, ctx);
+        const ReduceGrid g = reduce_grid<true, kVec, Reducer, Finisher>(layout, ctx);
         FUSEDBN_LAUNCH((&channels_last_reduce_kernel<Reducer, Finisher, kVec>), g.grid, g.block, 0, ctx.stream)(
             reducer, finisher, layout.rows(), layout.C, partials, scratch.counter_ptr());
       });
@@ -189,7 +192,7 @@ void launch_elementwise(const ChannelLayout& layout, const Op& op, int64_t numel
   if (numel == 0) return;
   const int64_t C = layout.C;
   const int64_t threads = std::min<int64_t>(256, ctx.max_threads);
-  with_layout_width<kVecWidth, Op::kMaxLanes>(
+  with_layout_width<kVecWidth, Op>(
       layout, aligned, true,
       [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;

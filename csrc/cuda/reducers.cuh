@@ -33,6 +33,7 @@ template <typename scalar_t, typename acc_t>
 struct WelfordReducer {
   using State = WelfordPartial<double>;
   static constexpr int kMaxLanes = 8;  // the widest vector; channels-last: shift, mean and M2 a lane
+  static constexpr int kMaxLanesLast = 8;
   template <int kVec>
   static constexpr int kInFlight = kVec >= 8 ? 2 : 4;  // 16 values (8 of double) folded at once
   Restrict<const scalar_t> x;
@@ -198,13 +199,15 @@ struct GradSource {
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct GradReducer {
   using State = GradSums<acc_t>;
-  // The widest vector: dy, x and the side value a lane and, channels-last, 3 coefficients and 2 sums a lane,
-  // within 64 registers.
-  static constexpr int kMaxLanes = 4;
-  // Vectors of dy, x (and the side value) each: one of double, or where any activation's code may run
-  // (their registers).
+  // The widest vector within 64 registers: channels-first 16 bytes of 2-byte values (dy, x and the side
+  // value a lane), 4 where any activation's code may run; channels-last 4 (3 coefficients and 2 sums a lane
+  // besides).
+  static constexpr int kMaxLanes = std::is_same_v<Act, AnyActivation> ? 4 : 8;
+  static constexpr int kMaxLanesLast = 4;
+  // Vectors of dy, x (and the side value) each: two of up to 4 lanes; one of 8 (dy and x are two 16-byte
+  // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
-  static constexpr int kInFlight = sizeof(acc_t) == 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
   Restrict<const scalar_t> dy;
   Restrict<const scalar_t> x;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
