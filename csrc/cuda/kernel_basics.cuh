@@ -55,18 +55,6 @@ __device__ __forceinline__ Window window_of(int64_t n, int64_t j, int64_t channe
                 start + kVec <= numel};
 }
 
-// The window's vector (zeros outside [first, last) where it does not fit: read value by value).
-template <int kVec, typename P>
-__device__ __forceinline__ Vec<pointee_t<P>, kVec> load_window(P p, const Window& w) {
-  if (w.fits) return load_vec<kVec>(p + w.start);
-  Vec<pointee_t<P>, kVec> v{};
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    if (k >= w.first && k < w.last) v.val[k] = p[w.start + k];
-  }
-  return v;
-}
-
 // The offsets of whole-vector windows when every run is whole vectors (S % kVec == 0): window w of a
 // channel is vector w % W of sample w / W's run, at n * C*S + c * S + j * kVec. A thread walks its windows
 // w, w + step, ... by adding, without dividing (n and j advanced as one mixed-radix number).
