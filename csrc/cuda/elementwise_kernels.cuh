@@ -99,8 +99,6 @@ struct NormalizeOp {
 // dy scaled), x is dy, read and ignored: a load behind no branch, so the loads of a trip issue together.
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct BackwardElemtOp {
-  Restrict<const scalar_t> dy;
-  Restrict<const scalar_t> x;
   Restrict<scalar_t> dx;             // may be null (only grad_residual wanted)
   Restrict<scalar_t> grad_residual;  // may be null
   Restrict<const acc_t> mean_dz;
@@ -125,12 +123,10 @@ struct BackwardElemtOp {
   static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
 
   template <int kVec>
-  struct Loaded {
-    Vec<scalar_t, kVec> g, x, side;
-  };
+  using Loaded = typename GradSource<scalar_t, acc_t, Act>::template Loaded<kVec>;
   template <int kVec>
   __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
-    return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset), source.template load_side<kVec>(offset)};
+    return source.template load<kVec>(offset);
   }
   template <int kVec, typename Lanes>
   __device__ __forceinline__ void store(int64_t offset, const Loaded<kVec>& in, const Lanes& co) const {

@@ -376,9 +376,13 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
 
 // Where dz comes from (kernels.cuh's GradSource).
 template <typename scalar_t, typename acc_t, typename Act>
-GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in) {
+GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in, bool read_x = true) {
   const Tensor& side = in.from == GradFrom::kOutput ? in.out : in.residual;
-  return {in.from, in.epilogue.act, static_cast<acc_t>(in.epilogue.param),
+  return {in.dy.const_data_ptr<scalar_t>(),
+          (read_x ? in.x : in.dy).const_data_ptr<scalar_t>(),
+          in.from,
+          in.epilogue.act,
+          static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr};
 }
 
@@ -409,9 +413,8 @@ template <typename scalar_t, typename param_t, typename Act, typename Finisher, 
 void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Scratch& scratch, int64_t reserved_bytes,
                     const Context& ctx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const GradReducer<scalar_t, acc_t, param_t, Act> reducer{
-      in.dy.const_data_ptr<scalar_t>(), in.x.const_data_ptr<scalar_t>(), forward_coefficients<acc_t, param_t>(in),
-      grad_source<scalar_t, acc_t, Act>(in)};
+  const GradReducer<scalar_t, acc_t, param_t, Act> reducer{forward_coefficients<acc_t, param_t>(in),
+                                                           grad_source<scalar_t, acc_t, Act>(in)};
   launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, finisher, backward_aligned(in), scratch, reserved_bytes, ctx);
 }
 
@@ -425,14 +428,12 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
   using acc_t = at::opmath_type<scalar_t>;
   Tensor grad_input = want_dx ? empty_like_dense(in.x, in.x.scalar_type()) : Tensor();
   const BackwardElemtOp<scalar_t, acc_t, param_t, Act> op{
-      in.dy.const_data_ptr<scalar_t>(),
-      read_x ? in.x.const_data_ptr<scalar_t>() : in.dy.const_data_ptr<scalar_t>(),
       want_dx ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
       grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
       mean_dz,
       proj,
       forward_coefficients<acc_t, param_t>(in),
-      grad_source<scalar_t, acc_t, Act>(in)};
+      grad_source<scalar_t, acc_t, Act>(in, read_x)};
   launch_elementwise<vec_width<scalar_t>()>(
       in.layout, op, in.x.numel(),
       backward_aligned(in) && (!want_dx || aligned16(grad_input)) &&

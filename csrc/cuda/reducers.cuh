@@ -152,17 +152,24 @@ struct WelfordReducer {
 // elementwise.h, holds the same pointers with the rule as template arguments.)
 template <typename scalar_t, typename acc_t, typename Act>
 struct GradSource {
+  Restrict<const scalar_t> dy;
+  Restrict<const scalar_t> x;  // dy where nothing reads x (read and ignored: no branch before the loads)
   GradFrom from;
   Activation act;
   acc_t param;
   Restrict<const scalar_t> side;  // kOutput: the output; kRecompute: the residual (may be null)
 
-  // The values dz is computed from besides dy and x (zeros where it reads none).
+  // A vector of dy, x and the side value (zeros where dz reads none), as both backward passes read them.
   template <int kVec>
-  __device__ __forceinline__ Vec<scalar_t, kVec> load_side(int64_t offset) const {
-    return side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{};
+  struct Loaded {
+    Vec<scalar_t, kVec> g, x, side;
+  };
+  template <int kVec>
+  __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
+    return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset),
+            side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{}};
   }
-  // dz[k] of a vector's values: g = dy, x the inputs, o the side values (from load_side), co(k) lane k's
+  // dz[k] of a vector's values: g = dy, x the inputs, o the side values (Loaded::side), co(k) lane k's
   // channel's coefficients. One branch on the rule per vector for the fixed activations; per value for any
   // (the whole vector's values live across the branch to its code would not fit in the registers).
   template <int kVec, typename Lanes>
@@ -208,18 +215,14 @@ struct GradReducer {
   // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
   static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
-  Restrict<const scalar_t> dy;
-  Restrict<const scalar_t> x;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
   GradSource<scalar_t, acc_t, Act> source;
 
   template <int kVec>
-  struct Loaded {
-    Vec<scalar_t, kVec> g, x, side;
-  };
+  using Loaded = typename GradSource<scalar_t, acc_t, Act>::template Loaded<kVec>;
   template <int kVec>
   __device__ __forceinline__ Loaded<kVec> load(int64_t offset) const {
-    return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset), source.template load_side<kVec>(offset)};
+    return source.template load<kVec>(offset);
   }
 
   // dz and dz * (x - mean) of the lanes [first, last) of loaded values, lane k with coefficients co[k] into
