@@ -14,6 +14,7 @@ TORCH_PIN := $(TORCH) torchvision==0.29.1
 ONNX_PIN := onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 TORCHAO_PIN := torchao==0.18.0
 TIMM_PIN := timm==1.0.26
+LIBRARY_PINS := lightning==2.6.6 monai==1.6.1
 
 CUDA_HOME_FILE := $(VENV)/.cuda-home
 CUDA_PIN := nvidia-cuda-nvcc==13.0.* nvidia-cuda-crt==13.0.* nvidia-nvvm==13.0.* nvidia-cuda-cccl==13.0.*
@@ -42,7 +43,7 @@ $(CUDA_HOME_FILE): $(DEPS_STAMP)
 
 $(DEPS_STAMP): Makefile pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(ONNX_PIN) $(TORCHAO_PIN) ninja 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
+	$(PY) -m pip install --quiet $(TORCH_PIN) $(TIMM_PIN) $(LIBRARY_PINS) $(ONNX_PIN) $(TORCHAO_PIN) ninja 'setuptools>=77' wheel build pytest hypothesis rich matplotlib scikit-learn
 	touch $@
 
 build: $(DEPS_STAMP) $(CUDA_HOME_FILE)
