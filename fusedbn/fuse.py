@@ -15,7 +15,9 @@ model's classes, methods, attributes and hooks. The forward of the model itself 
 submodules' are): torch.fx, and every tool built on it, traces the model it is given through its class's
 forward, where it would see each fused module and the activation the model's code still applies after it.
 A BatchNorm or activation module with hooks of its own is
-not fused (a hook would see other values), nor a BatchNorm called from more than one place.
+not fused (a hook would see other values), nor a BatchNorm called from more than one place. A dropout of
+probability 0 between the BatchNorm and the rest (MONAI's ``ADN`` blocks) is passed through: it returns its
+input.
 
 torch.fx freezes the rest of the Python it runs through: a branch on an attribute other than the mode (``if
 self.use_res_connect``) takes the path that attribute chose at fuse time. So the rewritten forward checks the
@@ -63,6 +65,9 @@ def _python_state(owner: nn.Module) -> dict:
     state = {k: v for k, v in owner.__dict__.items()
              if k not in _MODULE_INTERNALS and isinstance(v, (bool, int, float, str, tuple, type(None)))}
     state["submodules set"] = tuple((name, child is not None) for name, child in owner._modules.items())
+    # A fused pattern may pass through a dropout of probability 0 (_zero_dropouts_after): it is one no longer.
+    state["dropout p"] = tuple((name, child.p) for name, child in owner._modules.items()
+                               if isinstance(child, nn.modules.dropout._DropoutNd))
     return state
 
 
@@ -184,6 +189,7 @@ class _Match:
     act: activations.Spec
     add: Optional[fx.Node] = None
     residual: Optional[fx.Node] = None
+    dropouts: tuple = ()  # calls of dropouts of probability 0 between the BatchNorm and the rest, in order
 
 
 def _activation(node: fx.Node, owner: nn.Module) -> Optional[activations.Spec]:
@@ -214,6 +220,24 @@ def _other_add_operand(add: fx.Node, bn: fx.Node) -> Optional[fx.Node]:
     return other if isinstance(other, fx.Node) and other is not bn else None
 
 
+def _zero_dropouts_after(node: fx.Node, owner: nn.Module, calls: Counter) -> tuple:
+    """The chain of calls after ``node`` of ``owner``'s own dropout children of probability 0 (``nn.Dropout*d``,
+    no hooks, called once, each the only user of the one before): they return their input in training and
+    eval alike, so a pattern may pass through them (MONAI's ``ADN``: BatchNorm, Dropout(0.0), activation).
+    ``_python_state`` records their probabilities, so a fusion through one whose ``p`` changes is undone."""
+    chain = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        module = owner.get_submodule(user.target) if user.op == "call_module" and "." not in user.target else None
+        if not (isinstance(module, nn.modules.dropout._DropoutNd) and type(module).__module__ == "torch.nn.modules.dropout"
+                and module.p == 0 and user.args == (node,) and not user.kwargs and not has_hooks(module)
+                and calls[user.target] == 1):
+            break
+        chain.append(user)
+        node = user
+    return tuple(chain)
+
+
 def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
     """Non-overlapping patterns in graph order: a BatchNorm of ours to fuse (no hooks, called once here and
     referenced once in the model) whose output feeds only the activation, or only the sum feeding only the
@@ -226,18 +250,22 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
         bn = owner.get_submodule(node.target)
         if type(bn) not in _FUSED_FOR or calls[node.target] != 1 or references[id(bn)] != 1 or has_hooks(bn):
             continue
-        user = next(iter(node.users))
+        dropouts = _zero_dropouts_after(node, owner, calls)
+        head = dropouts[-1] if dropouts else node
+        if len(head.users) != 1:
+            continue
+        user = next(iter(head.users))
         match = None
-        act = _activation(user, owner) if user.args[0] is node else None
+        act = _activation(user, owner) if user.args[0] is head else None
         if act is not None:
-            match = _Match(node, user, act)
+            match = _Match(node, user, act, dropouts=dropouts)
         else:
-            residual = _other_add_operand(user, node)
+            residual = _other_add_operand(user, head)
             after = next(iter(user.users)) if residual is not None and len(user.users) == 1 else None
             act = _activation(after, owner) if after is not None and after.args[0] is user else None
             if act is not None:
-                match = _Match(node, after, act, user, residual)
-        nodes = {match.bn, match.act_node, match.add} - {None} if match is not None else set()
+                match = _Match(node, after, act, user, residual, dropouts)
+        nodes = {match.bn, match.act_node, match.add, *match.dropouts} - {None} if match is not None else set()
         if nodes and claimed.isdisjoint(nodes):
             claimed |= nodes
             yield match
@@ -290,7 +318,7 @@ def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
                                        (graph.get_attr(match.bn.target), *match.act, *args))
         match.act_node.replace_all_uses_with(call)
         replaced[match.act_node] = call
-        for node in (match.act_node, match.add, match.bn):
+        for node in (match.act_node, match.add, *reversed(match.dropouts), match.bn):
             if node is not None:
                 graph.erase_node(node)
         fused.append((match.bn.target, match.act[0] if match.residual is None else "add+" + match.act[0]))

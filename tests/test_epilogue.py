@@ -382,3 +382,31 @@ def test_fuse_model_undoes_itself_when_a_traced_branch_changes():
         y = net(x)
     assert (y < 0).any() and type(net.bn) is fusedbn.FusedBatchNorm2d and "forward" not in net.__dict__
     torch.testing.assert_close(net(x), y)
+
+
+def test_fuse_model_passes_through_a_dropout_of_probability_zero():
+    """BatchNorm, Dropout(0.0), activation (MONAI's ADN blocks) fuses: the dropout returns its input in training
+    and eval. A dropout with p > 0 stops the pattern, and one whose p changes after fusing undoes the fusion."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.0), nn.ReLU()),
+                          nn.Sequential(nn.BatchNorm2d(3), nn.Dropout2d(0.0), nn.Dropout(0.0), nn.SiLU()),
+                          nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.2), nn.ReLU())).double()
+    reference = copy.deepcopy(model)
+    report = fusedbn.Report()
+    fusedbn.fuse_model(model, report=report)
+    assert [d for _, _, d in report.done] == ["relu", "silu", ""] and report.count("converted") == 1
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), reference.train(training)
+        torch.manual_seed(1)
+        ours = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(ours, reference(x), rtol=1e-12, atol=1e-12)
+    model.train(), reference.train()
+    model[0][1].p = reference[0][1].p = 0.5
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match=r"Sequential changed since it was fused \(dropout p\)"):
+        ours = model(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(ours, reference(x), rtol=1e-12, atol=1e-12)
+    assert type(model[0][0]) is fusedbn.FusedBatchNorm2d
