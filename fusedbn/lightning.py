@@ -12,6 +12,7 @@ was before. ``FuseBatchNorm`` converts or fuses the LightningModule when the Tra
 what it did through Lightning's loggers.
 """
 import logging
+import weakref
 from typing import Dict, Optional
 
 from torch import nn
@@ -31,7 +32,7 @@ __all__ = ["FuseBatchNorm", "SyncBatchNormPlugin"]
 
 log = logging.getLogger("lightning.pytorch")
 
-# Where FusedSyncBatchNormPlugin.apply left a layer's single-process class and its fused activation.
+# Where SyncBatchNormPlugin.apply left a layer's single-process class and its fused activation.
 _SINGLE_PROCESS = "_fusedbn_single_process"
 _ACTIVATION_ATTRIBUTES = ("activation", "activation_param")
 
@@ -99,10 +100,10 @@ def _single_process(module: FusedSyncBatchNorm) -> nn.Module:
 class FuseBatchNorm(Callback):
     """Converts (``mode="convert"``: :func:`fusedbn.convert_model`) or fuses (``mode="fuse"``:
     :func:`fusedbn.fuse_model`) the LightningModule's BatchNorm layers when the Trainer sets it up, before any
-    strategy wraps it, and logs what it did (counts to every logger of the Trainer as ``fusedbn/<action>``,
-    the summary to the ``lightning.pytorch`` logger). Where the Trainer was given ``sync_batchnorm=True``, its
-    torch plugin is replaced by :class:`SyncBatchNormPlugin`, so the layers stay fusedbn's. ``report`` holds
-    the :class:`fusedbn.Report`.
+    strategy wraps it (once per module: later stages find it done), and logs what it did (counts to every
+    logger of the Trainer as ``fusedbn/<action>``, the summary to the ``lightning.pytorch`` logger). Where the
+    Trainer was given ``sync_batchnorm=True``, its torch plugin is replaced by :class:`SyncBatchNormPlugin`, so
+    the layers stay fusedbn's. ``report`` holds the :class:`fusedbn.Report` of the last module transformed.
     """
 
     def __init__(self, mode: str = "fuse") -> None:
@@ -110,9 +111,17 @@ class FuseBatchNorm(Callback):
             raise ValueError(f"FuseBatchNorm: mode must be 'fuse' or 'convert', got {mode!r}")
         self.mode = mode
         self.report: Optional[Report] = None
+        self._done = weakref.WeakSet()
+
+    def __getstate__(self) -> dict:  # ddp_spawn pickles the callbacks; a WeakSet does not pickle
+        return {**self.__dict__, "_done": list(self._done)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _done=weakref.WeakSet(state["_done"]))
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.report is None:
+        if pl_module not in self._done:
+            self._done.add(pl_module)
             self.report = Report()
             (fuse_model if self.mode == "fuse" else convert_model)(pl_module, report=self.report)
             counts: Dict[str, float] = {}

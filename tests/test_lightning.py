@@ -130,3 +130,14 @@ def test_two_process_ddp_sync_batchnorm_keeps_fusedbn(variant, reference, tmp_pa
     assert ours["after"] == fused_after  # revert gives fusedbn's single-process modules back
     for (name, mine), theirs in zip(ours["state"].items(), reference["state"].values()):
         torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"{name}: {m}", **EXACT)
+
+
+def test_callback_transforms_a_module_once_and_pickles():
+    import pickle
+    callback, model = FuseBatchNorm("fuse"), Classifier()
+    run = trainer([callback])
+    for stage in ("fit", "validate"):
+        callback.setup(run, model, stage)
+    assert callback.report.count("fused") == 3  # the second stage found the module done
+    clone = pickle.loads(pickle.dumps(callback))
+    assert clone.mode == "fuse" and clone.report.count("fused") == 3

@@ -100,7 +100,7 @@ template <typename Reducer, typename Finisher, int kVec>
 FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finisher, int64_t M, int64_t C,
                                                 BlockPartials<typename Reducer::State> partials, unsigned* counters) {
   using State = typename Reducer::State;
-  using Lanes = decltype(reducer.template at_channels<kVec>(0));
+  using Lanes = decltype(reducer.template at_channels<kVec>(0, 0));
   constexpr int kInFlight = Lanes::kInFlight;
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   const int64_t splits = gridDim.y;
@@ -109,9 +109,8 @@ FUSEDBN_KERNEL void channels_last_reduce_kernel(Reducer reducer, Finisher finish
   const int64_t r_end = r_begin + per_split < M ? r_begin + per_split : M;
   const int64_t step = blockDim.y;
 
-  Lanes lanes{};
+  Lanes lanes = reducer.template at_channels<kVec>(c, C);  // every thread: a reducer may use a barrier
   if (c < C) {
-    lanes = reducer.template at_channels<kVec>(c);
     int64_t r = r_begin + threadIdx.y;
     for (; r + (kInFlight - 1) * step < r_end; r += kInFlight * step) {
       typename Lanes::Loaded loaded[kInFlight];

@@ -133,10 +133,12 @@ struct WelfordReducer {
   }
   __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{x, shift_of(c)}; }
   template <int kVec>
-  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c, int64_t C) const {
     Lanes<kVec> lanes{x, {}, {}, {}, 0};
+    if (c < C) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) lanes.shift[k] = shift_of(c + k);
+      for (int k = 0; k < kVec; ++k) lanes.shift[k] = shift_of(c + k);
+    }
     return lanes;
   }
   // The channel's statistics in acc_t, each rounded once.
@@ -206,11 +208,11 @@ struct GradSource {
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct GradReducer {
   using State = GradSums<acc_t>;
-  // The widest vector within 64 registers: channels-first 16 bytes of 2-byte values (dy, x and the side
-  // value a lane), 4 where any activation's code may run; channels-last 4 (3 coefficients and 2 sums a lane
-  // besides).
+  // The widest vector within 64 registers: 16 bytes of 2-byte values (dy, x and the side value a lane;
+  // channels-last 2 sums and the mean a lane besides, the other coefficients in shared memory: Lanes), 4
+  // where any activation's code may run.
   static constexpr int kMaxLanes = std::is_same_v<Act, AnyActivation> ? 4 : 8;
-  static constexpr int kMaxLanesLast = 4;
+  static constexpr int kMaxLanesLast = kMaxLanes;
   // Vectors of dy, x (and the side value) each: two of up to 4 lanes; one of 8 (dy and x are two 16-byte
   // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
@@ -225,26 +227,28 @@ struct GradReducer {
     return source.template load<kVec>(offset);
   }
 
-  // dz and dz * (x - mean) of the lanes [first, last) of loaded values, lane k with coefficients co[k] into
-  // sums[k] (kLanes = kVec: channels-last) or all with co[0] into sums[0].
-  template <int kVec, int kLanes>
-  __device__ __forceinline__ void add(State (&sums)[kLanes], const Coefficients<acc_t> (&co)[kLanes],
-                                      const Loaded<kVec>& in, int first = 0, int last = kVec) const {
+  // dz and dz * (x - mean) of the lanes [first, last) of loaded values, value k with coefficients co(k) into
+  // sums[k] (kLanes = kVec: channels-last) or all into sums[0] (co(k) then the same for every k).
+  template <int kVec, int kLanes, typename Co>
+  __device__ __forceinline__ void add(State (&sums)[kLanes], const Co& co, const Loaded<kVec>& in, int first = 0,
+                                      int last = kVec) const {
     acc_t dz[kVec];
-    source(dz, in.g, in.x, in.side, [&](int k) -> const Coefficients<acc_t>& { return co[kLanes == 1 ? 0 : k]; });
+    source(dz, in.g, in.x, in.side, co);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const int lane = kLanes == 1 ? 0 : k;
       if (k >= first && k < last) {
         sums[lane].dz += dz[k];
-        sums[lane].dz_xmu = mul_add(dz[k], static_cast<acc_t>(in.x.val[k]) - co[lane].mean, sums[lane].dz_xmu);
+        sums[lane].dz_xmu = mul_add(dz[k], static_cast<acc_t>(in.x.val[k]) - co(k).mean, sums[lane].dz_xmu);
       }
     }
   }
 
   struct Local {
     const GradReducer* r;
-    Coefficients<acc_t> co[1];
+    Coefficients<acc_t> co;
+
+    __device__ __forceinline__ Coefficients<acc_t> operator()(int) const { return co; }
 
     template <int kVec>
     using Loaded = GradReducer::Loaded<kVec>;
@@ -256,36 +260,54 @@ struct GradReducer {
     __device__ __forceinline__ void add_whole(State& s, const Loaded<kVec> (&loaded)[kCount]) const {
       State sums[1] = {s};
 #pragma unroll
-      for (int i = 0; i < kCount; ++i) r->template add<kVec>(sums, co, loaded[i]);
+      for (int i = 0; i < kCount; ++i) r->template add<kVec>(sums, *this, loaded[i]);
       s = sums[0];
     }
     template <int kVec>
     __device__ __forceinline__ void add(State& s, int64_t offset, int first = 0, int last = kVec) const {
       State sums[1] = {s};
-      r->template add<kVec>(sums, co, r->template load<kVec>(offset), first, last);
+      r->template add<kVec>(sums, *this, r->template load<kVec>(offset), first, last);
       s = sums[0];
     }
   };
 
+  // Channels-last: lane k is channel c + k. Its mean is in registers; its other coefficients, which only a
+  // recomputed z reads, in the block's table in shared memory at k * blockDim.x + threadIdx.x (conflict-free
+  // across a warp's columns), so 8 lanes' sums fit in the registers beside a 16-byte vector of each stream.
   template <int kVec>
   struct Lanes {
+    using Table = SharedArray<Coefficients<acc_t>, kVec * kWarpSize>;
     const GradReducer* r;
-    Coefficients<acc_t> co[kVec];
+    Table* table;
+    acc_t mean[kVec];
     State sums[kVec];
 
     static constexpr int kInFlight = GradReducer::kInFlight<kVec>;
     using Loaded = GradReducer::Loaded<kVec>;
+    __device__ __forceinline__ Coefficients<acc_t> operator()(int k) const {
+      const Coefficients<acc_t> t = (*table)[k * blockDim.x + threadIdx.x];
+      return {mean[k], t.alpha, t.beta};
+    }
     __device__ __forceinline__ Loaded load(int64_t offset) const { return r->template load<kVec>(offset); }
-    __device__ __forceinline__ void add(const Loaded& in) { r->template add<kVec>(sums, co, in); }
+    __device__ __forceinline__ void add(const Loaded& in) { r->template add<kVec>(sums, *this, in); }
     __device__ __forceinline__ State lane(int k) const { return sums[k]; }
   };
 
-  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{this, {coefficients(c)}}; }
+  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{this, coefficients(c)}; }
+  // Every thread of the block calls it (the table is filled behind a barrier); lanes past C stay empty.
   template <int kVec>
-  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c) const {
-    Lanes<kVec> lanes{this, {}, {}};
+  __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c, int64_t C) const {
+    __shared__ SharedArray<Coefficients<acc_t>, kVec * kWarpSize> table;  // Lanes<kVec>::Table
+    Lanes<kVec> lanes{this, &table, {}, {}};
+    if (threadIdx.y == 0 && c < C) {
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) lanes.co[k] = coefficients(c + k);
+      for (int k = 0; k < kVec; ++k) table[k * blockDim.x + threadIdx.x] = coefficients(c + k);
+    }
+    __syncthreads();
+    if (c < C) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) lanes.mean[k] = static_cast<Coefficients<acc_t>>(table[k * blockDim.x + threadIdx.x]).mean;
+    }
     return lanes;
   }
   __device__ __forceinline__ State result(int64_t, State total) const { return total; }
