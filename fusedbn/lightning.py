@@ -43,7 +43,8 @@ class SyncBatchNormPlugin(TorchSyncBatchNorm):
 
     A subclass of Lightning's ``TorchSyncBatchNorm``, so it may be passed beside ``sync_batchnorm=True``, where
     it takes that plugin's place. ``revert`` gives each converted layer back the class it had before ``apply``
-    (a torch BatchNorm comes back as its fusedbn twin); a ``FusedSyncBatchNorm`` the model had already stays.
+    (a torch BatchNorm comes back as its fusedbn twin); a ``FusedSyncBatchNorm`` made of a SyncBatchNorm, or that
+    the model had already, stays: outside a process group it is the single-device fusedbn BatchNorm.
     ``report`` (a :class:`fusedbn.Report`) records the last ``apply``.
     """
 
@@ -53,7 +54,8 @@ class SyncBatchNormPlugin(TorchSyncBatchNorm):
 
     def apply(self, model: nn.Module) -> nn.Module:
         before = {name: _single_process_state(module) for name, module in model.named_modules()
-                  if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, FusedSyncBatchNorm)}
+                  if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                  and not isinstance(module, (FusedSyncBatchNorm, nn.SyncBatchNorm))}
         self.report = Report()
         model = convert_sync_batchnorm(model, self.process_group, report=self.report)
         for name, state in before.items():

@@ -81,6 +81,7 @@ def test_plugin_turns_torch_batch_norm_into_fusedbn_on_revert():
         [fusedbn.FusedBatchNorm2d, fusedbn.FusedBatchNorm1d]
     top = plugin.revert(plugin.apply(nn.BatchNorm3d(2)))
     assert type(top) is fusedbn.FusedBatchNorm3d
+    assert type(plugin.revert(plugin.apply(nn.SyncBatchNorm(2)))) is fusedbn.FusedSyncBatchNorm
 
 
 def test_checkpoint_round_trip_of_a_converted_model(tmp_path):
