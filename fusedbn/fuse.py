@@ -59,15 +59,15 @@ _ADD_FUNCTIONS = {operator.add, torch.add}
 _MODULE_INTERNALS = set(nn.Module().__dict__)  # training, _is_full_backward_hook, ...: torch's, not the model's
 
 
-def _python_state(owner: nn.Module) -> dict:
+def _python_state(owner: nn.Module, dropouts=()) -> dict:
     """What torch.fx may have frozen into a traced forward besides the graph: the module's plain Python
-    attributes (flags, sizes; not the mode) and which of its submodule slots are set."""
+    attributes (flags, sizes; not the mode), which of its submodule slots are set, and the probabilities
+    of the dropouts a fused pattern passed through (``dropouts``: their names; _zero_dropouts_after)."""
     state = {k: v for k, v in owner.__dict__.items()
              if k not in _MODULE_INTERNALS and isinstance(v, (bool, int, float, str, tuple, type(None)))}
     state["submodules set"] = tuple((name, child is not None) for name, child in owner._modules.items())
-    # A fused pattern may pass through a dropout of probability 0 (_zero_dropouts_after): it is one no longer.
-    state["dropout p"] = tuple((name, child.p) for name, child in owner._modules.items()
-                               if isinstance(child, nn.modules.dropout._DropoutNd))
+    if dropouts:
+        state["dropout p"] = tuple((name, getattr(owner._modules.get(name), "p", None)) for name in dropouts)
     return state
 
 
@@ -78,10 +78,11 @@ class RewrittenForward:
     attributes change after fusing (``_python_state``: a branch the trace took may no longer be taken), the
     fusion of that module is undone with a warning and the class's forward runs from then on."""
 
-    def __init__(self, owner: nn.Module, src: str, namespace: dict, fused: list) -> None:
+    def __init__(self, owner: nn.Module, src: str, namespace: dict, fused: list, dropouts: list) -> None:
         self.owner, self.src, self.namespace = owner, src, namespace
         self.fused = fused  # the targets of the BatchNorm modules it calls fused
-        self.state = _python_state(owner)
+        self.dropouts = dropouts  # the targets of the dropouts of probability 0 the fused calls passed through
+        self.state = _python_state(owner, dropouts)
         self._compile()
 
     def _compile(self) -> None:
@@ -116,7 +117,7 @@ class RewrittenForward:
 
     def __call__(self, *args, **kwargs):
         # Eager only: dynamo does not trace the comparison (nor a warning) as Python runs it.
-        now = self.state if torch.compiler.is_compiling() else _python_state(self.owner)
+        now = self.state if torch.compiler.is_compiling() else _python_state(self.owner, self.dropouts)
         if now != self.state:
             changed = ", ".join(sorted(k for k in now.keys() | self.state.keys() if now.get(k) != self.state.get(k)))
             warnings.warn(f"fusedbn.fuse_model: {type(self.owner).__name__} changed since it was fused ({changed}); "
@@ -128,11 +129,13 @@ class RewrittenForward:
     def __getstate__(self):  # modules in the namespace (torch, ...) pickle as their names
         namespace = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v
                      for k, v in self.namespace.items()}
-        return {"owner": self.owner, "src": self.src, "namespace": namespace, "fused": self.fused, "state": self.state}
+        return {"owner": self.owner, "src": self.src, "namespace": namespace, "fused": self.fused,
+                "dropouts": self.dropouts, "state": self.state}
 
     def __setstate__(self, state) -> None:
         state["namespace"] = {k: importlib.import_module(v) if isinstance(v, _ModuleName) else v
                               for k, v in state["namespace"].items()}
+        state.setdefault("dropouts", [])  # pickled before fusions passed through dropouts
         self.__dict__.update(state)
         self._compile()
 
@@ -224,7 +227,8 @@ def _zero_dropouts_after(node: fx.Node, owner: nn.Module, calls: Counter) -> tup
     """The chain of calls after ``node`` of ``owner``'s own dropout children of probability 0 (``nn.Dropout*d``,
     no hooks, called once, each the only user of the one before): they return their input in training and
     eval alike, so a pattern may pass through them (MONAI's ``ADN``: BatchNorm, Dropout(0.0), activation).
-    ``_python_state`` records their probabilities, so a fusion through one whose ``p`` changes is undone."""
+    ``_python_state`` records their probabilities, so a fusion through one whose ``p`` changes is undone
+    (in eager mode, as for the module's other attributes)."""
     chain = []
     while len(node.users) == 1:
         user = next(iter(node.users))
@@ -352,9 +356,11 @@ def fuse_model(model: nn.Module, *, report: Optional[Report] = None) -> nn.Modul
         else:
             matches = list(_matches(graphs[0], owner, references))
             if matches:
+                dropouts = [node.target for match in matches for node in match.dropouts]
                 fused = _rewrite(graphs[0], owner, matches)
                 code = graphs[0].python_code("self")
-                owner.forward = RewrittenForward(owner, code.src, code.globals, [target for target, _ in fused])
+                owner.forward = RewrittenForward(owner, code.src, code.globals, [target for target, _ in fused],
+                                                 dropouts)
                 report.done.extend(("fused", prefix + target, detail) for target, detail in fused)
             continue
         report.skipped.extend((prefix + name, f"not fused: {reason}") for name in candidates)

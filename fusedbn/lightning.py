@@ -106,6 +106,11 @@ class FuseBatchNorm(Callback):
     logger of the Trainer as ``fusedbn/<action>``, the summary to the ``lightning.pytorch`` logger). Where the
     Trainer was given ``sync_batchnorm=True``, its torch plugin is replaced by :class:`SyncBatchNormPlugin`, so
     the layers stay fusedbn's. ``report`` holds the :class:`fusedbn.Report` of the last module transformed.
+
+    Callbacks are set up before the LightningModule's own ``setup`` and ``configure_model`` hooks: layers
+    built there are not seen (``sync_batchnorm`` still makes them fusedbn's); call ``fusedbn.fuse_model(self)``
+    at the end of such a hook instead. A model with layers ``convert_sync_batchnorm`` refuses (timm's norm-act
+    layers) fails loudly under ``sync_batchnorm`` rather than lose their activation, as torch's conversion would.
     """
 
     def __init__(self, mode: str = "fuse") -> None:

@@ -3,9 +3,11 @@ equivalence tests run), the three-way comparison every equivalence test runs (`T
 builders."""
 import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedbn
 
@@ -212,3 +214,16 @@ def route_ops(library: str, set_attribute=setattr) -> None:
     for name in OP_NAMES:
         set_attribute(fusedbn.ops, name, getattr(getattr(torch.ops, library), name))
 
+
+
+class FusedbnOps(TorchDispatchMode):
+    """Counts the fusedbn ops (either library: the compiled or the emulator's) dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("fusedbn", "fusedbn_simt"):
+            self.counts[func.name().split("::")[1]] += 1
+        return func(*args, **(kwargs or {}))

@@ -8,14 +8,16 @@ many fusedbn ops ran. VARIANT: "plugin" (the model converted, fusedbn.lightning.
 ranks' batches at once, which is what SyncBatchNorm computes (torch's own refuses CPU modules: "SyncBatchNorm
 layers only work with GPU modules").
 """
+import os
 import sys
-from collections import Counter
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers, when run as a script
+from helpers import FusedbnOps  # noqa: E402
 
 STEPS = 2
 BATCH = 4
@@ -69,19 +71,6 @@ def dataset(samples: int = 16) -> TensorDataset:
     gen = torch.Generator().manual_seed(1)
     return TensorDataset(torch.randn(samples, 3, 8, 8, generator=gen, dtype=torch.float64) * 2 + 0.5,
                          torch.randint(0, 5, (samples,), generator=gen))
-
-
-class FusedbnOps(TorchDispatchMode):
-    """Counts the fusedbn ops dispatched while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace in ("fusedbn", "fusedbn_simt"):
-            self.counts[func.name().split("::")[1]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class Watch(Callback):

@@ -3,6 +3,7 @@ activation: outputs, every gradient (the residual's too) and running statistics,
 stays alive for backward, and fuse_model on torchvision's models."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -390,11 +391,12 @@ def test_fuse_model_passes_through_a_dropout_of_probability_zero():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.0), nn.ReLU()),
                           nn.Sequential(nn.BatchNorm2d(3), nn.Dropout2d(0.0), nn.Dropout(0.0), nn.SiLU()),
-                          nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.2), nn.ReLU())).double()
+                          nn.Sequential(nn.BatchNorm2d(3), nn.Dropout(0.2), nn.ReLU()),
+                          nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Dropout(0.3))).double()
     reference = copy.deepcopy(model)
     report = fusedbn.Report()
     fusedbn.fuse_model(model, report=report)
-    assert [d for _, _, d in report.done] == ["relu", "silu", ""] and report.count("converted") == 1
+    assert [d for _, _, d in report.done] == ["relu", "silu", "relu", ""] and report.count("converted") == 1
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     for training in (True, False):
         model.train(training), reference.train(training)
@@ -410,3 +412,9 @@ def test_fuse_model_passes_through_a_dropout_of_probability_zero():
     torch.manual_seed(2)
     torch.testing.assert_close(ours, reference(x), rtol=1e-12, atol=1e-12)
     assert type(model[0][0]) is fusedbn.FusedBatchNorm2d
+    assert type(model[3][0]) is fusedbn.FusedBatchNormReLU2d  # a dropout the pattern did not pass through: kept
+    model[3][2].p = 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model[3](x)
+    assert type(model[3][0]) is fusedbn.FusedBatchNormReLU2d

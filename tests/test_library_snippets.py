@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import fusedbn
-from helpers import assert_same_state
-from lightning_run import FusedbnOps
+from helpers import FusedbnOps, assert_same_state
 
 pytestmark = pytest.mark.slow  # whole models
 

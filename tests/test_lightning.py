@@ -4,6 +4,8 @@ processes over gloo with sync_batchnorm=True against torch's modules in one proc
 (what SyncBatchNorm computes; Lightning's TorchSyncBatchNorm makes torch's SyncBatchNorm, which refuses CPU
 modules); checkpoints of a converted model."""
 import os
+import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +21,6 @@ from fusedbn.lightning import FuseBatchNorm, SyncBatchNormPlugin  # noqa: E402
 from helpers import assert_same_state  # noqa: E402
 from lightning_run import Classifier, Watch, loader, trainer  # noqa: E402
 
-pytestmark = pytest.mark.slow  # Lightning Trainers, processes
-
 EXACT = dict(rtol=1e-10, atol=1e-12)
 SCRIPT = os.path.join(os.path.dirname(__file__), "lightning_run.py")
 
@@ -29,6 +29,7 @@ def _batch_norm_classes(model):
     return sorted({type(m).__qualname__ for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)})
 
 
+@pytest.mark.slow  # a Trainer's runs
 @pytest.mark.parametrize("mode,fused", [("fuse", 3), ("convert", 0)])
 def test_callback_one_process_trains_as_torch(mode, fused, tmp_path):
     reference = Classifier()
@@ -84,6 +85,7 @@ def test_plugin_turns_torch_batch_norm_into_fusedbn_on_revert():
     assert type(plugin.revert(plugin.apply(nn.SyncBatchNorm(2)))) is fusedbn.FusedSyncBatchNorm
 
 
+@pytest.mark.slow  # a Trainer's runs
 def test_checkpoint_round_trip_of_a_converted_model(tmp_path):
     model = Classifier(float64=True)
     fusedbn.fuse_model(model)
@@ -106,12 +108,19 @@ def _free_port() -> int:
 
 
 def _ddp_run(variant, folder):
+    """The script's run in two processes (Lightning starts the second); both are killed should it hang."""
     out = folder / f"{variant}.pt"
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), PYTHONPATH=os.pathsep.join(
         [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, SCRIPT, variant, "2", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    run = subprocess.Popen([sys.executable, SCRIPT, variant, "2", str(out)], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None or run.returncode != 0:
+            os.killpg(run.pid, signal.SIGKILL)  # the session: rank 0 and the rank Lightning launched
+            run.wait()
+    assert run.returncode == 0, output[-8000:]
     return torch.load(out)
 
 
@@ -120,6 +129,7 @@ def reference(tmp_path_factory):
     return _ddp_run("torch", tmp_path_factory.mktemp("torch"))
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("variant", ["plugin", "callback"])
 def test_two_process_ddp_sync_batchnorm_keeps_fusedbn(variant, reference, tmp_path):
     ours = _ddp_run(variant, tmp_path)
@@ -129,16 +139,21 @@ def test_two_process_ddp_sync_batchnorm_keeps_fusedbn(variant, reference, tmp_pa
     fused_after = {"plugin": ["FusedBatchNorm1d", "FusedBatchNorm2d"],
                    "callback": ["FusedBatchNorm1d", "FusedBatchNormReLU2d"]}[variant]
     assert ours["after"] == fused_after  # revert gives fusedbn's single-process modules back
+    assert list(ours["state"]) == list(reference["state"])
     for (name, mine), theirs in zip(ours["state"].items(), reference["state"].values()):
         torch.testing.assert_close(mine, theirs, msg=lambda m, name=name: f"{name}: {m}", **EXACT)
 
 
 def test_callback_transforms_a_module_once_and_pickles():
-    import pickle
     callback, model = FuseBatchNorm("fuse"), Classifier()
     run = trainer([callback])
     for stage in ("fit", "validate"):
         callback.setup(run, model, stage)
     assert callback.report.count("fused") == 3  # the second stage found the module done
-    clone = pickle.loads(pickle.dumps(callback))
-    assert clone.mode == "fuse" and clone.report.count("fused") == 3
+    # As ddp_spawn pickles them, with the module: the copy knows the copied module is done.
+    callback_copy, model_copy = pickle.loads(pickle.dumps((callback, model)))
+    callback_copy.setup(run, model_copy, "fit")
+    assert callback_copy.mode == "fuse" and callback_copy.report.count("fused") == 3
+    fresh = Classifier()
+    callback_copy.setup(run, fresh, "fit")
+    assert callback_copy.report.count("fused") == 3 and type(fresh.net.stem[1]) is fusedbn.FusedBatchNormReLU2d

@@ -2,9 +2,10 @@
 //   at_channel(c)        channels-first: one channel's values, either whole vectors (load<kVec>(offset),
 //                        then add_whole(state, loaded[]) for several of them at once) or the lanes
 //                        [first, last) of the kVec values at `offset` (add<kVec>: a window at a run's ends);
-//   at_channels<kVec>(c) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
+//   at_channels<kVec>(c, C) channels-last: an accumulator for the kVec consecutive channels c, c+1, ...;
 //                        load(offset) reads one value of each, stored contiguously at `offset`, add(loaded)
-//                        folds them in, lane(k) is channel c + k's partial; value-initialized, it is empty.
+//                        folds them in, lane(k) is channel c + k's partial. Every thread of the block
+//                        calls it (it may fill a table in shared memory behind a barrier); past C, empty.
 // `result(c, total)` turns a channel's merged total into what the finisher needs; kVec <= kMaxLanes.
 // kInFlight (the reducer's, per vector width: channels-first whole windows; its Lanes': channels-last
 // rows): how many vectors a thread loads before it uses the first, so that several loads are in flight per
