@@ -170,16 +170,45 @@ inline void check_forward_eval_args(const at::Tensor& input, const std::optional
   check_eps(eps, false);
 }
 
-// The ops' (activation, activation_param) arguments; `output`, the backward's, is read only for ReLU.
+// The ops' (activation, activation_param, activation_weight) arguments; `output`, the backward's, is read
+// only for ReLU. PReLU's weight is given exactly for prelu: 1 or C values (read flattened, as nn.PReLU's),
+// on the input's device, of the input's dtype or float32 (nn.BatchNorm's mixed precision).
 inline Epilogue parse_epilogue(std::string_view activation, double param,
+                               const std::optional<at::Tensor>& activation_weight, const at::Tensor& input,
                                const std::optional<at::Tensor>& output = std::nullopt) {
   Epilogue epilogue{Activation::kIdentity, param};
   TORCH_CHECK_VALUE(parse_activation(activation, epilogue.act), "fusedbn: unknown activation '", activation,
-                    "'; expected one of identity, relu, relu6, leaky_relu, elu, silu, hardswish, gelu, gelu_tanh");
+                    "'; expected one of identity, relu, relu6, leaky_relu, elu, silu, hardswish, gelu, gelu_tanh, "
+                    "prelu");
   TORCH_CHECK_VALUE(!has(output) || epilogue.act == Activation::kRelu,
                     "fusedbn: the backward reads the forward's output only for relu, got activation '", activation,
                     "' (pass the residual instead)");
+  const bool prelu = epilogue.act == Activation::kPrelu;
+  TORCH_CHECK_VALUE(!prelu || has(activation_weight),
+                    "fusedbn: activation 'prelu' needs its weight (activation_weight), got None");
+  TORCH_CHECK_VALUE(prelu || !has(activation_weight), "fusedbn: activation_weight is PReLU's weight, but the "
+                    "activation is '", activation, "'");
+  if (prelu) {
+    TORCH_CHECK_VALUE(param == 0.0, "fusedbn: activation 'prelu' takes no activation_param (its slopes are "
+                      "activation_weight), got ", param);
+    const at::Tensor& w = *activation_weight;
+    const c10::SymInt C = input.sym_size(1);
+    TORCH_CHECK(w.sym_numel() == 1 || w.sym_numel() == C, "fusedbn: PReLU's weight (activation_weight) should "
+                "have 1 or ", C, " elements (the input's channels), got ", w.sym_numel());
+    TORCH_CHECK(w.device() == input.device(), "Expected all tensors to be on the same device, but found at least "
+                "two devices, ", input.device(), " and ", w.device(), "! (activation_weight)");
+    const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(w.scalar_type() == input.scalar_type() || (reduced_input && w.scalar_type() == at::kFloat),
+                "mixed dtype: expect PReLU's weight (activation_weight) to have scalar type of ", input.scalar_type(),
+                (reduced_input ? " or Float" : ""), ", but it is ", w.scalar_type());
+  }
   return epilogue;
+}
+
+// PReLU's slopes as the kernels read them: 1 or C values, contiguous, in the accumulation dtype `acc`;
+// undefined without a weight.
+inline at::Tensor activation_slopes(const std::optional<at::Tensor>& activation_weight, at::ScalarType acc) {
+  return has(activation_weight) ? activation_weight->reshape({-1}).to(acc).contiguous() : at::Tensor();
 }
 
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <string_view>
 
 #include "host_device.h"
@@ -37,6 +38,7 @@ enum class Activation : int {
   kHardswish,
   kGelu,       // exact, erf
   kGeluTanh,   // approximate="tanh"
+  kPrelu,      // leaky ReLU with a learned slope per channel (activation_weight)
 };
 
 // The schema's names (schemas.h); false for an unknown one.
@@ -44,7 +46,8 @@ inline bool parse_activation(std::string_view name, Activation& act) {
   constexpr std::pair<std::string_view, Activation> kNames[] = {
       {"identity", Activation::kIdentity}, {"relu", Activation::kRelu},       {"relu6", Activation::kRelu6},
       {"leaky_relu", Activation::kLeakyRelu}, {"elu", Activation::kElu},      {"silu", Activation::kSilu},
-      {"hardswish", Activation::kHardswish}, {"gelu", Activation::kGelu},     {"gelu_tanh", Activation::kGeluTanh}};
+      {"hardswish", Activation::kHardswish}, {"gelu", Activation::kGelu},     {"gelu_tanh", Activation::kGeluTanh},
+      {"prelu", Activation::kPrelu}};
   for (const auto& [n, a] : kNames) {
     if (n == name) {
       act = a;
@@ -118,6 +121,25 @@ struct ActivationFn<Activation::kLeakyRelu> {
   template <typename T, typename M = Math<T>>
   FUSEDBN_HOST_DEVICE static T grad(T g, T z, T slope) { return M::select(z > T(0), g, g * slope); }
 };
+
+// torch.prelu and its backward: leaky ReLU's math, the slope the channel's weight (param_for).
+template <>
+struct ActivationFn<Activation::kPrelu> : ActivationFn<Activation::kLeakyRelu> {
+  // d act / d slope, times g: PReLU's weight gradient of one value (torch's: z > 0 ? 0 : z * g).
+  template <typename T, typename M = Math<T>>
+  FUSEDBN_HOST_DEVICE static T grad_slope(T g, T z) { return M::select(z > T(0), T(0), z * g); }
+};
+
+// The activation's parameter for a value of channel c: PReLU's slope of the channel (slope[c]), else the
+// op's one parameter (the slopes are not read).
+template <Activation kAct, typename acc_t>
+FUSEDBN_HOST_DEVICE inline acc_t param_for(acc_t param, const acc_t* slope, int64_t c) {
+  if constexpr (kAct == Activation::kPrelu) {
+    return slope[c];
+  } else {
+    return param;
+  }
+}
 
 template <>
 struct ActivationFn<Activation::kElu> {  // scale = input_scale = 1
@@ -196,6 +218,7 @@ FUSEDBN_HOST_DEVICE inline auto with_activation(Activation act, F&& f) {
     case A::kHardswish: return f(std::integral_constant<A, A::kHardswish>{});
     case A::kGelu: return f(std::integral_constant<A, A::kGelu>{});
     case A::kGeluTanh: return f(std::integral_constant<A, A::kGeluTanh>{});
+    case A::kPrelu: return f(std::integral_constant<A, A::kPrelu>{});
     default: return f(std::integral_constant<A, A::kIdentity>{});
   }
 }

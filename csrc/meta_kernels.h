@@ -34,31 +34,33 @@ inline std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, con
                                                         const OptTensor& bias, const OptTensor& running_mean,
                                                         const OptTensor& running_var, double, double eps,
                                                         const OptTensor& residual, c10::string_view activation,
-                                                        double activation_param) {
+                                                        double activation_param, const OptTensor& activation_weight) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
-  parse_epilogue(activation, activation_param);
+  parse_epilogue(activation, activation_param, activation_weight, input);
   return {output_like(input), per_channel(input), per_channel(input)};
 }
 
 inline Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                            const Tensor& running_mean, const Tensor& running_var, double eps,
-                           const OptTensor& residual, c10::string_view activation, double activation_param) {
+                           const OptTensor& residual, c10::string_view activation, double activation_param,
+                           const OptTensor& activation_weight) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
-  parse_epilogue(activation, activation_param);
+  parse_epilogue(activation, activation_param, activation_weight, input);
   return output_like(input);
 }
 
-inline std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
-                                                           const OptTensor& weight, const Tensor& mean,
-                                                           const Tensor& invstd, bool, std::array<bool, 3> output_mask,
-                                                           const OptTensor& bias, const OptTensor& output,
-                                                           const OptTensor& residual, c10::string_view activation,
-                                                           double activation_param, bool grad_residual) {
+inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
+    bool, std::array<bool, 3> output_mask, const OptTensor& bias, const OptTensor& output, const OptTensor& residual,
+    c10::string_view activation, double activation_param, bool grad_residual, const OptTensor& activation_weight,
+    bool grad_activation_weight) {
   check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
-  parse_epilogue(activation, activation_param, output);
+  parse_epilogue(activation, activation_param, activation_weight, input, output);
   const auto param_dtype = grad_param_dtype(weight, bias, input);
+  const bool slopes = grad_activation_weight && has(activation_weight);
   return {output_mask[0] ? output_like(input) : Tensor(), output_mask[1] ? per_channel(input, param_dtype) : Tensor(),
-          output_mask[2] ? per_channel(input, param_dtype) : Tensor(), grad_residual ? output_like(input) : Tensor()};
+          output_mask[2] ? per_channel(input, param_dtype) : Tensor(), grad_residual ? output_like(input) : Tensor(),
+          slopes ? at::empty_like(*activation_weight, at::MemoryFormat::Contiguous) : Tensor()};
 }
 
 inline std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
@@ -66,13 +68,14 @@ inline std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
   return {per_channel(input), per_channel(input)};
 }
 
-inline std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-                                            const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                            const OptTensor& output, const OptTensor& residual,
-                                            c10::string_view activation, double activation_param) {
+inline std::tuple<Tensor, Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input,
+                                                    const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
+                                                    const OptTensor& bias, const OptTensor& output,
+                                                    const OptTensor& residual, c10::string_view activation,
+                                                    double activation_param, const OptTensor& activation_weight) {
   check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
-  parse_epilogue(activation, activation_param, output);
-  return {per_channel(input), per_channel(input)};
+  parse_epilogue(activation, activation_param, activation_weight, input, output);
+  return {per_channel(input), per_channel(input), has(activation_weight) ? per_channel(input) : Tensor()};
 }
 
 inline std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input,
@@ -80,9 +83,9 @@ inline std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, cons
                                                  const Tensor& mean_dz, const Tensor& proj, const OptTensor& bias,
                                                  const OptTensor& output, const OptTensor& residual,
                                                  c10::string_view activation, double activation_param,
-                                                 bool grad_residual) {
+                                                 bool grad_residual, const OptTensor& activation_weight) {
   check_backward_args(grad_output, input, weight, mean, invstd, bias, output, residual);
-  parse_epilogue(activation, activation_param, output);
+  parse_epilogue(activation, activation_param, activation_weight, input, output);
   check_centering_terms(mean_dz, proj, input);  // in prepare_backward_elemt's order
   return {output_like(input), grad_residual ? output_like(input) : Tensor()};
 }

@@ -49,11 +49,12 @@ inline void for_each_tile_span(const Tile& tile, Fill&& fill, F&& f) {
   if (filled > 0) f(start, filled, z);
 }
 
-// y = act(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c].
+// y = act(bn(x) [+ residual]) with bn(x) = (x - mean[c]) * alpha[c] + beta[c], the activation's parameter
+// param_for(param, slope, c) (epilogue.h).
 template <typename scalar_t, typename acc_t, int kChannelStride, bool kAdd, Activation kAct>
 void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual, scalar_t* __restrict__ y,
                     const acc_t* __restrict__ mean, const acc_t* __restrict__ alpha, const acc_t* __restrict__ beta,
-                    acc_t param, const Tile& tile) {
+                    const acc_t* __restrict__ slope, acc_t param, const Tile& tile) {
   using Act = ActivationFn<kAct>;
   if constexpr (Act::kTranscendental) {
     auto fill = [&](int64_t r, int64_t channel, int64_t j0, int64_t m, acc_t* __restrict__ z) {
@@ -83,12 +84,13 @@ void tile_normalize(const scalar_t* __restrict__ x, const scalar_t* __restrict__
     const acc_t* __restrict__ mu = mean + channel;
     const acc_t* __restrict__ a = alpha + channel;
     const acc_t* __restrict__ b = beta + channel;
+    const acc_t* __restrict__ s = slope + channel;
     const int64_t base = tile.offset + r * tile.ld;
     for (int64_t j = 0; j < tile.width; ++j) {
       const int64_t c = j * kChannelStride;
       acc_t z = normalized(static_cast<acc_t>(x[base + j]), mu[c], a[c], b[c]);
       if constexpr (kAdd) z += static_cast<acc_t>(residual[base + j]);
-      y[base + j] = static_cast<scalar_t>(Act::forward(z, param));
+      y[base + j] = static_cast<scalar_t>(Act::forward(z, param_for<kAct>(param, s, c)));
     }
   }
 }
@@ -101,11 +103,13 @@ struct GradRule {
   static constexpr bool kResidual = kResidual_;
   // dz computed a span at a time in torch's vectors (dz_span) rather than value by value (dz_at).
   static constexpr bool kBuffered = kFrom_ == GradFrom::kRecompute && ActivationFn<kAct_>::kTranscendental;
+  // The gradient sums also sum PReLU's weight gradient (dslope_at).
+  static constexpr bool kSlopes = kAct_ == Activation::kPrelu;
 };
 
 // What the backward passes read dz from: dy, the op's output (kOutput), the residual (kRecompute with
-// one), and the forward's alpha and beta (kRecompute, with the statistics' mean; alpha is also the dx
-// pass's scale). Plain pointers the tile kernels copy into __restrict__ locals, so their loops vectorize.
+// one), and the forward's alpha, beta and PReLU's slope (kRecompute, with the statistics' mean; alpha is
+// also the dx pass's scale). Plain pointers the tile kernels copy into __restrict__ locals, so their loops vectorize.
 template <typename scalar_t, typename acc_t>
 struct GradSource {
   const scalar_t* dy;
@@ -113,6 +117,7 @@ struct GradSource {
   const scalar_t* residual;  // kRecompute with a residual, else null
   const acc_t* alpha;
   const acc_t* beta;
+  const acc_t* slope;
   acc_t param;
   scalar_t* dz_out = nullptr;  // kBuffered rules in the gradient sums: where to keep dz for the dx pass
 };
@@ -126,6 +131,14 @@ inline acc_t dz_at(const scalar_t* __restrict__ dy, const scalar_t* __restrict__
   const acc_t r = Rule::kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
   return grad_through_activation<Rule::kAct, Rule::kFrom>(static_cast<acc_t>(dy[i]), xv, o, r, mean, alpha, beta,
                                                            param);
+}
+
+// PReLU's weight gradient of value i, dy * min(z, 0) (grad_slope), z recomputed as dz_at recomputes it.
+template <typename Rule, typename scalar_t, typename acc_t>
+inline acc_t dslope_at(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ residual, int64_t i, acc_t xv,
+                       acc_t mean, acc_t alpha, acc_t beta) {
+  const acc_t r = Rule::kResidual ? static_cast<acc_t>(residual[i]) : acc_t(0);
+  return ActivationFn<Activation::kPrelu>::grad_slope(static_cast<acc_t>(dy[i]), normalized(xv, mean, alpha, beta) + r);
 }
 
 // dz[j] of the n values from element i on (kBuffered rules), column j's coefficients at j * kStride.
@@ -158,6 +171,7 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
   const scalar_t* __restrict__ residual = source.residual;
   const acc_t* __restrict__ alpha = source.alpha;
   const acc_t* __restrict__ beta = source.beta;
+  const acc_t* __restrict__ slope = source.slope;
   const acc_t param = source.param;
   constexpr bool kRecompute = Rule::kFrom == GradFrom::kRecompute;
   int64_t channel = tile.channel;
@@ -186,7 +200,7 @@ void tile_backward_elemt(const GradSource<scalar_t, acc_t>& source, const scalar
         const int64_t i = base + j;
         const acc_t xv = static_cast<acc_t>(x[i]);
         const acc_t dz = dz_at<Rule>(dy, out, residual, i, xv, mean[c], kRecompute ? alpha[c] : acc_t(0),
-                                     kRecompute ? beta[c] : acc_t(0), param);
+                                     kRecompute ? beta[c] : acc_t(0), param_for<Rule::kAct>(param, slope, c));
         dx[i] = static_cast<scalar_t>(dx_of<kCentered>(dz, xv, mean[c], kCentered ? mean_dz[c] : acc_t(0),
                                                        kCentered ? proj[c] : acc_t(0), alpha[c]));
         if constexpr (kWriteDz) grad_residual[i] = static_cast<scalar_t>(dz);

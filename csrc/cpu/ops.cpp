@@ -52,23 +52,27 @@ Tensor channel_rows(int64_t C, const at::TensorOptions& acc_options, F&& f) {
   return rows;
 }
 
-// normalize's per-channel coefficients, [3, C]: mean (0 where null), alpha and beta (alpha_of, beta_of in
-// welford.h), the rows of channel_rows.
+// normalize's per-channel coefficients, [4, C]: mean (0 where null), alpha and beta (alpha_of, beta_of in
+// welford.h), PReLU's slope (`slopes`: 1 or C values, activation_slopes; else 0), the rows of channel_rows.
 template <typename acc_t>
 Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptTensor& weight,
-                              const OptTensor& bias, int64_t C, const at::TensorOptions& acc_options) {
+                              const OptTensor& bias, const Tensor& slopes, int64_t C,
+                              const at::TensorOptions& acc_options) {
   const acc_t* w = data_or_null<acc_t>(weight);
   const acc_t* b = data_or_null<acc_t>(bias);
-  return channel_rows<acc_t, 3>(C, acc_options, [&](int64_t c, const auto& row) {
+  const acc_t* s = slopes.defined() ? slopes.const_data_ptr<acc_t>() : nullptr;
+  const int64_t slope_step = slopes.defined() && slopes.numel() == C ? 1 : 0;
+  return channel_rows<acc_t, 4>(C, acc_options, [&](int64_t c, const auto& row) {
     row[0][c] = mean ? mean[c] : acc_t(0);
     row[1][c] = alpha_of(w, c, invstd[c]);
     row[2][c] = beta_of<acc_t>(b, c);
+    row[3][c] = s ? s[c * slope_step] : acc_t(0);
   });
 }
 
 // y = act((x - mean) * alpha + beta [+ residual]) per channel, in `layout`, with the strides of `like`
 // (x's when undefined; another tensor in the same view may differ on size-1 dims). `coefficients`: the
-// [3, C] rows mean, alpha, beta (normalize_coefficients).
+// [4, C] rows mean, alpha, beta, slope (normalize_coefficients).
 Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coefficients,
                  const OptTensor& residual = std::nullopt, Epilogue epilogue = {}, const Tensor& like = Tensor()) {
   Tensor y = empty_like_dense(like.defined() ? like : x, x.scalar_type());
@@ -81,12 +85,13 @@ Tensor normalize(const Tensor& x, const ChannelLayout& layout, const Tensor& coe
     const acc_t* mean = coefficients.const_data_ptr<acc_t>();
     const acc_t* alpha = mean + layout.C;
     const acc_t* beta = alpha + layout.C;
+    const acc_t* slope = beta + layout.C;
     const auto param = static_cast<acc_t>(epilogue.param);
     with_flag(r.defined(), [&](auto add) {
       with_activation(epilogue.act, [&](auto act) {
         parallel_for_elementwise_tiles(layout, [&](const Tile& tile, auto stride) {
           tile_normalize<scalar_t, acc_t, decltype(stride)::value, decltype(add)::value, decltype(act)::value>(
-              in, res, out, mean, alpha, beta, param, tile);
+              in, res, out, mean, alpha, beta, slope, param, tile);
         });
       });
     });
@@ -190,9 +195,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
                                                  const OptTensor& bias, const OptTensor& running_mean,
                                                  const OptTensor& running_var, double momentum,
                                                  double eps, const OptTensor& residual,
-                                                 c10::string_view activation, double activation_param) {
+                                                 c10::string_view activation, double activation_param,
+                                                 const OptTensor& activation_weight) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
-  const Epilogue epilogue = parse_epilogue(activation, activation_param);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param, activation_weight, input);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -216,7 +222,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
 
   const Tensor coefficients = FUSEDBN_DISPATCH_STATISTICS(acc, [&] {
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
-                                            as_acc(w, acc), as_acc(b, acc), C, acc_options);
+                                            as_acc(w, acc), as_acc(b, acc), activation_slopes(activation_weight, acc),
+                                            C, acc_options);
   });
   Tensor y = normalize(x, layout, coefficients, residual, epilogue);
 
@@ -245,9 +252,10 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                     const Tensor& running_mean, const Tensor& running_var, double eps,
-                    const OptTensor& residual, c10::string_view activation, double activation_param) {
+                    const OptTensor& residual, c10::string_view activation, double activation_param,
+                    const OptTensor& activation_weight) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
-  const Epilogue epilogue = parse_epilogue(activation, activation_param);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param, activation_weight, input);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const Tensor x = dense_input(input);
   const ChannelLayout layout = channel_layout(x);
@@ -259,7 +267,8 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
     const scalar_t* v = var.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < layout.C; ++c) invstd[c] = invstd_of(v[c], eps);
     return normalize_coefficients<scalar_t>(mean.const_data_ptr<scalar_t>(), invstd.data(), as_acc(w, acc),
-                                            as_acc(b, acc), layout.C, acc_options);
+                                            as_acc(b, acc), activation_slopes(activation_weight, acc), layout.C,
+                                            acc_options);
   });
   return normalize(x, layout, coefficients, residual, epilogue);
 }
@@ -280,12 +289,12 @@ void with_grad_rule(const BackwardInputs& in, F&& f) {
   }
 }
 
-// The backward's coefficients, [3, C] as normalize_coefficients: 0, alpha = w * invstd (the forward's, which
-// the recomputed activation needs too), beta = bias (without `with_bias`: 0).
+// The backward's coefficients, [4, C] as normalize_coefficients: 0, alpha = w * invstd (the forward's, which
+// the recomputed activation needs too), beta = bias (without `with_bias`: 0), PReLU's slope.
 Tensor backward_coefficients(const BackwardInputs& in, bool with_bias = true) {
   return FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
     return normalize_coefficients<scalar_t>(nullptr, in.invstd.const_data_ptr<scalar_t>(), as_acc(in.weight, in.acc),
-                                            with_bias ? as_acc(in.bias, in.acc) : std::nullopt, in.layout.C,
+                                            with_bias ? as_acc(in.bias, in.acc) : std::nullopt, in.slopes, in.layout.C,
                                             in.x.options().dtype(in.acc));
   });
 }
@@ -300,34 +309,40 @@ void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& 
     const GradSource<scalar_t, acc_t> source{
         in.dy.const_data_ptr<scalar_t>(), in.out.defined() ? in.out.const_data_ptr<scalar_t>() : nullptr,
         in.residual.defined() ? in.residual.const_data_ptr<scalar_t>() : nullptr, alpha, alpha + in.layout.C,
-        static_cast<acc_t>(in.epilogue.param), dz_out.defined() ? dz_out.mutable_data_ptr<scalar_t>() : nullptr};
+        alpha + 2 * in.layout.C, static_cast<acc_t>(in.epilogue.param), dz_out.defined() ? dz_out.mutable_data_ptr<scalar_t>() : nullptr};
     with_grad_rule(in, [&](auto rule) { f(scalar_t{}, rule, source); });
   });
 }
 
-// sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output; dz itself
-// written into `dz_out` when that is defined (only for the activations computed in spans, GradRule::kBuffered).
-std::tuple<Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients,
-                                             const Tensor& dz_out = Tensor()) {
+// sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output, and PReLU's
+// weight gradient per channel sum(dy * min(z, 0)) (else undefined); dz itself written into `dz_out` when that
+// is defined (only for the activations computed in spans, GradRule::kBuffered).
+std::tuple<Tensor, Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients,
+                                                     const Tensor& dz_out = Tensor()) {
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
-  Tensor sum_dz = at::empty({C}, acc_options), sum_dz_xmu = at::empty({C}, acc_options);
+  const bool slopes = in.slopes.defined();
+  Tensor sums = at::empty({slopes ? 3 : 2, C}, acc_options);
   with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t parts = num_parts(in.layout);
-    std::vector<acc_t> part_dz(parts * C), part_dz_xmu(parts * C);
+    std::vector<acc_t> part_sums(sums.size(0) * parts * C);  // [sums][parts][C]
+    acc_t* part_dz = part_sums.data();
+    acc_t* part_dz_xmu = part_dz + parts * C;
+    acc_t* part_dslope = slopes ? part_dz_xmu + parts * C : nullptr;
     parallel_for_tiles(in.layout, [&](const Tile& tile, auto stride) {
       tile_grad_sums<scalar_t, acc_t, decltype(stride)::value, decltype(rule)>(
-          source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz.data(),
-          part_dz_xmu.data());
+          source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz, part_dz_xmu,
+          part_dslope);
     });
-    sum_rows_pairwise(part_dz.data(), parts, C);
-    sum_rows_pairwise(part_dz_xmu.data(), parts, C);
-    std::copy(part_dz.begin(), part_dz.begin() + C, sum_dz.mutable_data_ptr<acc_t>());
-    std::copy(part_dz_xmu.begin(), part_dz_xmu.begin() + C, sum_dz_xmu.mutable_data_ptr<acc_t>());
+    for (int64_t k = 0; k < sums.size(0); ++k) {
+      acc_t* parts_k = part_sums.data() + k * parts * C;
+      sum_rows_pairwise(parts_k, parts, C);
+      std::copy(parts_k, parts_k + C, sums.mutable_data_ptr<acc_t>() + k * C);
+    }
   }, dz_out);
-  return {sum_dz, sum_dz_xmu};
+  return {sums[0], sums[1], slopes ? sums[2] : Tensor()};
 }
 
 // dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: `centering`
@@ -374,18 +389,17 @@ Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Ten
 //   dx = (dz - sum(dz)/m - (x - mean) * invstd^2 * sum(dz*(x-mean))/m) * alpha
 // Eval statistics: dx = alpha * dz. Both: dw = sum(dz*(x-mean))*invstd, db = sum(dz), grad_residual = dz.
 // Which passes run: plan_backward (backward_inputs.h).
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
-                                                    const OptTensor& weight, const Tensor& mean,
-                                                    const Tensor& invstd, bool training,
-                                                    std::array<bool, 3> output_mask, const OptTensor& bias,
-                                                    const OptTensor& output, const OptTensor& residual,
-                                                    c10::string_view activation, double activation_param,
-                                                    bool want_grad_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
+    bool training, std::array<bool, 3> output_mask, const OptTensor& bias, const OptTensor& output,
+    const OptTensor& residual, c10::string_view activation, double activation_param, bool want_grad_residual,
+    const OptTensor& activation_weight, bool want_grad_slopes) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+                                             activation, activation_param, activation_weight);
   const int64_t C = in.layout.C;
   const auto acc_options = input.options().dtype(in.acc);
-  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
+  want_grad_slopes = want_grad_slopes && in.slopes.defined();
+  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual, want_grad_slopes);
   const Tensor coefficients = backward_coefficients(in, !plan.scaled_dy);
   // An activation computed in spans (SiLU, GELU, ELU: exp, erf, tanh) keeps dz from the sums' pass for the
   // dx pass instead of computing its derivative twice: one more tensor written and read, where the CPU is
@@ -393,8 +407,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   const bool keep_dz = plan.sums && plan.elementwise && in.from == GradFrom::kRecompute &&
                        is_transcendental(in.epilogue.act);
   const Tensor dz = keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  const auto [sum_dz, sum_dz_xmu] =
-      plan.sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor());
+  const auto [sum_dz, sum_dz_xmu, sum_dslope] =
+      plan.sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor(), Tensor());
   const Tensor centering = plan.centered ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor();
   Tensor grad_input, grad_weight;
   Tensor grad_residual = want_grad_residual && !keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
@@ -421,16 +435,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
   }
   const auto param_dtype = grad_param_dtype(weight, bias, input);
   return {output_mask[0] ? grad_input : Tensor(), output_mask[1] ? grad_weight.to(param_dtype) : Tensor(),
-          output_mask[2] ? sum_dz.to(param_dtype) : Tensor(), grad_residual};
+          output_mask[2] ? sum_dz.to(param_dtype) : Tensor(), grad_residual,
+          want_grad_slopes ? grad_of_activation_weight(sum_dslope, *activation_weight) : Tensor()};
 }
 
 // The two halves of the backward apart, for statistics computed over several processes (SyncBatchNorm).
-std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-                                     const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                     const OptTensor& output, const OptTensor& residual,
-                                     c10::string_view activation, double activation_param) {
+std::tuple<Tensor, Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                             const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
+                                             const OptTensor& output, const OptTensor& residual,
+                                             c10::string_view activation, double activation_param,
+                                             const OptTensor& activation_weight) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+                                             activation, activation_param, activation_weight);
   return channel_grad_sums(in, backward_coefficients(in));
 }
 
@@ -438,9 +454,11 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           const OptTensor& residual, c10::string_view activation,
-                                          double activation_param, bool want_grad_residual) {
+                                          double activation_param, bool want_grad_residual,
+                                          const OptTensor& activation_weight) {
   const BackwardElemtInputs in = prepare_backward_elemt(grad_output, input, weight, mean, invstd, mean_dz, proj, bias,
-                                                        output, residual, activation, activation_param);
+                                                        output, residual, activation, activation_param,
+                                                        activation_weight);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   const Tensor centering = at::stack({in.mean_dz, in.proj});
   Tensor grad_input = dx_pass(in, backward_coefficients(in), centering, grad_residual);

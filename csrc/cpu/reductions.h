@@ -372,13 +372,15 @@ inline void keep_dz(scalar_t* __restrict__ dz_out, int64_t i, int64_t n, const a
 }
 
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
-// read through the activation (GradRule, elementwise.h); for the kBuffered rules (SiLU, GELU, ELU) also
-// kept in source.dz_out when given, so the dx pass need not compute the activation's derivative again. Long channels-first runs: lane sums per chunk,
-// chunks summed pairwise. Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
+// read through the activation (GradRule, elementwise.h), and for PReLU (GradRule::kSlopes) its weight's
+// gradient sum(dy * min(z, 0)) into sum_dslope; for the kBuffered rules (SiLU, GELU, ELU) dz is also kept in
+// source.dz_out when given, so the dx pass need not compute the activation's derivative again. Long
+// channels-first runs: lane sums per chunk, chunks summed pairwise. Otherwise per block of kMinBlockRows
+// rows into columns, blocks summed pairwise.
 template <typename scalar_t, typename acc_t, int kMultiChannel, typename Rule>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                     const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
-                    acc_t* __restrict__ sum_dz_xmu) {
+                    acc_t* __restrict__ sum_dz_xmu, acc_t* __restrict__ sum_dslope) {
   const scalar_t* __restrict__ dy = source.dy;
   const scalar_t* __restrict__ out = source.out;
   const scalar_t* __restrict__ residual = source.residual;
@@ -389,11 +391,12 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
   if (kMultiChannel == 0 && W >= kLongRun) {
-    // The second lane sum re-reads the chunk (and its dz) from cache.
+    // The second (and third) lane sum re-reads the chunk (and its dz) from cache.
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
     const acc_t a = kRecompute ? alpha[c] : acc_t(0), b = kRecompute ? beta[c] : acc_t(0);
-    PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu;
+    const acc_t p = param_for<Rule::kAct>(param, source.slope, c);
+    PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu, total_dslope;
     for_each_chunk(tile, [&](int64_t offset, int64_t n) {
       const scalar_t* __restrict__ xs = x + offset;
       if constexpr (Rule::kBuffered) {
@@ -406,36 +409,47 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
         total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) { return buf[j] * (static_cast<acc_t>(xs[j]) - mu); }));
       } else {
         total_dz.push(run_sum<acc_t>(n, [&](int64_t j) {
-          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b, param);
+          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b, p);
         }));
         total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) {
           const acc_t xv = static_cast<acc_t>(xs[j]);
-          return dz_at<Rule>(dy, out, residual, offset + j, xv, mu, a, b, param) * (xv - mu);
+          return dz_at<Rule>(dy, out, residual, offset + j, xv, mu, a, b, p) * (xv - mu);
         }));
+        if constexpr (Rule::kSlopes) {
+          total_dslope.push(run_sum<acc_t>(n, [&](int64_t j) {
+            return dslope_at<Rule>(dy, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b);
+          }));
+        }
       }
     });
     sum_dz[slot] = total_dz.total();
     sum_dz_xmu[slot] = total_dz_xmu.total();
+    if constexpr (Rule::kSlopes) sum_dslope[slot] = total_dslope.total();
     return;
   }
   // Column j's channel coefficients: the channels' own arrays where each column is a channel, else copies
   // spread over the channels' columns.
   const int64_t span = tile.columns_per_channel;
-  std::vector<acc_t> spread_buf(span == 1 ? 0 : 3 * W);
+  std::vector<acc_t> spread_buf(span == 1 ? 0 : 4 * W);
   for (int64_t k = 0; span > 1 && k < W / span; ++k) {
     const int64_t c = tile.channel + k, j = k * span;
     std::fill_n(spread_buf.begin() + j, span, mean[c]);
     std::fill_n(spread_buf.begin() + W + j, span, kRecompute ? alpha[c] : acc_t(0));
     std::fill_n(spread_buf.begin() + 2 * W + j, span, kRecompute ? beta[c] : acc_t(0));
+    std::fill_n(spread_buf.begin() + 3 * W + j, span, param_for<Rule::kAct>(param, source.slope, c));
   }
   const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf.data();
   const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf.data() + W;
   const acc_t* __restrict__ col_beta = span == 1 ? beta + tile.channel : spread_buf.data() + 2 * W;
+  const acc_t* __restrict__ col_slope =
+      !Rule::kSlopes ? nullptr : span == 1 ? source.slope + tile.channel : spread_buf.data() + 3 * W;
   const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
   std::vector<acc_t> block_dz_buf(blocks * W, acc_t(0)), block_dz_xmu_buf(blocks * W, acc_t(0));
+  std::vector<acc_t> block_dslope_buf(Rule::kSlopes ? blocks * W : 0, acc_t(0));
   for (int64_t b = 0; b < blocks; ++b) {
     acc_t* __restrict__ block_dz = block_dz_buf.data() + b * W;
     acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data() + b * W;
+    acc_t* __restrict__ block_dslope = Rule::kSlopes ? block_dslope_buf.data() + b * W : nullptr;
     for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
       if constexpr (Rule::kBuffered) {
@@ -456,31 +470,32 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
         for (int64_t j = 0; j < W; ++j) {
           const int64_t i = base + j;
           const acc_t xv = static_cast<acc_t>(x[i]);
-          const acc_t g = dz_at<Rule>(dy, out, residual, i, xv, col_mean[j], kRecompute ? col_alpha[j] : acc_t(0),
-                                      kRecompute ? col_beta[j] : acc_t(0), param);
+          const acc_t a = kRecompute ? col_alpha[j] : acc_t(0), bb = kRecompute ? col_beta[j] : acc_t(0);
+          const acc_t g = dz_at<Rule>(dy, out, residual, i, xv, col_mean[j], a, bb,
+                                      param_for<Rule::kAct>(param, col_slope, j));
           block_dz[j] += g;
           block_dz_xmu[j] += g * (xv - col_mean[j]);
+          if constexpr (Rule::kSlopes) block_dslope[j] += dslope_at<Rule>(dy, residual, i, xv, col_mean[j], a, bb);
         }
       }
     }
   }
-  sum_rows_pairwise(block_dz_buf.data(), blocks, W);
-  sum_rows_pairwise(block_dz_xmu_buf.data(), blocks, W);
-  acc_t* col_dz = block_dz_buf.data();
-  acc_t* col_dz_xmu = block_dz_xmu_buf.data();
-  if (span == 1) {
-    std::copy(col_dz, col_dz + W, sum_dz + slot);
-    std::copy(col_dz_xmu, col_dz_xmu + W, sum_dz_xmu + slot);
-    return;
-  }
-  if (W == span) {  // one channel: pairwise over its columns
-    sum_dz[slot] = pairwise_sum(col_dz, span);
-    sum_dz_xmu[slot] = pairwise_sum(col_dz_xmu, span);
-    return;
-  }
-  const int64_t channels = W / span;  // several channels of at most kShortRun columns each
-  sum_position_rows(columns_by_position(col_dz, channels, span).data(), channels, span, sum_dz + slot);
-  sum_position_rows(columns_by_position(col_dz_xmu, channels, span).data(), channels, span, sum_dz_xmu + slot);
+  // Each sum's columns: blocks pairwise, then a channel's columns into its slot.
+  const auto finish = [&](std::vector<acc_t>& block_sums, acc_t* __restrict__ sums) {
+    sum_rows_pairwise(block_sums.data(), blocks, W);
+    acc_t* col = block_sums.data();
+    if (span == 1) {
+      std::copy(col, col + W, sums + slot);
+    } else if (W == span) {  // one channel: pairwise over its columns
+      sums[slot] = pairwise_sum(col, span);
+    } else {  // several channels of at most kShortRun columns each
+      const int64_t channels = W / span;
+      sum_position_rows(columns_by_position(col, channels, span).data(), channels, span, sums + slot);
+    }
+  };
+  finish(block_dz_buf, sum_dz);
+  finish(block_dz_xmu_buf, sum_dz_xmu);
+  if constexpr (Rule::kSlopes) finish(block_dslope_buf, sum_dslope);
 }
 
 }  // namespace fusedbn::cpu

@@ -17,6 +17,7 @@ namespace fusedbn::cuda {
 template <typename acc_t>
 struct Coefficients {
   acc_t mean, alpha, beta;
+  acc_t param;  // the activation's: PReLU's slope of the channel, else the op's one parameter
 };
 
 template <typename acc_t, typename param_t>
@@ -28,6 +29,9 @@ struct ChannelCoefficients {
   Restrict<const param_t> weight;  // may be null
   Restrict<const param_t> bias;    // may be null
   double eps;
+  Restrict<const acc_t> slopes;  // PReLU's, 1 or C values (slope_step 0 or 1); else null
+  int64_t slope_step;
+  acc_t param;  // the activation's parameter where there are no slopes
 
   __device__ __forceinline__ Coefficients<acc_t> operator()(int64_t c) const {
     const acc_t istd = invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps);
@@ -35,7 +39,7 @@ struct ChannelCoefficients {
   }
   // Channel c's coefficients from its mean and invstd as given.
   __device__ __forceinline__ Coefficients<acc_t> of_statistics(int64_t c, acc_t mean_c, acc_t invstd_c) const {
-    return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c)};
+    return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c), slopes ? slopes[c * slope_step] : param};
   }
 };
 
@@ -63,6 +67,7 @@ void with_activation_policy(Activation act, F&& f) {
   switch (act) {
     case Activation::kIdentity: return f(FixedActivation<Activation::kIdentity>{});
     case Activation::kRelu: return f(FixedActivation<Activation::kRelu>{});
+    case Activation::kPrelu: return f(FixedActivation<Activation::kPrelu>{});  // its weight's gradient sums
     default: return f(AnyActivation{});
   }
 }

@@ -46,7 +46,6 @@ struct NormalizeOp {
   Restrict<const scalar_t> residual;  // may be null
   ChannelCoefficients<acc_t, param_t> coefficients;
   Activation act;
-  acc_t param;
 
   using Coeffs = Coefficients<acc_t>;
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
@@ -74,18 +73,19 @@ struct NormalizeOp {
   template <int kVec, typename Lanes>
   __device__ __forceinline__ Vec<scalar_t, kVec> outputs(const Vec<scalar_t, kVec>& xv, const Vec<scalar_t, kVec>& rv,
                                                          const Lanes& co) const {
-    acc_t z[kVec];
+    acc_t z[kVec], param[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const Coeffs ck = co(k);
       z[k] = normalized(static_cast<acc_t>(xv.val[k]), ck.mean, ck.alpha, ck.beta);
       if (residual) z[k] += static_cast<acc_t>(rv.val[k]);
+      param[k] = ck.param;
     }
     Vec<scalar_t, kVec> out;
     Act::apply(act, [&](auto kind) {  // one branch on the activation per vector
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param));
+        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param[k]));
       }
     });
     return out;

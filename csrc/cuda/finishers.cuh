@@ -48,9 +48,12 @@ template <typename acc_t>
 struct SumsFinisher {
   Global<acc_t> sum_dz;
   Global<acc_t> sum_dz_xmu;
-  __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
+  Global<acc_t> sum_dslope;  // PReLU's; null for the other activations
+  template <bool kSlopes>
+  __device__ void operator()(int64_t c, const GradSums<acc_t, kSlopes>& total) const {
     sum_dz[c] = total.dz;
     sum_dz_xmu[c] = total.dz_xmu;
+    if constexpr (kSlopes) sum_dslope[c] = total.dslope;
   }
 };
 
@@ -64,8 +67,13 @@ struct GradFinisher {
   Global<acc_t> mean_dz;        // may be null (then proj is too)
   Global<acc_t> proj;
   int64_t count;
+  Global<acc_t> sum_dslope;  // may be null: PReLU's weight gradient per channel
 
-  __device__ void operator()(int64_t c, const GradSums<acc_t>& total) const {
+  template <bool kSlopes>
+  __device__ void operator()(int64_t c, const GradSums<acc_t, kSlopes>& total) const {
+    if constexpr (kSlopes) {
+      if (sum_dslope) sum_dslope[c] = total.dslope;
+    }
     const acc_t istd = invstd[c];
     if (grad_weight) grad_weight[c] = static_cast<param_t>(grad_weight_of(total.dz_xmu, istd));
     if (grad_bias) grad_bias[c] = static_cast<param_t>(total.dz);

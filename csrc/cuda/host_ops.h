@@ -227,14 +227,18 @@ constexpr int vec_width() {
 template <typename acc_t, typename param_t>
 ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, const Tensor& invstd,
                                                          const OptTensor& running_mean, const OptTensor& running_var,
-                                                         const OptTensor& weight, const OptTensor& bias, double eps) {
+                                                         const OptTensor& weight, const OptTensor& bias, double eps,
+                                                         const Tensor& slopes, double param) {
   return {invstd.defined() ? mean.const_data_ptr<acc_t>() : nullptr,
           invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
           ptr_or_null<param_t>(running_mean),
           ptr_or_null<param_t>(running_var),
           ptr_or_null<param_t>(weight),
           ptr_or_null<param_t>(bias),
-          eps};
+          eps,
+          slopes.defined() ? slopes.const_data_ptr<acc_t>() : nullptr,
+          slopes.defined() && slopes.numel() > 1 ? 1 : 0,
+          static_cast<acc_t>(param)};
 }
 
 // The normalize pass, y = act((x - mean) * alpha + beta [+ residual]) per channel with the coefficients
@@ -255,7 +259,7 @@ NormalizePass<scalar_t, acc_t, param_t, Act> normalize_pass(const Tensor& x, con
   Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   const NormalizeOp<scalar_t, acc_t, param_t, Act> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, coefficients,
-                                                 epilogue.act, static_cast<acc_t>(epilogue.param)};
+                                                 epilogue.act};
   return {y, r, op};
 }
 
@@ -297,9 +301,10 @@ template <typename Context>
 std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                                                  const OptTensor& running_mean, const OptTensor& running_var,
                                                  double momentum, double eps, const OptTensor& residual,
-                                                 c10::string_view activation, double activation_param) {
+                                                 c10::string_view activation, double activation_param,
+                                                 const OptTensor& activation_weight) {
   check_forward_train_args(input, weight, bias, running_mean, running_var, residual, eps);
-  const Epilogue epilogue = parse_epilogue(activation, activation_param);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param, activation_weight, input);
   const Context ctx(input);
   // The kernels index per-channel tensors by channel and the statistics kernel updates the running
   // statistics in place (the kernel is the one place they are written): strided ones are read from
@@ -310,6 +315,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
   const ChannelLayout layout = channel_layout(x);
   const int64_t C = layout.C;
   const auto acc_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  const Tensor slopes = activation_slopes(activation_weight, acc_options.dtype().toScalarType());
   Tensor mean = at::empty({C}, acc_options), invstd = at::empty({C}, acc_options);
   if (C == 0) return {empty_like_dense(x, x.scalar_type()), mean, invstd};
   Tensor y;
@@ -325,7 +331,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       constexpr int kVecWidth = vec_width<scalar_t>();
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps), residual, epilogue);
+            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps, slopes, epilogue.param),
+            residual, epilogue);
         y = pass.y;
         if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
         const Scratch s =
@@ -349,9 +356,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
 template <typename Context>
 Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTensor& bias, const Tensor& running_mean,
                     const Tensor& running_var, double eps, const OptTensor& residual, c10::string_view activation,
-                    double activation_param) {
+                    double activation_param, const OptTensor& activation_weight) {
   check_forward_eval_args(input, weight, bias, running_mean, running_var, residual, eps);
-  const Epilogue epilogue = parse_epilogue(activation, activation_param);
+  const Epilogue epilogue = parse_epilogue(activation, activation_param, activation_weight, input);
+  const Tensor slopes = activation_slopes(activation_weight, at::toOpMathType(input.scalar_type()));
   const Context ctx(input);
   const OptTensor w = flat_channels(weight), b = flat_channels(bias);
   const OptTensor rm = contiguous(running_mean), rv = contiguous(running_var);
@@ -364,8 +372,8 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
       using param_t = decltype(param_tag);
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps), residual,
-            epilogue);
+            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps, slopes, epilogue.param),
+            residual, epilogue);
         launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
         y = pass.y;
       });
@@ -382,14 +390,15 @@ GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in, bool read
           (read_x ? in.x : in.dy).const_data_ptr<scalar_t>(),
           in.from,
           in.epilogue.act,
-          static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr};
 }
 
-// The forward's coefficients, alpha = w * invstd and beta = b, for the backward's kernels.
+// The forward's coefficients, alpha = w * invstd and beta = b (and the activation's parameter), for the
+// backward's kernels.
 template <typename acc_t, typename param_t>
 ChannelCoefficients<acc_t, param_t> forward_coefficients(const BackwardInputs& in) {
-  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0);
+  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0, in.slopes,
+                                              in.epilogue.param);
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
@@ -448,25 +457,29 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
 // (backward_inputs.h) for which passes run. The centered dx pass's per-channel terms live in the scratch's
 // reserved bytes, written by the reduction's finisher.
 template <typename Context>
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, const Tensor& input,
-                                                    const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
-                                                    bool training, std::array<bool, 3> output_mask,
-                                                    const OptTensor& bias, const OptTensor& output,
-                                                    const OptTensor& residual, c10::string_view activation,
-                                                    double activation_param, bool want_grad_residual) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& mean, const Tensor& invstd,
+    bool training, std::array<bool, 3> output_mask, const OptTensor& bias, const OptTensor& output,
+    const OptTensor& residual, c10::string_view activation, double activation_param, bool want_grad_residual,
+    const OptTensor& activation_weight, bool want_grad_slopes) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+                                             activation, activation_param, activation_weight);
   const Context ctx(input);
   const int64_t C = in.layout.C;
   const auto param_dtype = grad_param_dtype(weight, bias, input);
+  want_grad_slopes = want_grad_slopes && in.slopes.defined();
   Tensor grad_weight = output_mask[1] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_bias = output_mask[2] ? at::empty({C}, input.options().dtype(param_dtype)) : Tensor();
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
+  Tensor sum_dslope = want_grad_slopes ? at::empty({C}, input.options().dtype(in.acc)) : Tensor();
+  const auto grad_slopes = [&] {
+    return want_grad_slopes ? grad_of_activation_weight(sum_dslope, *activation_weight) : Tensor();
+  };
   if (C == 0) {
     return {output_mask[0] ? empty_like_dense(in.x, input.scalar_type()) : Tensor(), grad_weight, grad_bias,
-            grad_residual};
+            grad_residual, grad_slopes()};
   }
-  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual);
+  const BackwardPlan plan = plan_backward(in, training, output_mask, want_grad_residual, want_grad_slopes);
   Tensor grad_input;
   dispatch_backward(in, [&](auto scalar_tag, auto param_tag, auto act) {
     using scalar_t = decltype(scalar_tag);
@@ -485,14 +498,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward(const Tensor& grad_output, c
       // grad_weight and grad_bias in the parameters' dtype (grad_param_dtype).
       const GradFinisher<acc_t, param_t> finisher{in.invstd.const_data_ptr<acc_t>(), ptr_or_null<param_t>(grad_weight),
                                                   ptr_or_null<param_t>(grad_bias),   mean_dz,
-                                                  proj,                              in.layout.count_per_channel()};
+                                                  proj,                              in.layout.count_per_channel(),
+                                                  ptr_or_null<acc_t>(sum_dslope)};
       grad_reduction<scalar_t, param_t, Act>(in, finisher, s, reserved, ctx);
     }
     if (plan.scaled_dy || plan.elementwise) {
       grad_input = dx_pass<scalar_t, param_t, Act>(in, mean_dz, proj, grad_residual, output_mask[0], !plan.scaled_dy, ctx);
     }
   });
-  return {grad_input, grad_weight, grad_bias, grad_residual};
+  return {grad_input, grad_weight, grad_bias, grad_residual, grad_slopes()};
 }
 
 template <typename Context>
@@ -517,25 +531,28 @@ std::tuple<Tensor, Tensor> batch_stats(const Tensor& input) {
 }
 
 template <typename Context>
-std::tuple<Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-                                     const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
-                                     const OptTensor& output, const OptTensor& residual, c10::string_view activation,
-                                     double activation_param) {
+std::tuple<Tensor, Tensor, Tensor> grad_sums(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+                                             const Tensor& mean, const Tensor& invstd, const OptTensor& bias,
+                                             const OptTensor& output, const OptTensor& residual,
+                                             c10::string_view activation, double activation_param,
+                                             const OptTensor& activation_weight) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
-                                             activation, activation_param);
+                                             activation, activation_param, activation_weight);
   const Context ctx(input);
   const auto acc_options = input.options().dtype(in.acc);
   Tensor sum_dz = at::empty({in.layout.C}, acc_options), sum_dz_xmu = at::empty({in.layout.C}, acc_options);
-  if (in.layout.C == 0) return {sum_dz, sum_dz_xmu};
+  Tensor sum_dslope = in.slopes.defined() ? at::empty({in.layout.C}, acc_options) : Tensor();
+  if (in.layout.C == 0) return {sum_dz, sum_dz_xmu, sum_dslope};
   dispatch_backward(in, [&](auto scalar_tag, auto param_tag, auto act) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const SumsFinisher<acc_t> finisher{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>()};
+    const SumsFinisher<acc_t> finisher{sum_dz.mutable_data_ptr<acc_t>(), sum_dz_xmu.mutable_data_ptr<acc_t>(),
+                                       ptr_or_null<acc_t>(sum_dslope)};
     const Scratch s = reduce_scratch<vec_width<scalar_t>(), GradReducer<scalar_t, acc_t, decltype(param_tag), decltype(act)>,
                                      decltype(finisher)>(in.layout, backward_aligned(in), 0, in.x, ctx);
     grad_reduction<scalar_t, decltype(param_tag), decltype(act)>(in, finisher, s, 0, ctx);
   });
-  return {sum_dz, sum_dz_xmu};
+  return {sum_dz, sum_dz_xmu, sum_dslope};
 }
 
 template <typename Context>
@@ -543,9 +560,11 @@ std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tenso
                                           const Tensor& mean, const Tensor& invstd, const Tensor& mean_dz,
                                           const Tensor& proj, const OptTensor& bias, const OptTensor& output,
                                           const OptTensor& residual, c10::string_view activation,
-                                          double activation_param, bool want_grad_residual) {
+                                          double activation_param, bool want_grad_residual,
+                                          const OptTensor& activation_weight) {
   const BackwardElemtInputs in = prepare_backward_elemt(grad_output, input, weight, mean, invstd, mean_dz, proj, bias,
-                                                        output, residual, activation, activation_param);
+                                                        output, residual, activation, activation_param,
+                                                        activation_weight);
   const Context ctx(input);
   Tensor grad_residual = want_grad_residual ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
   if (in.layout.C == 0) return {empty_like_dense(in.x, input.scalar_type()), grad_residual};

@@ -26,21 +26,38 @@ __device__ __forceinline__ WelfordPartial<acc_t> merge(const WelfordPartial<acc_
   return welford_merge(a, b);
 }
 
-// sum(dz) and sum(dz * (x - mean)) of one channel, dz the gradient reaching BatchNorm's output.
-template <typename acc_t>
+// sum(dz) and sum(dz * (x - mean)) of one channel, dz the gradient reaching BatchNorm's output; kSlopes:
+// also PReLU's weight gradient, sum(dy * min(z, 0)).
+template <typename acc_t, bool kSlopes = false>
 struct GradSums {
   acc_t dz;
   acc_t dz_xmu;
 };
 
 template <typename acc_t>
-__device__ __forceinline__ GradSums<acc_t> shfl_down(const GradSums<acc_t>& s, int delta) {
-  return GradSums<acc_t>{__shfl_down_sync(kFullMask, s.dz, delta), __shfl_down_sync(kFullMask, s.dz_xmu, delta)};
+struct GradSums<acc_t, true> {
+  acc_t dz;
+  acc_t dz_xmu;
+  acc_t dslope;
+};
+
+template <typename acc_t, bool kSlopes>
+__device__ __forceinline__ GradSums<acc_t, kSlopes> shfl_down(const GradSums<acc_t, kSlopes>& s, int delta) {
+  GradSums<acc_t, kSlopes> o;
+  o.dz = __shfl_down_sync(kFullMask, s.dz, delta);
+  o.dz_xmu = __shfl_down_sync(kFullMask, s.dz_xmu, delta);
+  if constexpr (kSlopes) o.dslope = __shfl_down_sync(kFullMask, s.dslope, delta);
+  return o;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ GradSums<acc_t> merge(const GradSums<acc_t>& a, const GradSums<acc_t>& b) {
-  return GradSums<acc_t>{a.dz + b.dz, a.dz_xmu + b.dz_xmu};
+template <typename acc_t, bool kSlopes>
+__device__ __forceinline__ GradSums<acc_t, kSlopes> merge(const GradSums<acc_t, kSlopes>& a,
+                                                          const GradSums<acc_t, kSlopes>& b) {
+  GradSums<acc_t, kSlopes> o;
+  o.dz = a.dz + b.dz;
+  o.dz_xmu = a.dz_xmu + b.dz_xmu;
+  if constexpr (kSlopes) o.dslope = a.dslope + b.dslope;
+  return o;
 }
 
 // The warp's partials merged by a shuffle tree; the total in lane 0.

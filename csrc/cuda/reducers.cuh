@@ -159,7 +159,6 @@ struct GradSource {
   Restrict<const scalar_t> x;  // dy where nothing reads x (read and ignored: no branch before the loads)
   GradFrom from;
   Activation act;
-  acc_t param;
   Restrict<const scalar_t> side;  // kOutput: the output; kRecompute: the residual (may be null)
 
   // A vector of dy, x and the side value (zeros where dz reads none), as both backward passes read them.
@@ -188,7 +187,7 @@ struct GradSource {
         for (int k = k0; k < k0 + kPerBranch; ++k) {
           dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
               static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
-              co(k).mean, co(k).alpha, co(k).beta, param);
+              co(k).mean, co(k).alpha, co(k).beta, co(k).param);
         }
       };
       switch (from) {
@@ -208,12 +207,14 @@ struct GradSource {
 
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct GradReducer {
-  using State = GradSums<acc_t>;
+  // PReLU's weight gradient, sum(dy * min(z, 0)), is summed beside the two sums.
+  static constexpr bool kSlopes = std::is_same_v<Act, FixedActivation<Activation::kPrelu>>;
+  using State = GradSums<acc_t, kSlopes>;
   // The widest vector within 64 registers: 16 bytes of 2-byte values (dy, x and the side value a lane;
   // channels-last 2 sums and the mean a lane besides, the other coefficients in shared memory: Lanes), 4
-  // where any activation's code may run.
+  // where any activation's code may run, or channels-last with PReLU's third sum a lane.
   static constexpr int kMaxLanes = std::is_same_v<Act, AnyActivation> ? 4 : 8;
-  static constexpr int kMaxLanesLast = kMaxLanes;
+  static constexpr int kMaxLanesLast = kSlopes ? 4 : kMaxLanes;
   // Vectors of dy, x (and the side value) each: two of up to 4 lanes; one of 8 (dy and x are two 16-byte
   // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
@@ -239,8 +240,13 @@ struct GradReducer {
     for (int k = 0; k < kVec; ++k) {
       const int lane = kLanes == 1 ? 0 : k;
       if (k >= first && k < last) {
+        const acc_t xk = static_cast<acc_t>(in.x.val[k]);
         sums[lane].dz += dz[k];
-        sums[lane].dz_xmu = mul_add(dz[k], static_cast<acc_t>(in.x.val[k]) - co(k).mean, sums[lane].dz_xmu);
+        sums[lane].dz_xmu = mul_add(dz[k], xk - co(k).mean, sums[lane].dz_xmu);
+        if constexpr (kSlopes) {  // z as the source recomputed it (the side value is the residual, or 0)
+          const acc_t z = normalized(xk, co(k).mean, co(k).alpha, co(k).beta) + static_cast<acc_t>(in.side.val[k]);
+          sums[lane].dslope += ActivationFn<Activation::kPrelu>::grad_slope(static_cast<acc_t>(in.g.val[k]), z);
+        }
       }
     }
   }
@@ -287,7 +293,7 @@ struct GradReducer {
     using Loaded = GradReducer::Loaded<kVec>;
     __device__ __forceinline__ Coefficients<acc_t> operator()(int k) const {
       const Coefficients<acc_t> t = (*table)[k * blockDim.x + threadIdx.x];
-      return {mean[k], t.alpha, t.beta};
+      return {mean[k], t.alpha, t.beta, t.param};
     }
     __device__ __forceinline__ Loaded load(int64_t offset) const { return r->template load<kVec>(offset); }
     __device__ __forceinline__ void add(const Loaded& in) { r->template add<kVec>(sums, *this, in); }
