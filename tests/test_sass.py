@@ -65,6 +65,7 @@ class Exemption:
         return all(n in kernel.name for n in self.names)
 
 
+PRELU = "FixedActivation<(fusedbn::Activation)9>"  # its kernels' template argument, as demangled
 EXEMPTIONS = [
     # The activations other than identity and ReLU (the common ones, template arguments) are chosen from
     # the run-time value once per 16-byte vector: a jump table, their divisions' slow paths (SiLU's,
@@ -78,6 +79,13 @@ EXEMPTIONS = [
     # 4 lanes (8-byte vectors), not 8.
     *(Exemption(("GradReducer", "AnyActivation", dtype), loads_in_flight=0, narrow_loads=True,
                 why="gradient sums in a 2-byte type under any activation: 8-byte vectors")
+      for dtype in ("c10::BFloat16", "c10::Half")),
+    # PReLU's backward carries its slope per channel beside the coefficients, and its gradient sums a third
+    # sum a lane (its weight's gradient): one vector in flight, and in a 2-byte type 4 lanes, as above.
+    Exemption(("GradReducer", PRELU), loads_in_flight=1, why="PReLU's gradient sums: one vector in flight"),
+    Exemption(("BackwardElemtOp", PRELU), loads_in_flight=1, why="PReLU's dx pass: one vector in flight"),
+    *(Exemption(("GradReducer", PRELU, dtype), loads_in_flight=0, narrow_loads=True,
+                why="PReLU's gradient sums in a 2-byte type: 8-byte vectors")
       for dtype in ("c10::BFloat16", "c10::Half")),
 ]
 

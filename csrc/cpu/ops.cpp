@@ -322,12 +322,14 @@ std::tuple<Tensor, Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, c
   const int64_t C = in.layout.C;
   const auto acc_options = in.x.options().dtype(in.acc);
   const bool slopes = in.slopes.defined();
-  Tensor sums = at::empty({slopes ? 3 : 2, C}, acc_options);
+  std::array<Tensor, 3> sums = {at::empty({C}, acc_options), at::empty({C}, acc_options),
+                                slopes ? at::empty({C}, acc_options) : Tensor()};  // each its own (the schema's)
+  const int64_t count = slopes ? 3 : 2;
   with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t parts = num_parts(in.layout);
-    std::vector<acc_t> part_sums(sums.size(0) * parts * C);  // [sums][parts][C]
+    std::vector<acc_t> part_sums(count * parts * C);  // [sums][parts][C]
     acc_t* part_dz = part_sums.data();
     acc_t* part_dz_xmu = part_dz + parts * C;
     acc_t* part_dslope = slopes ? part_dz_xmu + parts * C : nullptr;
@@ -336,13 +338,13 @@ std::tuple<Tensor, Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, c
           source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz, part_dz_xmu,
           part_dslope);
     });
-    for (int64_t k = 0; k < sums.size(0); ++k) {
+    for (int64_t k = 0; k < count; ++k) {
       acc_t* parts_k = part_sums.data() + k * parts * C;
       sum_rows_pairwise(parts_k, parts, C);
-      std::copy(parts_k, parts_k + C, sums.mutable_data_ptr<acc_t>() + k * C);
+      std::copy(parts_k, parts_k + C, sums[k].mutable_data_ptr<acc_t>());
     }
   }, dz_out);
-  return {sums[0], sums[1], slopes ? sums[2] : Tensor()};
+  return {sums[0], sums[1], sums[2]};
 }
 
 // dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: `centering`

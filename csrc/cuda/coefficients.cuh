@@ -14,11 +14,27 @@ namespace fusedbn::cuda {
 // they are used from the statistics and the parameters in their own dtypes with welford.h's formulas (the
 // CPU ops' too, so every backend computes the same bits): from batch statistics (mean, invstd: training
 // and the backward) or, where invstd is null, from the running ones (eval, invstd_of(running_var, eps)).
-template <typename acc_t>
+// kSlope: with PReLU's slope of the channel (only PReLU's kernels carry it: registers, shared memory).
+template <typename acc_t, bool kSlope = false>
 struct Coefficients {
   acc_t mean, alpha, beta;
-  acc_t param;  // the activation's: PReLU's slope of the channel, else the op's one parameter
 };
+
+template <typename acc_t>
+struct Coefficients<acc_t, true> {
+  acc_t mean, alpha, beta, slope;
+};
+
+// The activation's parameter for a value with coefficients co: PReLU's slope of its channel, else the op's
+// one parameter.
+template <typename acc_t, bool kSlope>
+__device__ __forceinline__ acc_t param_of(const Coefficients<acc_t, kSlope>& co, acc_t param) {
+  if constexpr (kSlope) {
+    return co.slope;
+  } else {
+    return param;
+  }
+}
 
 template <typename acc_t, typename param_t>
 struct ChannelCoefficients {
@@ -31,15 +47,21 @@ struct ChannelCoefficients {
   double eps;
   Restrict<const acc_t> slopes;  // PReLU's, 1 or C values (slope_step 0 or 1); else null
   int64_t slope_step;
-  acc_t param;  // the activation's parameter where there are no slopes
 
-  __device__ __forceinline__ Coefficients<acc_t> operator()(int64_t c) const {
+  template <bool kSlope = false>
+  __device__ __forceinline__ Coefficients<acc_t, kSlope> at(int64_t c) const {
     const acc_t istd = invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps);
-    return of_statistics(c, invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), istd);
+    return of_statistics<kSlope>(c, invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), istd);
   }
   // Channel c's coefficients from its mean and invstd as given.
-  __device__ __forceinline__ Coefficients<acc_t> of_statistics(int64_t c, acc_t mean_c, acc_t invstd_c) const {
-    return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c), slopes ? slopes[c * slope_step] : param};
+  template <bool kSlope = false>
+  __device__ __forceinline__ Coefficients<acc_t, kSlope> of_statistics(int64_t c, acc_t mean_c, acc_t invstd_c) const {
+    Coefficients<acc_t, kSlope> co;
+    co.mean = mean_c;
+    co.alpha = alpha_of(weight, c, invstd_c);
+    co.beta = beta_of<acc_t>(bias, c);
+    if constexpr (kSlope) co.slope = slopes[c * slope_step];
+    return co;
   }
 };
 
@@ -60,6 +82,14 @@ struct AnyActivation {
     return with_activation(act, f);
   }
 };
+
+// Whether the policy's kernels read PReLU's slopes (and sum its weight's gradient).
+template <typename Act>
+inline constexpr bool kSlopesOf = std::is_same_v<Act, FixedActivation<Activation::kPrelu>>;
+// Whether the policy's code needs registers beyond identity's and ReLU's: any activation's, or PReLU's
+// slopes (and its third gradient sum); such kernels load fewer vectors at once.
+template <typename Act>
+inline constexpr bool kHeavyActivation = std::is_same_v<Act, AnyActivation> || kSlopesOf<Act>;
 
 // Calls f(Policy{}) with the policy serving `act` (host side).
 template <typename F>

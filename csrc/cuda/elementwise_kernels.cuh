@@ -46,9 +46,10 @@ struct NormalizeOp {
   Restrict<const scalar_t> residual;  // may be null
   ChannelCoefficients<acc_t, param_t> coefficients;
   Activation act;
+  acc_t param;
 
-  using Coeffs = Coefficients<acc_t>;
-  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
+  using Coeffs = Coefficients<acc_t, kSlopesOf<Act>>;
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients.template at<kSlopesOf<Act>>(c); }
 
   static constexpr int kMaxLanes = 8;  // 16 bytes of 2-byte values
   static constexpr int kMaxLanesLast = 8;
@@ -73,19 +74,18 @@ struct NormalizeOp {
   template <int kVec, typename Lanes>
   __device__ __forceinline__ Vec<scalar_t, kVec> outputs(const Vec<scalar_t, kVec>& xv, const Vec<scalar_t, kVec>& rv,
                                                          const Lanes& co) const {
-    acc_t z[kVec], param[kVec];
+    acc_t z[kVec];
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const Coeffs ck = co(k);
       z[k] = normalized(static_cast<acc_t>(xv.val[k]), ck.mean, ck.alpha, ck.beta);
       if (residual) z[k] += static_cast<acc_t>(rv.val[k]);
-      param[k] = ck.param;
     }
     Vec<scalar_t, kVec> out;
     Act::apply(act, [&](auto kind) {  // one branch on the activation per vector
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param[k]));
+        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param_of(co(k), param)));
       }
     });
     return out;
@@ -107,11 +107,12 @@ struct BackwardElemtOp {
   GradSource<scalar_t, acc_t, Act> source;
 
   struct Coeffs {
-    Coefficients<acc_t> bn;
+    Coefficients<acc_t, kSlopesOf<Act>> bn;
     acc_t mean_dz, proj;
   };
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
-    return Coeffs{coefficients(c), mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0)};
+    return Coeffs{coefficients.template at<kSlopesOf<Act>>(c), mean_dz ? mean_dz[c] : acc_t(0),
+                  proj ? proj[c] : acc_t(0)};
   }
 
   // 16 bytes of 2-byte values (1 of double): dy, x, the side value and two outputs a lane.
@@ -120,7 +121,7 @@ struct BackwardElemtOp {
   // Vectors of dy, x and the side value each: two of 4-lane vectors, one of 8 lanes, of double, or where
   // any activation's code may run (their registers).
   template <int kVec>
-  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || kHeavyActivation<Act> ? 1 : 2;
 
   template <int kVec>
   using Loaded = typename GradSource<scalar_t, acc_t, Act>::template Loaded<kVec>;

@@ -228,7 +228,7 @@ template <typename acc_t, typename param_t>
 ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, const Tensor& invstd,
                                                          const OptTensor& running_mean, const OptTensor& running_var,
                                                          const OptTensor& weight, const OptTensor& bias, double eps,
-                                                         const Tensor& slopes, double param) {
+                                                         const Tensor& slopes) {
   return {invstd.defined() ? mean.const_data_ptr<acc_t>() : nullptr,
           invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
           ptr_or_null<param_t>(running_mean),
@@ -237,8 +237,7 @@ ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, con
           ptr_or_null<param_t>(bias),
           eps,
           slopes.defined() ? slopes.const_data_ptr<acc_t>() : nullptr,
-          slopes.defined() && slopes.numel() > 1 ? 1 : 0,
-          static_cast<acc_t>(param)};
+          slopes.defined() && slopes.numel() > 1 ? 1 : 0};
 }
 
 // The normalize pass, y = act((x - mean) * alpha + beta [+ residual]) per channel with the coefficients
@@ -259,7 +258,7 @@ NormalizePass<scalar_t, acc_t, param_t, Act> normalize_pass(const Tensor& x, con
   Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   const NormalizeOp<scalar_t, acc_t, param_t, Act> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                                  r.defined() ? r.const_data_ptr<scalar_t>() : nullptr, coefficients,
-                                                 epilogue.act};
+                                                 epilogue.act, static_cast<acc_t>(epilogue.param)};
   return {y, r, op};
 }
 
@@ -331,7 +330,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       constexpr int kVecWidth = vec_width<scalar_t>();
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps, slopes, epilogue.param),
+            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps, slopes),
             residual, epilogue);
         y = pass.y;
         if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
@@ -372,7 +371,7 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
       using param_t = decltype(param_tag);
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps, slopes, epilogue.param),
+            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps, slopes),
             residual, epilogue);
         launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
         y = pass.y;
@@ -390,6 +389,7 @@ GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in, bool read
           (read_x ? in.x : in.dy).const_data_ptr<scalar_t>(),
           in.from,
           in.epilogue.act,
+          static_cast<acc_t>(in.epilogue.param),
           side.defined() ? side.const_data_ptr<scalar_t>() : nullptr};
 }
 
@@ -397,8 +397,7 @@ GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in, bool read
 // backward's kernels.
 template <typename acc_t, typename param_t>
 ChannelCoefficients<acc_t, param_t> forward_coefficients(const BackwardInputs& in) {
-  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0, in.slopes,
-                                              in.epilogue.param);
+  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0, in.slopes);
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {

@@ -159,6 +159,7 @@ struct GradSource {
   Restrict<const scalar_t> x;  // dy where nothing reads x (read and ignored: no branch before the loads)
   GradFrom from;
   Activation act;
+  acc_t param;
   Restrict<const scalar_t> side;  // kOutput: the output; kRecompute: the residual (may be null)
 
   // A vector of dy, x and the side value (zeros where dz reads none), as both backward passes read them.
@@ -187,7 +188,7 @@ struct GradSource {
         for (int k = k0; k < k0 + kPerBranch; ++k) {
           dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
               static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
-              co(k).mean, co(k).alpha, co(k).beta, co(k).param);
+              co(k).mean, co(k).alpha, co(k).beta, param_of(co(k), param));
         }
       };
       switch (from) {
@@ -208,17 +209,18 @@ struct GradSource {
 template <typename scalar_t, typename acc_t, typename param_t, typename Act>
 struct GradReducer {
   // PReLU's weight gradient, sum(dy * min(z, 0)), is summed beside the two sums.
-  static constexpr bool kSlopes = std::is_same_v<Act, FixedActivation<Activation::kPrelu>>;
+  static constexpr bool kSlopes = kSlopesOf<Act>;
   using State = GradSums<acc_t, kSlopes>;
+  using Coeffs = Coefficients<acc_t, kSlopes>;
   // The widest vector within 64 registers: 16 bytes of 2-byte values (dy, x and the side value a lane;
   // channels-last 2 sums and the mean a lane besides, the other coefficients in shared memory: Lanes), 4
-  // where any activation's code may run, or channels-last with PReLU's third sum a lane.
-  static constexpr int kMaxLanes = std::is_same_v<Act, AnyActivation> ? 4 : 8;
-  static constexpr int kMaxLanesLast = kSlopes ? 4 : kMaxLanes;
+  // where any activation's code may run, or PReLU's (its slope, and a third sum a lane).
+  static constexpr int kMaxLanes = kHeavyActivation<Act> ? 4 : 8;
+  static constexpr int kMaxLanesLast = kMaxLanes;
   // Vectors of dy, x (and the side value) each: two of up to 4 lanes; one of 8 (dy and x are two 16-byte
   // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
-  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || std::is_same_v<Act, AnyActivation> ? 1 : 2;
+  static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || kHeavyActivation<Act> ? 1 : 2;
   ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
   GradSource<scalar_t, acc_t, Act> source;
 
@@ -253,9 +255,9 @@ struct GradReducer {
 
   struct Local {
     const GradReducer* r;
-    Coefficients<acc_t> co;
+    Coeffs co;
 
-    __device__ __forceinline__ Coefficients<acc_t> operator()(int) const { return co; }
+    __device__ __forceinline__ Coeffs operator()(int) const { return co; }
 
     template <int kVec>
     using Loaded = GradReducer::Loaded<kVec>;
@@ -283,7 +285,7 @@ struct GradReducer {
   // across a warp's columns), so 8 lanes' sums fit in the registers beside a 16-byte vector of each stream.
   template <int kVec>
   struct Lanes {
-    using Table = SharedArray<Coefficients<acc_t>, kVec * kWarpSize>;
+    using Table = SharedArray<Coeffs, kVec * kWarpSize>;
     const GradReducer* r;
     Table* table;
     acc_t mean[kVec];
@@ -291,29 +293,32 @@ struct GradReducer {
 
     static constexpr int kInFlight = GradReducer::kInFlight<kVec>;
     using Loaded = GradReducer::Loaded<kVec>;
-    __device__ __forceinline__ Coefficients<acc_t> operator()(int k) const {
-      const Coefficients<acc_t> t = (*table)[k * blockDim.x + threadIdx.x];
-      return {mean[k], t.alpha, t.beta, t.param};
+    __device__ __forceinline__ Coeffs operator()(int k) const {
+      Coeffs t = (*table)[k * blockDim.x + threadIdx.x];
+      t.mean = mean[k];
+      return t;
     }
     __device__ __forceinline__ Loaded load(int64_t offset) const { return r->template load<kVec>(offset); }
     __device__ __forceinline__ void add(const Loaded& in) { r->template add<kVec>(sums, *this, in); }
     __device__ __forceinline__ State lane(int k) const { return sums[k]; }
   };
 
-  __device__ __forceinline__ Local at_channel(int64_t c) const { return Local{this, coefficients(c)}; }
+  __device__ __forceinline__ Local at_channel(int64_t c) const {
+    return Local{this, coefficients.template at<kSlopes>(c)};
+  }
   // Every thread of the block calls it (the table is filled behind a barrier); lanes past C stay empty.
   template <int kVec>
   __device__ __forceinline__ Lanes<kVec> at_channels(int64_t c, int64_t C) const {
-    __shared__ SharedArray<Coefficients<acc_t>, kVec * kWarpSize> table;  // Lanes<kVec>::Table
+    __shared__ SharedArray<Coeffs, kVec * kWarpSize> table;  // Lanes<kVec>::Table
     Lanes<kVec> lanes{this, &table, {}, {}};
     if (threadIdx.y == 0 && c < C) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) table[k * blockDim.x + threadIdx.x] = coefficients(c + k);
+      for (int k = 0; k < kVec; ++k) table[k * blockDim.x + threadIdx.x] = coefficients.template at<kSlopes>(c + k);
     }
     __syncthreads();
     if (c < C) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) lanes.mean[k] = static_cast<Coefficients<acc_t>>(table[k * blockDim.x + threadIdx.x]).mean;
+      for (int k = 0; k < kVec; ++k) lanes.mean[k] = static_cast<Coeffs>(table[k * blockDim.x + threadIdx.x]).mean;
     }
     return lanes;
   }
