@@ -13,7 +13,8 @@ ReLU, ReLU6, LeakyReLU):
     both:     grad_weight = sum(g * x_hat),  grad_bias = sum(g),  grad_residual = g
 
 P is symmetric, which makes the adjoints below short. act' gates g and contributes no derivative of its
-own; the other activations' backward is differentiated in torch's ops (backward_in_torch_ops).
+own; the other activations' backward (PReLU's too: its act' is its weight, an input) is differentiated in
+torch's ops (backward_in_torch_ops). ``act_weight`` is PReLU's weight (None for the other activations).
 """
 import torch
 import torch.nn.functional as F
@@ -22,34 +23,73 @@ from . import activations, ops
 from ._shapes import channel_view
 
 
-def saved_for_activation(bias, output, residual, act):
-    """(bias, output, residual): what the backward needs for act'(z), z = bn(x) [+ residual]. Nothing without
-    an activation; for ReLU with a residual its output (its mask; torch's composition keeps it too); else the
-    bias and the residual, to recompute z from x and the statistics."""
+def saved_for_activation(bias, output, residual, act, act_weight):
+    """(bias, output, residual, act_weight): what the backward needs for act'(z), z = bn(x) [+ residual].
+    Nothing without an activation; for ReLU with a residual its output (its mask; torch's composition keeps it
+    too); else the bias and the residual, to recompute z from x and the statistics (and PReLU's weight)."""
     if act[0] == "identity":
-        return None, None, None
+        return None, None, None, None
     if act[0] == "relu" and residual is not None:
-        return None, output, None
-    return bias, None, residual
+        return None, output, None, None
+    return bias, None, residual, act_weight
 
 
 def backward_in_torch_ops(ctx, saved, grad_output, training, mask):
     """The gradients of act(bn(x) [+ residual]) recomputed in torch's ops with a graph (create_graph)."""
-    input, weight, bias, _, residual, stat_a, stat_b = saved
-    wanted = [input, weight, bias, residual]
-    needed = mask + [ctx.needs_residual_grad]
+    input, weight, bias, _, residual, act_weight, stat_a, stat_b = saved
+    wanted = [input, weight, bias, residual, act_weight]
+    needed = mask + [ctx.needs_residual_grad, ctx.needs_act_weight_grad]
     with torch.enable_grad():
         running = (None, None) if training else (stat_a, stat_b)
         z = F.batch_norm(input, *running, weight, bias, training, 0.0, ctx.eps)
-        output = activations.apply(ctx.act, z, residual)
+        output = activations.apply(ctx.act, z, residual, act_weight)
         targets = [t for t, n in zip(wanted, needed) if n]
         grads = iter(torch.autograd.grad(output, targets, grad_output, create_graph=True, allow_unused=True))
     return tuple(next(grads) if n else None for n in needed)
 
 
-def tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, residual_tangent):
+def backward_of_composition(ctx, saved, upstream):
+    """The gradients of the fused backward op's outputs (grad_input, grad_weight, grad_bias, grad_residual,
+    grad_act_weight), given those reaching them (``upstream``), through the op's computation in torch's ops:
+    for activations whose act' is not piecewise constant (SiLU, GELU, PReLU, ...), which fusedbn/_derivatives.py's
+    formulas leave out. Under batch statistics mean and invstd move with the input: recomputed from it (eps
+    read off the saved invstd), so their values are the saved ones and their derivatives torch's.
+    Returns a gradient for each of BackwardFunction's inputs."""
+    grad_output, input, weight, bias, _, residual, act_weight, mean, invstd = saved
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        dy, x, w, b, r, aw = (None if t is None else t.detach().requires_grad_()
+                              for t in (grad_output, input, weight, bias, residual, act_weight))
+        acc = x.to(mean.dtype)
+        if ctx.training:
+            dims = [d for d in range(acc.dim()) if d != 1]
+            var = acc.var(dims, correction=0)
+            mean, invstd = acc.mean(dims), torch.rsqrt(var + (invstd.pow(-2) - var).detach())
+        z = (acc - channel_view(mean, acc)) * channel_view(invstd if w is None else invstd * w.to(acc.dtype), acc)
+        if b is not None:
+            z = z + channel_view(b.to(acc.dtype), acc)
+        output = activations.apply(ctx.act, z, None if r is None else r.to(acc.dtype), aw)
+        # The outputs the op computed, as functions of its inputs (dy included), with their upstream gradients.
+        pairs = [(t, g) for t, g, dtype in zip((x, w, b, r, aw), upstream, ctx.output_dtypes)
+                 if dtype is not None and g is not None]
+        leaves = {0: dy, 1: x, 2: w, 7: b, 9: r, 12: aw}
+        wanted = [i for i, t in leaves.items() if t is not None and needs[i]]
+        result = [None] * len(needs)
+        if not pairs or not wanted:
+            return tuple(result)
+        firsts = torch.autograd.grad(output, [t for t, _ in pairs], dy.to(output.dtype), create_graph=True)
+        grads = torch.autograd.grad(firsts, [leaves[i] for i in wanted], [g.to(f.dtype) for f, (_, g) in
+                                                                         zip(firsts, pairs)], materialize_grads=True)
+    for i, g in zip(wanted, grads):
+        result[i] = g.to(leaves[i].dtype)
+    return tuple(result)
+
+
+def tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, act_weight, residual_tangent,
+                             act_weight_tangent):
     """The output's tangent from BatchNorm's: plus the residual's, then times act'(z) (ReLU's mask from the
-    output where the backward reads it there, else z recomputed as the fused backward does)."""
+    output where the backward reads it there, else z recomputed as the fused backward does); for PReLU plus
+    min(z, 0) times its weight's tangent."""
     if residual_tangent is not None:
         tangent = tangent + residual_tangent
     name = ctx.act[0]
@@ -58,10 +98,14 @@ def tangent_through_epilogue(ctx, tangent, terms, bias, output, residual, residu
     if name == "relu" and residual is not None:
         return torch.where(output > 0, tangent, 0)
     z = terms.pre_activation(bias, residual, ctx.act, output.dtype)
-    return (tangent.to(z.dtype) * activations.derivative(ctx.act, z)).to(output.dtype)
+    tangent = tangent.to(z.dtype) * activations.derivative(ctx.act, z, act_weight)
+    if act_weight_tangent is not None:
+        tangent = tangent + z.clamp(max=0) * activations.per_channel(act_weight_tangent, z)
+    return tangent.to(output.dtype)
 
 
-def forward_jvp(ctx, input, weight, bias, output, residual, mean, invstd, training, d_input, d_weight, d_bias, d_residual):
+def forward_jvp(ctx, input, weight, bias, output, residual, act_weight, mean, invstd, training, d_input, d_weight,
+                d_bias, d_residual, d_act_weight):
     """Forward-mode derivative of y = x_hat * w + b: dy = w * d x_hat + x_hat * dw + db, where
     w * d x_hat = alpha * P(dx) under batch statistics (they move with x; P above) and
     alpha * dx under running ones (constants), alpha = w * invstd."""
@@ -75,7 +119,8 @@ def forward_jvp(ctx, input, weight, bias, output, residual, mean, invstd, traini
         tangent = tangent + t.x_hat * channel_view(d_weight.to(acc), input)
     if d_bias is not None:
         tangent = tangent + channel_view(d_bias.to(acc), input)
-    return tangent_through_epilogue(ctx, tangent.to(input.dtype), t, bias, output, residual, d_residual)
+    return tangent_through_epilogue(ctx, tangent.to(input.dtype), t, bias, output, residual, act_weight, d_residual,
+                                    d_act_weight)
 
 
 def invstd_of(var, eps):
@@ -128,13 +173,13 @@ class ChannelTerms:
 class BackwardTerms(ChannelTerms):
     """ChannelTerms plus what the backward's derivatives need: act'(z) and g, dy gated by it."""
 
-    def __init__(self, grad_output, input, weight, bias, output, residual, mean, invstd, act):
+    def __init__(self, grad_output, input, weight, bias, output, residual, act_weight, mean, invstd, act):
         super().__init__(input, weight, mean, invstd)
         self.slope = None
         if act[0] == "relu" and output is not None:  # the mask as the fused kernels take it (csrc/epilogue.h)
             self.slope = (output > 0).to(self.x.dtype)
         elif act[0] != "identity":
-            self.slope = activations.derivative(act, self.pre_activation(bias, residual, act, input.dtype))
+            self.slope = activations.derivative(act, self.pre_activation(bias, residual, act, input.dtype), act_weight)
         self.g = self.gate(grad_output.to(self.x.dtype))
 
     def gate(self, t):

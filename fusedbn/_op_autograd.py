@@ -50,13 +50,13 @@ def _flat_params(args, weight, bias):
 def _training_args(args):
     # The op takes the activation as two arguments, the Functions as one (name, parameter) pair; otherwise
     # each Function takes its op's arguments in its op's order.
-    *rest, name, param = args
-    return *_flat_params(rest, weight=1, bias=2), (name, param)
+    *rest, name, param, act_weight = args
+    return *_flat_params(rest, weight=1, bias=2), (name, param), act_weight
 
 
 def _backward_args(args):
-    *rest, name, param, grad_residual = args
-    return *_flat_params(rest, weight=2, bias=7), (name, param), grad_residual
+    *rest, name, param, grad_residual, act_weight, grad_act_weight = args
+    return *_flat_params(rest, weight=2, bias=7), (name, param), grad_residual, act_weight, grad_act_weight
 
 
 def register_autograd_kernels(namespace: str) -> None:

@@ -22,6 +22,22 @@ def param_to_channels(t, dim, size):
     return t.reshape(-1)
 
 
+def act_weight_to_channels(t, dim, size, like):
+    """PReLU's weight (1 or C values per problem) as B*C values, one per channel of ``like`` (an input already
+    made (N, B*C, *) by input_to_channels): a problem's single value repeated over its C channels."""
+    if t is None:
+        return None
+    t = t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+    return t.reshape(size, -1).expand(size, like.shape[1] // size).reshape(-1)
+
+
+def act_weight_to_batch(t, size, shape):
+    """The B*C gradient of act_weight_to_channels's result as B gradients of one problem's weight, of ``shape``
+    (a single value's gradient summed over its problem's channels)."""
+    t = t.unflatten(0, (size, -1))
+    return (t.sum(1) if shape.numel() == 1 else t).reshape(size, *shape)
+
+
 def channels_to_batch(t, size):
     return t.unflatten(1, (size, -1)).movedim(1, 0)
 

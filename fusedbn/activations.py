@@ -1,8 +1,10 @@
 """The activations the fused ops apply after BatchNorm (and an optional residual), by the names the ops take
 (csrc/epilogue.h), each with its parameter: ``leaky_relu``'s negative_slope, ``elu``'s alpha (others take
-none, 0.0). Here in torch's ops: the function itself (for paths that compute the composition unfused) and
-its derivative as the fused backward takes it (torch's one-sided gradient at ties); and which torch modules
-and functional calls compute each, for ``fuse_model``."""
+none, 0.0). ``prelu``'s slopes are a tensor, its weight (1 or C values, nn.PReLU's), passed beside the spec
+wherever the spec goes (``weight`` here, ``act_weight`` in fusedbn's internals, ``activation_weight`` in the
+ops and the public API). Here in torch's ops: the function itself (for paths that compute the composition
+unfused) and its derivative as the fused backward takes it (torch's one-sided gradient at ties); and which
+torch modules and functional calls compute each, for ``fuse_model``."""
 import math
 from typing import Optional, Tuple
 
@@ -27,6 +29,7 @@ _TORCH_CALLS = {
     "hardswish": lambda p: (F.hardswish, ()),
     "gelu": lambda p: (F.gelu, ()),
     "gelu_tanh": lambda p: (_gelu_tanh, ()),
+    "prelu": lambda p: (_prelu, ()),  # its weight: torch_call appends it
 }
 
 
@@ -34,9 +37,16 @@ def _gelu_tanh(z: Tensor) -> Tensor:
     return F.gelu(z, approximate="tanh")
 
 
+def _prelu(z: Tensor, weight: Tensor) -> Tensor:
+    """F.prelu with the weight as the ops read it: flattened, and float32 slopes beside half-precision input
+    cast to it (F.prelu promotes no types)."""
+    return F.prelu(z, weight.reshape(-1).to(z.dtype))
+
+
 NAMES = tuple(_TORCH_CALLS)
 DEFAULT_PARAM = {"leaky_relu": 0.01, "elu": 1.0}
 # act' is piecewise constant: it gates the gradient and has no derivative of its own (double backward).
+# Not PReLU: its act' is its weight, a differentiable input.
 PIECEWISE_LINEAR = frozenset({"identity", "relu", "relu6", "leaky_relu"})
 # What fuse_model (and timm's norm-act twin) fuse on their own. Exact GELU and ELU are left to torch's
 # composition: on the CPU their fused kernels measured slower than it (benchmarks/results/cpu/
@@ -54,11 +64,30 @@ def spec(name: str, param: Optional[float] = None) -> Spec:
     return name, float(DEFAULT_PARAM.get(name, 0.0) if param is None else param)
 
 
-def apply_scripted(name: str, param: float, z: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """``apply((name, param), z, residual)`` in TorchScript's subset of Python (which cannot call the lambdas
-    above); tests/test_deployment.py checks the two agree for every activation."""
+def check_weight(act: Spec, weight: Optional[Tensor], input: Optional[Tensor] = None) -> None:
+    """The ops' rule (csrc/checks.h, same exceptions and words), checked before any state changes on paths that
+    apply the activation after BatchNorm: PReLU needs its weight, of 1 or C values (C: ``input``'s channels,
+    where given), and no other activation takes one."""
+    if act[0] == "prelu" and weight is None:
+        raise ValueError("fusedbn: activation 'prelu' needs its weight (activation_weight), got None")
+    if act[0] != "prelu" and weight is not None:
+        raise ValueError(f"fusedbn: activation_weight is PReLU's weight, but the activation is '{act[0]}'")
+    if weight is not None and input is not None and input.dim() >= 2:
+        channels = input.shape[1]
+        if weight.numel() != 1 and weight.numel() != channels:
+            raise RuntimeError(f"fusedbn: PReLU's weight (activation_weight) should have 1 or {channels} elements "
+                               f"(the input's channels), got {weight.numel()}")
+
+
+def apply_scripted(name: str, param: float, z: Tensor, residual: Optional[Tensor] = None,
+                   weight: Optional[Tensor] = None) -> Tensor:
+    """``apply((name, param), z, residual, weight)`` in TorchScript's subset of Python (which cannot call the
+    lambdas above); tests/test_deployment.py checks the two agree for every activation."""
+    check_weight((name, param), weight)
     if residual is not None:
         z = z + residual
+    if name == "prelu" and weight is not None:
+        return F.prelu(z, weight.reshape(-1).to(z.dtype))
     if name == "relu":
         return torch.relu(z)
     if name == "relu6":
@@ -78,27 +107,38 @@ def apply_scripted(name: str, param: float, z: Tensor, residual: Optional[Tensor
     return z
 
 
-def torch_call(act: Spec):
-    """(function, args) with act(z) = function(z, *args) in torch's ops; function None for identity."""
+def torch_call(act: Spec, weight=None):
+    """(function, args) with act(z) = function(z, *args) in torch's ops; function None for identity.
+    ``weight``: PReLU's (a tensor, or a torch.fx node standing for one), its one argument."""
     name, param = act
-    return _TORCH_CALLS[name](param)
+    function, args = _TORCH_CALLS[name](param)
+    return function, args + ((weight,) if name == "prelu" else ())
 
 
-def apply(act: Spec, z: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-    """act(z [+ residual]) in torch's ops (the residual added as ``+`` adds it: broadcast or promoted)."""
+def apply(act: Spec, z: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None) -> Tensor:
+    """act(z [+ residual]) in torch's ops (the residual added as ``+`` adds it: broadcast or promoted);
+    ``weight``: PReLU's."""
+    check_weight(act, weight)
     if residual is not None:
         z = z + residual
-    function, args = torch_call(act)
+    function, args = torch_call(act, weight)
     return z if function is None else function(z, *args)
 
 
-def derivative(act: Spec, z: Tensor) -> Tensor:
+def per_channel(weight: Tensor, z: Tensor) -> Tensor:
+    """PReLU's weight (1 or C values) in z's dtype, broadcast against z (N, C, *)."""
+    return weight.reshape(1, -1, *([1] * (z.dim() - 2))).to(z.dtype)
+
+
+def derivative(act: Spec, z: Tensor, weight: Optional[Tensor] = None) -> Tensor:
     """act'(z) in torch's ops, as the fused backward takes it (zero at ReLU's 0, ReLU6's 0 and 6; Hardswish's
-    middle piece up to 3 inclusive, as torch's backward kernels choose)."""
+    middle piece up to 3 inclusive, as torch's backward kernels choose; PReLU's weight at 0)."""
     name, p = act
     one, zero = torch.ones_like(z), torch.zeros_like(z)
     if name == "identity":
         return one
+    if name == "prelu":
+        return torch.where(z > 0, one, per_channel(weight, z))
     if name == "relu":
         return torch.where(z > 0, one, zero)
     if name == "relu6":
@@ -120,8 +160,11 @@ def derivative(act: Spec, z: Tensor) -> Tensor:
 
 
 def of_module(m: nn.Module) -> Optional[Spec]:
-    """The activation a torch activation module computes (its own class, not a subclass), or None."""
+    """The activation a torch activation module computes (its own class, not a subclass), or None. For
+    ``nn.PReLU`` its weight is the module's (``m.weight``)."""
     cls = type(m)
+    if cls is nn.PReLU:
+        return "prelu", 0.0
     if cls in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish):
         return {nn.ReLU: RELU, nn.ReLU6: ("relu6", 0.0), nn.SiLU: ("silu", 0.0), nn.Hardswish: ("hardswish", 0.0)}[cls]
     if cls is nn.Hardtanh and (m.min_val, m.max_val) == (0.0, 6.0):

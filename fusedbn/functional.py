@@ -2,7 +2,8 @@
 optional residual added, then an activation, in one op; ``batch_norm_relu`` its ReLU case), and
 ``run_batch_norm``, which every module and function goes through: torch's checks, then fusedbn's ops (their
 autograd.Functions in fusedbn/_functions.py) or, under torch.compile, ONNX export and jit.trace, torch's own
-ops. ``act`` below is an activation spec, (name, parameter) (fusedbn/activations.py)."""
+ops. ``act`` below is an activation spec, (name, parameter), and ``act_weight`` PReLU's weight beside it
+(fusedbn/activations.py)."""
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ def _check_running_stats(running_mean, running_var, training):
                                    "input cannot have requires_grad True.")
 
 
-def _empty_batch(input, weight, bias, residual, act):
+def _empty_batch(input, weight, bias, residual, act, act_weight):
     """What torch's batch_norm returns for an input with no values, whatever the parameters' dtypes or
     sizes: the input's copy scaled by weight[0] plus bias[0] (so gradients still flow to them, as zeros),
     running statistics untouched."""
@@ -48,15 +49,16 @@ def _empty_batch(input, weight, bias, residual, act):
         output = output * weight[0]
     if bias is not None:
         output = output + bias[0]
-    return activations.apply(act, output, residual)
+    return activations.apply(act, output, residual, act_weight)
 
 
-def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act):
+def _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act,
+                    act_weight):
     """The same computation in torch's own ops, for torch.compile: inductor lowers torch's batch_norm into the
     code it generates and fuses it with the convolution epilogues, activations and adds around it, where a
     custom op is opaque to it (it can fuse nothing into or around one)."""
     output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return activations.apply(act, output, residual)
+    return activations.apply(act, output, residual, act_weight)
 
 
 def computes_in_torch_ops() -> bool:
@@ -79,9 +81,11 @@ def fuses_residual(input: Tensor, residual: Optional[Tensor]) -> bool:
 
 
 def run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
-                   act=activations.IDENTITY):
+                   act=activations.IDENTITY, act_weight=None):
+    activations.check_weight(act, act_weight, input)
     if computes_in_torch_ops():
-        return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act)
+        return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act,
+                               act_weight)
     check_eps(eps, training)
     if input.dim() < 2:
         # torch.nn.functional.batch_norm's exception types: IndexError where it indexes the missing dims (a
@@ -90,14 +94,15 @@ def run_batch_norm(input, running_mean, running_var, weight, bias, training, mom
         raise (IndexError if indexes else RuntimeError)(
             f"batch_norm: expected an input of at least 2 dims (N, C, *), got {input.dim()} dims")
     if input.numel() == 0:
-        return _empty_batch(input, weight, bias, residual, act)
+        return _empty_batch(input, weight, bias, residual, act, act_weight)
     _check_running_stats(running_mean, running_var, training)
     if input.dtype not in _SUPPORTED_DTYPES:  # the ops raise it too, but FakeTensor tracing would retype it
         raise NotImplementedError(f'"batch_norm" not implemented for \'{_DTYPE_NAMES.get(input.dtype, input.dtype)}\'')
     weight, bias = flat_param(weight), flat_param(bias)
     if training:
-        return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act)[0]
-    return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act)
+        return batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act,
+                                   act_weight)[0]
+    return batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act, act_weight)
 
 
 # What torch.utils.checkpoint raises to end a recomputation early, once it has the tensors it needs.
@@ -163,15 +168,17 @@ def batch_norm_act(
     residual: Optional[Tensor] = None,
     activation: str = "relu",
     activation_param: Optional[float] = None,
+    activation_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """``act(batch_norm(input, ...) + residual)`` in one fused op (``residual`` optional, of the input's shape
     and dtype). ``activation``: ``"identity"``, ``"relu"``, ``"relu6"``, ``"leaky_relu"``
     (``activation_param``: negative_slope, default 0.01), ``"elu"`` (alpha, default 1.0), ``"silu"``,
-    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (GELU with ``approximate="tanh"``). BatchNorm's output and
-    the activation are computed in float32 (float64 for float64 input) and rounded once. For backward it keeps the
-    input (and the residual, if any) alive and recomputes the pre-activation from them, where torch's
-    composition keeps the input and the pre-activation as well (ReLU with a residual keeps its output
-    instead, as torch's does)."""
+    ``"hardswish"``, ``"gelu"``, ``"gelu_tanh"`` (GELU with ``approximate="tanh"``), ``"prelu"`` (its weight
+    ``activation_weight``, as nn.PReLU's: 1 or C values, of the input's dtype or float32, required; it gets a
+    gradient; no other activation takes one). BatchNorm's output and the activation are computed in float32
+    (float64 for float64 input) and rounded once. For backward it keeps the input (and the residual, if any)
+    alive and recomputes the pre-activation from them, where torch's composition keeps the input and the
+    pre-activation as well (ReLU with a residual keeps its output instead, as torch's does)."""
     act = activations.spec(activation, activation_param)
     return run_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, residual=residual,
-                          act=act)
+                          act=act, act_weight=activation_weight)

@@ -1,7 +1,7 @@
 """``fuse_model``: in place, every ``act(bn(x))`` and ``act(bn(x) + r)`` a model's code computes becomes one
 fused module call, wherever that provably computes what the model computed, in training and in eval. The
 activations are those of fusedbn/activations.py, as modules (``nn.ReLU``, ``nn.ReLU6``, ``nn.Hardtanh(0, 6)``,
-``nn.LeakyReLU``, ``nn.ELU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.GELU``), functions (``F.relu``,
+``nn.LeakyReLU``, ``nn.ELU``, ``nn.SiLU``, ``nn.Hardswish``, ``nn.GELU``, ``nn.PReLU``), functions (``F.relu``,
 ``torch.relu_``, ``F.silu``, ``F.gelu(approximate=...)``, ..., ``inplace=True`` included) or ``x.relu()``.
 
 How. Each module's own ``forward`` is traced with torch.fx, every submodule call kept as a call (so the graph
@@ -10,12 +10,15 @@ same (the code does not branch on the mode) and hold a pattern, the module gets 
 generated from the rewritten graph, which looks its submodules up on the module at every call; the
 BatchNorm changes class to ``FusedBatchNormReLU*d`` (ReLU) or ``FusedBatchNormAct*d`` (the others, the
 activation in its instance attributes), and the rewritten code calls it through ``activation_of_batch_norm``,
-which still computes the activation if the module has been replaced since. Everything else stays: the
+which still computes the activation if the module has been replaced since. An ``nn.PReLU`` keeps its weight:
+the rewritten code passes ``self.<prelu>.weight`` to each call, so optimizers, ``state_dict`` and checkpoints
+still see the ``nn.PReLU``'s parameter. Everything else stays: the
 model's classes, methods, attributes and hooks. The forward of the model itself is never rewritten (its
 submodules' are): torch.fx, and every tool built on it, traces the model it is given through its class's
 forward, where it would see each fused module and the activation the model's code still applies after it.
 A BatchNorm or activation module with hooks of its own is
-not fused (a hook would see other values), nor a BatchNorm called from more than one place. A dropout of
+not fused (a hook would see other values), nor a BatchNorm called from more than one place, nor an
+``nn.PReLU`` called from more than one place or whose weight has neither 1 nor C values. A dropout of
 probability 0 between the BatchNorm and the rest (MONAI's ``ADN`` blocks) is passed through: it returns its
 input.
 
@@ -195,14 +198,20 @@ class _Match:
     dropouts: tuple = ()  # calls of dropouts of probability 0 between the BatchNorm and the rest, in order
 
 
-def _activation(node: fx.Node, owner: nn.Module) -> Optional[activations.Spec]:
-    """The activation ``node`` applies to its (first) input, where fuse_model fuses it (activations.AUTO_FUSED),
-    or None."""
+def _activation(node: fx.Node, owner: nn.Module, bn: nn.Module, calls: Counter,
+                references: Counter) -> Optional[activations.Spec]:
+    """The activation ``node`` applies to its (first) input, where fuse_model fuses it (activations.AUTO_FUSED)
+    after ``bn``, or None. An nn.PReLU's weight is passed to the fused call: the PReLU must be called once here
+    and referenced once in the model (``calls``, ``references``), with 1 or C values."""
     act = None
     if node.op == "call_module":
         module = owner.get_submodule(node.target)
         plain_call = len(node.args) == 1 and not node.kwargs and not has_hooks(module)
         act = activations.of_module(module) if plain_call else None
+        if act is not None and act[0] == "prelu" and not (
+                calls[node.target] == 1 and references[id(module)] == 1
+                and module.weight.numel() in (1, bn.num_features)):
+            act = None
     elif node.op == "call_function":
         act = activations.of_call(node.target, node.args[1:], node.kwargs)
     elif node.op == "call_method":
@@ -260,13 +269,14 @@ def _matches(graph: fx.Graph, owner: nn.Module, references: Counter):
             continue
         user = next(iter(head.users))
         match = None
-        act = _activation(user, owner) if user.args[0] is head else None
+        act = _activation(user, owner, bn, calls, references) if user.args[0] is head else None
         if act is not None:
             match = _Match(node, user, act, dropouts=dropouts)
         else:
             residual = _other_add_operand(user, head)
             after = next(iter(user.users)) if residual is not None and len(user.users) == 1 else None
-            act = _activation(after, owner) if after is not None and after.args[0] is user else None
+            act = (_activation(after, owner, bn, calls, references) if after is not None and after.args[0] is user
+                   else None)
             if act is not None:
                 match = _Match(node, after, act, user, residual, dropouts)
         nodes = {match.bn, match.act_node, match.add, *match.dropouts} - {None} if match is not None else set()
@@ -297,15 +307,18 @@ def _fuse_activation(bn: nn.Module, act: activations.Spec) -> None:
         bn.activation, bn.activation_param = act
 
 
-def activation_of_batch_norm(bn: nn.Module, name: str, param: float, input, residual=None):
-    """``act(bn(input) [+ residual])``: what a rewritten forward computes where the model's code did, in one
-    call of ``bn`` while it computes that activation itself (the fused module fuse_model made it, a
-    ``FrozenBatchNorm*d`` that ``freeze`` made of it), else (the module replaced since, e.g. by torch's
-    ``SyncBatchNorm.convert_sync_batchnorm``, or reverted) as the model's code computed it."""
+def activation_of_batch_norm(bn: nn.Module, name: str, param: float, input, residual=None, weight=None):
+    """``act(bn(input) [+ residual])`` (``weight``: PReLU's, the nn.PReLU's parameter): what a rewritten forward
+    computes where the model's code did, in one call of ``bn`` while it computes that activation itself (the
+    fused module fuse_model made it, a ``FrozenBatchNorm*d`` that ``freeze`` made of it), else (the module
+    replaced since, e.g. by torch's ``SyncBatchNorm.convert_sync_batchnorm``, or reverted) as the model's code
+    computed it."""
     if getattr(bn, "act", None) == (name, param):
+        if weight is not None:
+            return bn(input, residual, weight)
         return bn(input) if residual is None else bn(input, residual)
     output = bn(input)
-    return activations.apply((name, param), output, residual)
+    return activations.apply((name, param), output, residual, weight)
 
 
 def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
@@ -318,6 +331,9 @@ def _rewrite(graph: fx.Graph, owner: nn.Module, matches) -> list:
         source = replaced.get(match.bn.args[0], match.bn.args[0])
         args = (source,) if match.residual is None else (source, replaced.get(match.residual, match.residual))
         with graph.inserting_before(match.act_node):  # where the activation was: after the residual is computed
+            if match.act[0] == "prelu":  # its weight, read from the nn.PReLU at each call
+                weight = graph.get_attr(match.act_node.target + ".weight")
+                args = (source, None if match.residual is None else args[1], weight)
             call = graph.call_function(activation_of_batch_norm,
                                        (graph.get_attr(match.bn.target), *match.act, *args))
         match.act_node.replace_all_uses_with(call)

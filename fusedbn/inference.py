@@ -14,8 +14,9 @@ from ._fx import as_fx_leaf, modes_set, module_call_counts, traced_copy
 from .convert import foreign_batch_norm
 from ._functions import batch_norm_eval
 from .functional import computes_in_torch_ops, fuses_residual
-from .modules import (FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d, FusedBatchNormAct2d,
-                      FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d, FusedBatchNormReLU3d)
+from .modules import (ACTIVATION_WEIGHT, FusedBatchNorm1d, FusedBatchNorm2d, FusedBatchNorm3d, FusedBatchNormAct1d,
+                      FusedBatchNormAct2d, FusedBatchNormAct3d, FusedBatchNormReLU1d, FusedBatchNormReLU2d,
+                      FusedBatchNormReLU3d, own_activation_weight, prelu_weight_size)
 from .report import Report
 
 # The BatchNorm a layer folds into, and the dimensionality of the layer's output (batched, channels at dim 1)
@@ -86,7 +87,7 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
     modules = dict(gm.named_modules())
     calls = module_call_counts(gm.graph)
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not 1 <= len(node.args) <= 2 or not isinstance(node.args[0], fx.Node):
+        if node.op != "call_module" or not 1 <= len(node.args) <= 3 or not isinstance(node.args[0], fx.Node):
             continue
         bn, source = modules[node.target], node.args[0]
         if isinstance(bn, nn.modules.batchnorm._BatchNorm) and type(bn) not in _FOLDS_AS_BATCH_NORM:
@@ -94,7 +95,7 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
                 report.skipped.append((node.target, f"{type(bn).__name__} computes more than BatchNorm: not folded"))
             continue
         if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or node.kwargs
-                or (len(node.args) == 2 and not isinstance(bn, _WITH_ACT))
+                or (len(node.args) >= 2 and not isinstance(bn, _WITH_ACT))
                 or bn.training or bn.running_mean is None or source.op != "call_module"
                 or len(source.users) != 1 or calls[source.target] != 1 or calls[node.target] != 1):
             continue
@@ -109,10 +110,14 @@ def fold_conv_bn(model: nn.Module, example_inputs=None, *, report: Optional[Repo
         _fold_into(layer, bn)
         replacement = source
         if isinstance(bn, _WITH_ACT):  # the fused module's activation (and residual) stay, after the folded layer
+            residual = node.args[1] if len(node.args) > 1 else None
+            weight = node.args[2] if len(node.args) > 2 else None  # PReLU's, passed by fuse_model's code
             with gm.graph.inserting_before(node):
-                if len(node.args) == 2:
-                    replacement = gm.graph.call_function(operator.add, (source, node.args[1]))
-                function, args = activations.torch_call(bn.act)
+                if residual is not None:
+                    replacement = gm.graph.call_function(operator.add, (source, residual))
+                if bn.act[0] == "prelu" and weight is None:  # the module's own PReLU weight
+                    weight = gm.graph.get_attr(f"{node.target}.{ACTIVATION_WEIGHT}")
+                function, args = activations.torch_call(bn.act, weight)
                 if function is not None:
                     replacement = gm.graph.call_function(function, (replacement, *args))
         node.replace_all_uses_with(replacement)
@@ -134,22 +139,29 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
 class _FrozenBatchNorm(nn.Module):
     """BatchNorm with frozen statistics and affine parameters (buffers, not parameters), computed by the
     fusedbn eval kernel, then ``activation`` (``fusedbn.batch_norm_act``'s; ``"identity"``: none) after
-    adding an optional residual; gradients flow to the inputs only. Loads a ``nn.BatchNorm*d`` state_dict."""
+    adding an optional residual; gradients flow to the inputs only. Loads a ``nn.BatchNorm*d`` state_dict.
+    For ``"prelu"`` its weight is the caller's (``activation_weight``; what ``fuse_model``'s code passes),
+    else the module's own buffer ``activation_weight`` (``activation_num_parameters`` values, 1 or
+    num_features, the default; 0.25 as nn.PReLU's, or the weight of the module it was frozen from)."""
 
     _dims: tuple  # the input dimensionalities the torch class takes
     _dims_text: str  # in words, for the error
     __constants__ = ["num_features", "eps", "activation", "activation_param", "_dims", "_dims_text"]
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None, *,
-                 activation: str = "identity", activation_param: Optional[float] = None) -> None:
+                 activation: str = "identity", activation_param: Optional[float] = None,
+                 activation_num_parameters: Optional[int] = None) -> None:
         super().__init__()
         self.num_features, self.eps = num_features, eps
         self.activation, self.activation_param = activations.spec(activation, activation_param)
+        size = prelu_weight_size(activation, num_features, activation_num_parameters)
         options = dict(device=device, dtype=dtype)
         self.register_buffer("weight", torch.ones(num_features, **options))
         self.register_buffer("bias", torch.zeros(num_features, **options))
         self.register_buffer("running_mean", torch.zeros(num_features, **options))
         self.register_buffer("running_var", torch.ones(num_features, **options))
+        if size is not None:
+            self.register_buffer(ACTIVATION_WEIGHT, torch.full((size,), 0.25, **options))
 
     @property
     def act(self) -> activations.Spec:
@@ -158,52 +170,65 @@ class _FrozenBatchNorm(nn.Module):
     @classmethod
     def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm,
                         act: activations.Spec = activations.IDENTITY) -> "_FrozenBatchNorm":
-        """``bn`` frozen, followed by ``act`` (that of a fused BatchNorm+activation)."""
+        """``bn`` frozen, followed by ``act`` (that of a fused BatchNorm+activation; PReLU's weight frozen too
+        where ``bn`` holds it, else left to the caller, as for the BatchNorms fuse_model fused)."""
+        own_weight = own_activation_weight(bn)
         frozen = cls(bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype,
-                     activation=act[0], activation_param=act[1] if act[0] in activations.DEFAULT_PARAM else None)
+                     activation=act[0], activation_param=act[1] if act[0] in activations.DEFAULT_PARAM else None,
+                     activation_num_parameters=None if own_weight is None else own_weight.numel())
         with torch.no_grad():
             frozen.running_mean.copy_(bn.running_mean)
             frozen.running_var.copy_(bn.running_var)
             if bn.affine:
                 frozen.weight.copy_(bn.weight)
                 frozen.bias.copy_(bn.bias)
+            if own_weight is not None:
+                frozen.activation_weight.copy_(own_weight)
+            elif act[0] == "prelu":
+                del frozen.activation_weight
         return frozen
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "num_batches_tracked", None)  # a BatchNorm state_dict has one
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                activation_weight: Optional[Tensor] = None) -> Tensor:
         if torch.jit.is_scripting():
-            return self._in_torch_ops(input, residual)
-        return self._eager_forward(input, residual)
+            return self._in_torch_ops(input, residual, activation_weight)
+        return self._eager_forward(input, residual, activation_weight)
 
-    def _in_torch_ops(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _in_torch_ops(self, input: Tensor, residual: Optional[Tensor], activation_weight: Optional[Tensor]) -> Tensor:
         """The forward in torch's ops: what TorchScript compiles, jit.trace and ONNX export record."""
-        self._check_call(input, residual)
+        if activation_weight is None and hasattr(self, "activation_weight"):
+            activation_weight = self.activation_weight
+        self._check_call(input, residual, activation_weight)
         output = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return activations.apply_scripted(self.activation, self.activation_param, output, residual)
+        return activations.apply_scripted(self.activation, self.activation_param, output, residual, activation_weight)
 
-    def _check_call(self, input: Tensor, residual: Optional[Tensor]) -> None:
+    def _check_call(self, input: Tensor, residual: Optional[Tensor], activation_weight: Optional[Tensor]) -> None:
         if input.dim() not in self._dims:
             raise ValueError(f"expected {self._dims_text} input (got {input.dim()}D input)")
         if residual is not None and self.activation == "identity":
             raise TypeError("a FrozenBatchNorm takes a residual only with an activation")
+        activations.check_weight((self.activation, self.activation_param), activation_weight, input)
 
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
-        leaf = as_fx_leaf(self, input, residual)
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor], activation_weight: Optional[Tensor]) -> Tensor:
+        leaf = as_fx_leaf(self, input, residual, activation_weight)
         if leaf is not None:
             return leaf
         if computes_in_torch_ops():
-            return self._in_torch_ops(input, residual)
-        self._check_call(input, residual)
+            return self._in_torch_ops(input, residual, activation_weight)
+        activation_weight = own_activation_weight(self) if activation_weight is None else activation_weight
+        self._check_call(input, residual, activation_weight)
         if not fuses_residual(input, residual):
             frozen = batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
                                      None, activations.IDENTITY)
-            return activations.apply(self.act, frozen, residual)  # broadcast or promoted, as + allows
+            # The residual broadcast or promoted, as + allows.
+            return activations.apply(self.act, frozen, residual, activation_weight)
         return batch_norm_eval(input, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                               residual, self.act)
+                               residual, self.act, activation_weight)
 
     def extra_repr(self) -> str:
         name, param = self.act

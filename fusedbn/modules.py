@@ -3,7 +3,8 @@
 added before it) in one op; ``FusedBatchNormReLU1d/2d/3d``: their ReLU case.
 
 Constructor, parameters, buffers, ``state_dict``, ``.train()/.eval()`` and ``isinstance`` are torch's;
-only ``forward`` differs.
+only ``forward`` differs (and a ``FusedBatchNormAct*d`` built with ``activation="prelu"`` holds PReLU's
+weight too, the parameter ``activation_weight``).
 """
 from typing import Optional, Tuple
 
@@ -38,9 +39,14 @@ class _FusedForward:
     activation, activation_param = activations.IDENTITY
     __constants__ = nn.modules.batchnorm._NormBase.__constants__ + ["activation", "activation_param"]
 
-    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _scripted_forward(self, input: Tensor, residual: Optional[Tensor],
+                          activation_weight: Optional[Tensor]) -> Tensor:
         """The forward TorchScript compiles (torch.jit.script): nn.BatchNorm*d's, then the residual and the
-        activation, in torch's ops, so a scripted model runs wherever TorchScript runs, without fusedbn."""
+        activation, in torch's ops, so a scripted model runs wherever TorchScript runs, without fusedbn.
+        PReLU's weight: the caller's, else the module's own (``activation_weight``)."""
+        if activation_weight is None and hasattr(self, "activation_weight"):
+            activation_weight = self.activation_weight
+        activations.check_weight((self.activation, self.activation_param), activation_weight, input)
         self._check_input_dim(input)
         tracks, factor, use_batch_stats, use_running = running_statistics_use(
             self.training, self.track_running_stats, self.momentum, self.num_batches_tracked, self.running_mean,
@@ -50,13 +56,15 @@ class _FusedForward:
         output = F.batch_norm(input, self.running_mean if use_running else None,
                               self.running_var if use_running else None, self.weight, self.bias, use_batch_stats,
                               factor, self.eps)
-        return activations.apply_scripted(self.activation, self.activation_param, output, residual)
+        return activations.apply_scripted(self.activation, self.activation_param, output, residual, activation_weight)
 
     @torch.jit.unused
-    def _fused_forward(self, input: Tensor, residual: Optional[Tensor], act: activations.Spec) -> Tensor:
+    def _fused_forward(self, input: Tensor, residual: Optional[Tensor], act: activations.Spec,
+                       act_weight: Optional[Tensor] = None) -> Tensor:
         if computes_in_torch_ops():  # torch's own forward, line for line (momentum=None included)
+            activations.check_weight(act, act_weight, input)  # before the BatchNorm updates its statistics
             output = nn.modules.batchnorm._BatchNorm.forward(self, input)
-            return activations.apply(act, output, residual)
+            return activations.apply(act, output, residual, act_weight)
         self._check_input_dim(input)
         # Each attribute read once: a module's buffers and parameters are found by nn.Module.__getattr__, a
         # Python call each, which at small sizes costs as much as the kernel.
@@ -65,14 +73,14 @@ class _FusedForward:
         tracks, factor, use_batch_stats, use_running = running_statistics_use(
             training, track_running_stats, momentum, num_batches_tracked, running_mean, running_var)
         args = (input, running_mean if use_running else None, running_var if use_running else None, self.weight,
-                self.bias, use_batch_stats, factor, self.eps, residual, act)
+                self.bias, use_batch_stats, factor, self.eps, residual, act, act_weight)
         return counted_apply(num_batches_tracked, *args) if tracks else run_batch_norm(*args)
 
 
 class _FusedBatchNorm(_FusedForward):
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, None)
+            return self._scripted_forward(input, None, None)
         return self._eager_forward(input)
 
     @torch.jit.unused
@@ -94,7 +102,8 @@ class _FusedBatchNormAct(_FusedForward):
     """``act(bn(x) [+ residual])``: ``activation`` and ``activation_param`` name the activation (fusedbn/
     activations.py), class attributes of the ReLU modules, instance attributes of the others (plain
     Python state, kept by pickle and ``copy.deepcopy``; not in the ``state_dict``, which stays
-    ``nn.BatchNorm*d``'s)."""
+    ``nn.BatchNorm*d``'s). PReLU's weight is the caller's (``activation_weight``: what ``fuse_model``'s code
+    passes, the ``nn.PReLU``'s own), else the module's own parameter ``activation_weight`` (built by hand)."""
 
     activation, activation_param = activations.RELU
 
@@ -102,22 +111,27 @@ class _FusedBatchNormAct(_FusedForward):
     def act(self) -> activations.Spec:
         return self.activation, self.activation_param
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        """``act(batch_norm(input) + residual)``, ``residual`` optional. A residual of another shape, dtype
-        or device (broadcast or promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None,
+                activation_weight: Optional[Tensor] = None) -> Tensor:
+        """``act(batch_norm(input) + residual)``, ``residual`` optional; ``activation_weight``: PReLU's weight
+        (1 or C values), by default the module's own. A residual of another shape, dtype or device (broadcast or
+        promoted, as ``+`` allows) is added unfused, so the result is still torch's."""
         if torch.jit.is_scripting():
-            return self._scripted_forward(input, residual)
-        return self._eager_forward(input, residual)
+            return self._scripted_forward(input, residual, activation_weight)
+        return self._eager_forward(input, residual, activation_weight)
 
     @torch.jit.unused
-    def _eager_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
-        leaf = as_fx_leaf(self, input, residual)
+    def _eager_forward(self, input: Tensor, residual: Optional[Tensor], activation_weight: Optional[Tensor]) -> Tensor:
+        leaf = as_fx_leaf(self, input, residual, activation_weight)
         if leaf is not None:
             return leaf
+        act_weight = own_activation_weight(self) if activation_weight is None else activation_weight
         if not fuses_residual(input, residual):
-            _check_addable(input, residual)  # before the BatchNorm updates its statistics
-            return activations.apply(self.act, self._fused_forward(input, None, activations.IDENTITY), residual)
-        return self._fused_forward(input, residual, self.act)
+            activations.check_weight(self.act, act_weight, input)  # before the BatchNorm updates its statistics
+            _check_addable(input, residual)
+            output = self._fused_forward(input, None, activations.IDENTITY)
+            return activations.apply(self.act, output, residual, act_weight)
+        return self._fused_forward(input, residual, self.act, act_weight)
 
     def extra_repr(self) -> str:
         name, param = self.act
@@ -125,16 +139,49 @@ class _FusedBatchNormAct(_FusedForward):
         return super().extra_repr() + (", relu=True" if self.act == activations.RELU else ", " + detail)
 
 
+# Where a module built with activation="prelu" holds PReLU's weight (a parameter; FrozenBatchNorm*d's, a buffer).
+ACTIVATION_WEIGHT = "activation_weight"
+
+
+def own_activation_weight(module: nn.Module) -> Optional[Tensor]:
+    """The PReLU weight ``module`` holds itself (``activation_weight``), or None."""
+    return module._parameters.get(ACTIVATION_WEIGHT, module._buffers.get(ACTIVATION_WEIGHT))
+
+
+def prelu_weight_size(activation: str, num_features: int, activation_num_parameters: Optional[int]) -> Optional[int]:
+    """How many values the PReLU weight of a module built with ``activation`` holds: ``activation_num_parameters``
+    (nn.PReLU's num_parameters: 1, or num_features, the default); None for the other activations."""
+    if activation != "prelu":
+        if activation_num_parameters is not None:
+            raise ValueError(f"fusedbn: activation_num_parameters is PReLU's, but the activation is {activation!r}")
+        return None
+    size = num_features if activation_num_parameters is None else activation_num_parameters
+    if size not in (1, num_features):
+        raise ValueError(f"fusedbn: activation_num_parameters should be 1 or num_features ({num_features}), got "
+                         f"{activation_num_parameters}")
+    return size
+
+
 class _FusedBatchNormActConstructor(_FusedBatchNormAct):
     """``_FusedBatchNormAct`` built with its activation: nn.BatchNorm*d's arguments, then ``activation`` and
-    ``activation_param`` (keywords)."""
+    ``activation_param`` (keywords); for ``"prelu"`` ``activation_num_parameters`` (1 or num_features, the
+    default) sizes its weight, the parameter ``activation_weight``, initialized to 0.25 as nn.PReLU's."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "relu",
-                 activation_param: Optional[float] = None) -> None:
+                 activation_param: Optional[float] = None, activation_num_parameters: Optional[int] = None) -> None:
         act = activations.spec(activation, activation_param)  # checked before the module is built
+        size = prelu_weight_size(activation, num_features, activation_num_parameters)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.activation, self.activation_param = act
+        if size is not None:
+            self.activation_weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if ACTIVATION_WEIGHT in self._parameters:
+            nn.init.constant_(self.activation_weight, 0.25)
 
 
 class FusedBatchNorm1d(_FusedBatchNorm, nn.BatchNorm1d):

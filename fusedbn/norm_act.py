@@ -12,13 +12,13 @@ from .modules import _FusedForward
 
 class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
     """timm's ``BatchNormAct2d`` with fusedbn's BatchNorm: ``act(drop(bn(x)))``; one fused op where ``drop`` is
-    an ``nn.Identity`` and ``act`` an activation module fusedbn fuses (``nn.ReLU``, ``nn.SiLU``, ...,
-    fusedbn/activations.py's AUTO_FUSED) or ``nn.Identity``, neither with hooks; else the BatchNorm op, then timm's layers
-    as they are."""
+    an ``nn.Identity`` and ``act`` an activation module fusedbn fuses (``nn.ReLU``, ``nn.SiLU``, ``nn.PReLU`` with 1
+    or C values, ..., fusedbn/activations.py's AUTO_FUSED) or ``nn.Identity``, neither with hooks; else the BatchNorm
+    op, then timm's layers as they are."""
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():  # torch's BatchNorm, then timm's layers, as timm's module scripts
-            return self.act(self.drop(self._scripted_forward(x, None)))
+            return self.act(self.drop(self._scripted_forward(x, None, None)))
         return self._eager_forward(x)
 
     @torch.jit.unused
@@ -29,6 +29,8 @@ class FusedTimmBatchNormAct2d(_FusedForward, BatchNormAct2d):
         drop, act = self.drop, self.act
         if type(drop) is nn.Identity and not has_hooks(drop) and not has_hooks(act):
             spec = activations.IDENTITY if type(act) is nn.Identity else activations.of_module(act)
-            if spec is not None and spec[0] in activations.AUTO_FUSED:
-                return self._fused_forward(x, None, spec)
+            weight = act.weight if spec is not None and spec[0] == "prelu" else None
+            if (spec is not None and spec[0] in activations.AUTO_FUSED
+                    and (weight is None or weight.numel() in (1, self.num_features))):
+                return self._fused_forward(x, None, spec, weight)
         return act(drop(self._fused_forward(x, None, activations.IDENTITY)))

@@ -250,7 +250,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None, *, report: Opt
     """Like :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm`: returns ``module`` with every BatchNorm
     layer (torch's or fusedbn's, any dimensionality) replaced by a :class:`FusedSyncBatchNorm` holding
     the same parameters and buffers; ``report`` (a :class:`fusedbn.Report`), when given, records each.
-    A BatchNorm+ReLU that ``fuse_model`` made converts too (the rewritten forward then applies the relu);
+    A BatchNorm+activation that ``fuse_model`` made converts too (the rewritten forward then applies the
+    activation: the relu, or an nn.PReLU with its weight);
     a BatchNorm that computes anything else (a ``FusedBatchNormReLU*d`` called directly, timm's
     ``BatchNormAct2d``, another subclass) raises NotImplementedError, before anything is converted."""
     report = Report() if report is None else report

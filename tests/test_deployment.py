@@ -239,7 +239,9 @@ def test_torchscript_script(training):
     lambda: fusedbn.FusedBatchNormAct2d(4, activation="leaky_relu", activation_param=0.2),
     lambda: fusedbn.FusedBatchNormReLU2d(4, momentum=None),
     lambda: fusedbn.FrozenBatchNorm2d(4, activation="silu"),
-], ids=["act", "relu-cumulative", "frozen"])
+    lambda: fusedbn.FusedBatchNormAct2d(4, activation="prelu"),
+    lambda: fusedbn.FrozenBatchNorm2d(4, activation="prelu", activation_num_parameters=1),
+], ids=["act", "relu-cumulative", "frozen", "prelu", "frozen-prelu"])
 def test_torchscript_script_fused_modules(make):
     torch.manual_seed(0)
     module = make().eval()
@@ -268,9 +270,11 @@ def test_torchscript_script_timm_norm_act(training):
 
 @pytest.mark.parametrize("name", activations.NAMES)
 def test_scripted_activation_is_apply(name):
-    z = torch.linspace(-8, 8, 101, dtype=torch.float64)
+    z = torch.linspace(-8, 8, 102, dtype=torch.float64).view(1, 2, 51)
     spec = activations.spec(name, 0.3 if name in activations.DEFAULT_PARAM else None)
-    torch.testing.assert_close(activations.apply_scripted(*spec, z), activations.apply(spec, z), rtol=0, atol=0)
+    weight = torch.tensor([0.2, -0.4], dtype=torch.float64) if name == "prelu" else None
+    torch.testing.assert_close(activations.apply_scripted(*spec, z, None, weight),
+                               activations.apply(spec, z, None, weight), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("which", ["converted", "fused"])

@@ -133,7 +133,25 @@ def test_gradient_penalty(device, fused_relu):
 
 
 ACTIVATIONS = [("relu6", None), ("leaky_relu", 0.2), ("elu", 0.7), ("silu", None), ("hardswish", None), ("gelu", None),
-               ("gelu_tanh", None)]
+               ("gelu_tanh", None), ("prelu", None)]
+
+
+def _activation_inputs(activation, device, channels=4):
+    """The activation's tensor inputs: PReLU's weight (a slope per channel, one negative), none for the others."""
+    if activation != "prelu":
+        return []
+    return [torch.tensor([0.3, -0.2, 0.7, 0.1][:channels], dtype=torch.float64, device=device)]
+
+
+def _batch_norm_act(training, running, activation, param):
+    """batch_norm_act as a function of (x, w, b, residual or None, PReLU's weight for prelu)."""
+
+    def fn(x, w, b, r=None, *act_weight):
+        stats = [None if t is None else t.clone() for t in running]
+        return fusedbn.batch_norm_act(x, *stats, w, b, training=training, residual=r, activation=activation,
+                                      activation_param=param, activation_weight=act_weight[0] if act_weight else None)
+
+    return fn
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -141,34 +159,29 @@ ACTIVATIONS = [("relu6", None), ("leaky_relu", 0.2), ("elu", 0.7), ("silu", None
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
 def test_gradgradcheck_activations(device, training, with_residual, activation, param):
     """First and second derivatives of every activation epilogue against finite differences, in float64:
-    piecewise-linear ones through fusedbn/_derivatives.py, the others through their torch-op recomputation."""
+    piecewise-linear ones through fusedbn/_derivatives.py, the others (PReLU: its weight too) through their
+    torch-op recomputation."""
     x, w, b, r, running = _problem(device, shape=(3, 4, 2, 3))
     x = x * 2  # values across ReLU6's and Hardswish's kinks (none within finite differences' reach of one)
-    inputs = [t.requires_grad_() for t in (x, w, b) + ((r,) if with_residual else ())]
-
-    def fn(x, w, b, r=None):
-        stats = [None if t is None else t.clone() for t in running]
-        return fusedbn.batch_norm_act(x, *stats, w, b, training=training, residual=r, activation=activation,
-                                      activation_param=param)
-
-    assert gradcheck(fn, inputs)
-    assert gradgradcheck(fn, inputs, fast_mode=True)
+    act_inputs = _activation_inputs(activation, device)
+    inputs = [t.requires_grad_() for t in [x, w, b] + [r if with_residual else None] + act_inputs if t is not None]
+    fn = _batch_norm_act(training, running, activation, param)
+    call = fn if with_residual else lambda x, w, b, *act_weight: fn(x, w, b, None, *act_weight)
+    assert gradcheck(call, inputs)
+    assert gradgradcheck(call, inputs, fast_mode=True)
 
 
 @pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
 def test_forward_mode_ad_of_activations(device, activation, param):
-    """jvp (the forward's jvp rule, act'(z) recomputed) against reverse mode's Jacobian, training and eval."""
+    """jvp (the forward's jvp rule, act'(z) recomputed; PReLU's weight's tangent too) against reverse mode's
+    Jacobian, training and eval."""
     x, w, b, r, running = _problem(device, shape=(3, 4, 2, 3))
+    primals = (x, w, b, r, *_activation_inputs(activation, device))
     for training in (True, False):
-        stats = (None, None) if training else running
-
-        def fn(x, w, b, r):
-            return fusedbn.batch_norm_act(x, *stats, w, b, training=training, residual=r, activation=activation,
-                                          activation_param=param)
-
-        tangents = tuple(torch.randn_like(t) for t in (x, w, b, r))
-        _, ours = torch.func.jvp(fn, (x, w, b, r), tangents)
+        fn = _batch_norm_act(training, (None, None) if training else running, activation, param)
+        tangents = tuple(torch.randn_like(t) for t in primals)
+        _, ours = torch.func.jvp(fn, primals, tangents)
         # Reverse mode's vector-Jacobian products give the Jacobian; its product with the tangents is the oracle.
-        jac = torch.autograd.functional.jacobian(fn, (x, w, b, r))
+        jac = torch.autograd.functional.jacobian(fn, primals)
         expected = sum((j.flatten(x.dim()) @ t.flatten()).reshape(x.shape) for j, t in zip(jac, tangents))
         torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)

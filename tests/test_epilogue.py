@@ -3,6 +3,7 @@ activation: outputs, every gradient (the residual's too) and running statistics,
 stays alive for backward, and fuse_model on torchvision's models."""
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -10,25 +11,29 @@ import torch
 from torch import nn
 
 import fusedbn
-from helpers import BATCH_NORMS, Trio, assert_close, assert_same_state, make_input, over_dtype_pairs, torchvision_models
+from helpers import (BATCH_NORMS, Trio, assert_as_accurate, assert_close, assert_same_state, make_input,
+                     over_dtype_pairs, torchvision_models)
 
 FUSED = {1: fusedbn.FusedBatchNormAct1d, 2: fusedbn.FusedBatchNormAct2d, 3: fusedbn.FusedBatchNormAct3d}
 SHAPES = [(1, (5, 3)), (2, (4, 6, 9, 11)), (2, (3, 16, 5, 5)), (3, (2, 3, 3, 4, 5)), (2, (2, 3, 24, 24))]
 # Every activation, with a parameter other than torch's default where it takes one.
 ACTIVATIONS = [("relu", None), ("identity", None), ("relu6", None), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", None),
-               ("hardswish", None), ("gelu", None), ("gelu_tanh", None)]
+               ("hardswish", None), ("gelu", None), ("gelu_tanh", None), ("prelu", None)]
 TORCH_ACTIVATION = {"identity": nn.Identity(), "relu": nn.ReLU(), "relu6": nn.ReLU6(), "leaky_relu": nn.LeakyReLU(0.1),
                     "elu": nn.ELU(0.7), "silu": nn.SiLU(), "hardswish": nn.Hardswish(), "gelu": nn.GELU(),
-                    "gelu_tanh": nn.GELU(approximate="tanh")}
-KINKS = {"relu": (0,), "relu6": (0, 6), "leaky_relu": (0,), "elu": (0,), "hardswish": (-3, 3)}  # where act' jumps
+                    "gelu_tanh": nn.GELU(approximate="tanh")}  # nn.PReLU holds a weight: one per trio (_trio)
+# Where act' jumps.
+KINKS = {"relu": (0,), "relu6": (0, 6), "leaky_relu": (0,), "elu": (0,), "hardswish": (-3, 3), "prelu": (0,)}
 
 
 class TorchBNAct(nn.Module):
     """The unfused composition fusedbn replaces: act(bn(x) + residual)."""
 
-    def __init__(self, bn, activation="relu"):
+    def __init__(self, bn, activation="relu", act=None):
         super().__init__()
-        self.bn, self.act = bn, TORCH_ACTIVATION[activation]
+        if act is None:
+            act = nn.PReLU() if activation == "prelu" else TORCH_ACTIVATION[activation]
+        self.bn, self.act = bn, act
 
     def forward(self, x, residual=None):
         y = self.bn(x)
@@ -46,9 +51,29 @@ def _trio(dims, channels, dtype, param_dtype, device, activation=("relu", None))
         ref.bias.copy_(torch.rand(channels, generator=gen) - 0.5)
     ours = FUSED[dims](channels, device=device, dtype=param_dtype, activation=activation[0],
                        activation_param=activation[1])
-    ours.load_state_dict(ref.state_dict())
     exact = copy.deepcopy(ref).double()
-    return Trio(TorchBNAct(ref, activation[0]), ours, TorchBNAct(exact, activation[0]), norms=(ref, ours, exact))
+    if activation[0] != "prelu":
+        ours.load_state_dict(ref.state_dict())
+        return Trio(TorchBNAct(ref, activation[0]), ours, TorchBNAct(exact, activation[0]), norms=(ref, ours, exact))
+    # PReLU: torch's weight in the input's dtype (F.prelu promotes none), ours in the parameters'; slopes in
+    # [0, 0.5) that every dtype holds exactly, so the three compute with the same weight.
+    prelu = nn.PReLU(channels, device=device, dtype=dtype)
+    with torch.no_grad():
+        prelu.weight.copy_(torch.randint(0, 32, (channels,), generator=gen) / 64)
+    ours.load_state_dict({**ref.state_dict(), "activation_weight": prelu.weight})
+    return Trio(TorchBNAct(ref, "prelu", prelu), ours, TorchBNAct(exact, "prelu", copy.deepcopy(prelu).double()),
+                norms=(ref, ours, exact))
+
+
+def _check_prelu_weight_grads(trio, dtype, label):
+    """PReLU's weight gradient, sum(dy * min(z, 0)) per channel, as accurate as torch's (``ours`` in its own
+    parameter dtype, compared in the input's); zeroed for the next step."""
+    theirs, mine, exact = trio.modules[0].act.weight, trio.modules[1].activation_weight, trio.modules[2].act.weight
+    count = trio.modules[2].pre_activation.numel() // theirs.numel()
+    assert_as_accurate(mine.grad.to(dtype), theirs.grad, exact.grad, dtype, f"{label}: grad_activation_weight",
+                       scale=math.sqrt(count))
+    for weight in (theirs, mine, exact):
+        weight.grad = None
 
 
 @pytest.mark.parametrize("dims,shape", SHAPES, ids=[f"{d}d-{'x'.join(map(str, s))}" for d, s in SHAPES])
@@ -82,7 +107,10 @@ def test_fused_matches_unfused_torch(device, dims, shape, layout, dtype, param_d
         ambiguous_dy = torch.where(ambiguous, 1.5 * grad.double().abs(), 0)
         slack = {"grad_bias": ambiguous_dy.sum(channel_dims).max().item(),
                  "grad_weight": (ambiguous_dy * x_hat.abs()).sum(channel_dims).max().item()}
-        trio.check(results, f"step {step} ({'train' if training else 'eval'})", slack=slack, either_side=ambiguous)
+        label = f"step {step} ({'train' if training else 'eval'})"
+        if activation[0] == "prelu":  # before trio.check zeroes our module's gradients
+            _check_prelu_weight_grads(trio, dtype, label)
+        trio.check(results, label, slack=slack, either_side=ambiguous)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

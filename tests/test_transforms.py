@@ -1,8 +1,9 @@
 """Every fusedbn model transform applied after every other (and after itself), on a ResNet-18 with all three
 kinds of fusedbn module (BatchNorm, BatchNorm+ReLU, BatchNorm+Add+ReLU) and on a network with every other
-activation fuse_model fuses (modules, functions, a method; with and without a residual): each accepts the
-other's output, returns the model, and the result computes what torch's model computes (float64, eval; and a
-training step where neither transform freezes or folds, nor needs a process group). torch's own
+activation fuse_model fuses (modules, functions, a method, a PReLU with its weight; with and without a
+residual): each accepts the other's output, returns the model, and the result computes what torch's model
+computes (float64, eval; and a training step where neither transform freezes or folds, nor needs a process
+group). torch's own
 SyncBatchNorm converter is among them: the code fuse_model rewrote still applies the activation of a
 BatchNorm it replaced."""
 import copy
@@ -38,9 +39,12 @@ class ActivationsNet(nn.Module):
 
     def __init__(self, c=6):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else c, c, 3, padding=1) for i in range(9))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(9))
+        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else c, c, 3, padding=1) for i in range(10))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(10))
         self.silu, self.relu6, self.leaky, self.gelu = nn.SiLU(inplace=True), nn.Hardtanh(0.0, 6.0), nn.LeakyReLU(0.2), nn.GELU("tanh")
+        self.prelu = nn.PReLU(c)
+        with torch.no_grad():
+            self.prelu.weight.copy_(torch.linspace(-0.5, 0.8, c))
 
     def forward(self, x):
         conv, bn = self.convs, self.bns
@@ -52,12 +56,13 @@ class ActivationsNet(nn.Module):
         x = F.hardswish(bn[5](conv[5](x)) + x)  # with a residual
         x = F.gelu(bn[6](conv[6](x)) + x)
         x = bn[7](conv[7](x)).relu()
+        x = self.prelu(bn[9](conv[9](x)) + x)  # a weight of its own, passed to the fused call
         return F.silu(x + bn[8](conv[8](x)))  # the residual first
 
 
 # Exact GELU and ELU stay torch's (activations.AUTO_FUSED).
 FUSED_IN_ACTIVATIONS_NET = {"silu": 1, "relu6": 1, "leaky_relu": 1, "gelu_tanh": 1, "add+hardswish": 1, "relu": 1,
-                            "add+silu": 1}
+                            "add+prelu": 1, "add+silu": 1}
 
 
 def _activations_net():
