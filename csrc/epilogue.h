@@ -206,7 +206,8 @@ struct ActivationFn<Activation::kGeluTanh> {  // 0.5 z (1 + tanh(sqrt(2/pi) (z +
 };
 
 // Calls f(std::integral_constant<Activation, act>{}): a run-time activation made a template argument.
-template <typename F>
+// kWithPrelu false: PReLU's code left out (the CUDA kernels that never see it; it runs as identity there).
+template <bool kWithPrelu = true, typename F>
 FUSEDBN_HOST_DEVICE inline auto with_activation(Activation act, F&& f) {
   using A = Activation;
   switch (act) {
@@ -218,7 +219,9 @@ FUSEDBN_HOST_DEVICE inline auto with_activation(Activation act, F&& f) {
     case A::kHardswish: return f(std::integral_constant<A, A::kHardswish>{});
     case A::kGelu: return f(std::integral_constant<A, A::kGelu>{});
     case A::kGeluTanh: return f(std::integral_constant<A, A::kGeluTanh>{});
-    case A::kPrelu: return f(std::integral_constant<A, A::kPrelu>{});
+    case A::kPrelu:
+      if constexpr (kWithPrelu) return f(std::integral_constant<A, A::kPrelu>{});
+      [[fallthrough]];
     default: return f(std::integral_constant<A, A::kIdentity>{});
   }
 }

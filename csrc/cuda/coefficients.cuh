@@ -25,19 +25,19 @@ struct Coefficients<acc_t, true> {
   acc_t mean, alpha, beta, slope;
 };
 
-// The activation's parameter for a value with coefficients co: PReLU's slope of its channel, else the op's
-// one parameter.
+// PReLU's slopes, 1 or C values (slope_step 0 or 1): only its kernels' ChannelCoefficients carry them (an
+// empty base otherwise, so the other kernels' arguments and code are as without PReLU).
 template <typename acc_t, bool kSlope>
-__device__ __forceinline__ acc_t param_of(const Coefficients<acc_t, kSlope>& co, acc_t param) {
-  if constexpr (kSlope) {
-    return co.slope;
-  } else {
-    return param;
-  }
-}
+struct SlopesOf {};
 
-template <typename acc_t, typename param_t>
-struct ChannelCoefficients {
+template <typename acc_t>
+struct SlopesOf<acc_t, true> {
+  Restrict<const acc_t> slopes;
+  int64_t slope_step;
+};
+
+template <typename acc_t, typename param_t, bool kSlope = false>
+struct ChannelCoefficients : SlopesOf<acc_t, kSlope> {
   Restrict<const acc_t> mean;  // batch statistics, or null with invstd (eval)
   Restrict<const acc_t> invstd;
   Restrict<const param_t> running_mean;  // eval
@@ -45,23 +45,18 @@ struct ChannelCoefficients {
   Restrict<const param_t> weight;  // may be null
   Restrict<const param_t> bias;    // may be null
   double eps;
-  Restrict<const acc_t> slopes;  // PReLU's, 1 or C values (slope_step 0 or 1); else null
-  int64_t slope_step;
 
-  template <bool kSlope = false>
-  __device__ __forceinline__ Coefficients<acc_t, kSlope> at(int64_t c) const {
+  __device__ __forceinline__ Coefficients<acc_t, kSlope> operator()(int64_t c) const {
     const acc_t istd = invstd ? invstd[c] : invstd_of(static_cast<acc_t>(running_var[c]), eps);
-    return of_statistics<kSlope>(c, invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), istd);
+    return of_statistics(c, invstd ? mean[c] : static_cast<acc_t>(running_mean[c]), istd);
   }
   // Channel c's coefficients from its mean and invstd as given.
-  template <bool kSlope = false>
   __device__ __forceinline__ Coefficients<acc_t, kSlope> of_statistics(int64_t c, acc_t mean_c, acc_t invstd_c) const {
-    Coefficients<acc_t, kSlope> co;
-    co.mean = mean_c;
-    co.alpha = alpha_of(weight, c, invstd_c);
-    co.beta = beta_of<acc_t>(bias, c);
-    if constexpr (kSlope) co.slope = slopes[c * slope_step];
-    return co;
+    if constexpr (kSlope) {
+      return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c), this->slopes[c * this->slope_step]};
+    } else {
+      return {mean_c, alpha_of(weight, c, invstd_c), beta_of<acc_t>(bias, c)};
+    }
   }
 };
 
@@ -76,10 +71,10 @@ struct FixedActivation {
   }
 };
 
-struct AnyActivation {
+struct AnyActivation {  // never PReLU (FixedActivation<kPrelu>: its slopes and third sum)
   template <typename F>
   __device__ __forceinline__ static auto apply(Activation act, F&& f) {
-    return with_activation(act, f);
+    return with_activation<false>(act, f);
   }
 };
 

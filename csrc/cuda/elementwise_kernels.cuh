@@ -44,12 +44,12 @@ struct NormalizeOp {
   Restrict<const scalar_t> x;
   Restrict<scalar_t> y;
   Restrict<const scalar_t> residual;  // may be null
-  ChannelCoefficients<acc_t, param_t> coefficients;
+  ChannelCoefficients<acc_t, param_t, kSlopesOf<Act>> coefficients;
   Activation act;
   acc_t param;
 
   using Coeffs = Coefficients<acc_t, kSlopesOf<Act>>;
-  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients.template at<kSlopesOf<Act>>(c); }
+  __device__ __forceinline__ Coeffs coeffs(int64_t c) const { return coefficients(c); }
 
   static constexpr int kMaxLanes = 8;  // 16 bytes of 2-byte values
   static constexpr int kMaxLanesLast = 8;
@@ -70,6 +70,16 @@ struct NormalizeOp {
     store_vec<kVec>(y + offset, outputs<kVec>(in.x, in.residual, co));
   }
 
+  // The activation's parameter of lane k: PReLU's slope of its channel (co(k) read only then), else the op's.
+  template <typename Lanes>
+  __device__ __forceinline__ acc_t param_at(const Lanes& co, int k) const {
+    if constexpr (kSlopesOf<Act>) {
+      return co(k).slope;
+    } else {
+      return param;
+    }
+  }
+
   // The outputs of the values xv (and their residual rv, zeros without one), lane k with co(k).
   template <int kVec, typename Lanes>
   __device__ __forceinline__ Vec<scalar_t, kVec> outputs(const Vec<scalar_t, kVec>& xv, const Vec<scalar_t, kVec>& rv,
@@ -85,7 +95,7 @@ struct NormalizeOp {
     Act::apply(act, [&](auto kind) {  // one branch on the activation per vector
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param_of(co(k), param)));
+        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param_at(co, k)));
       }
     });
     return out;
@@ -103,7 +113,7 @@ struct BackwardElemtOp {
   Restrict<scalar_t> grad_residual;  // may be null
   Restrict<const acc_t> mean_dz;
   Restrict<const acc_t> proj;
-  ChannelCoefficients<acc_t, param_t> coefficients;
+  ChannelCoefficients<acc_t, param_t, kSlopesOf<Act>> coefficients;
   GradSource<scalar_t, acc_t, Act> source;
 
   struct Coeffs {
@@ -111,8 +121,7 @@ struct BackwardElemtOp {
     acc_t mean_dz, proj;
   };
   __device__ __forceinline__ Coeffs coeffs(int64_t c) const {
-    return Coeffs{coefficients.template at<kSlopesOf<Act>>(c), mean_dz ? mean_dz[c] : acc_t(0),
-                  proj ? proj[c] : acc_t(0)};
+    return Coeffs{coefficients(c), mean_dz ? mean_dz[c] : acc_t(0), proj ? proj[c] : acc_t(0)};
   }
 
   // 16 bytes of 2-byte values (1 of double): dy, x, the side value and two outputs a lane.

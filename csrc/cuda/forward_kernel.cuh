@@ -58,8 +58,7 @@ FUSEDBN_KERNEL void channels_first_forward_kernel(WelfordReducer<scalar_t, acc_t
     // comes after the barriers of its block_merge: no thread still reads this one.)
     if (threadIdx.x == 0) {
       finisher(c, reducer.result(c, s));
-      channel_coeffs[0] =
-          op.coefficients.template of_statistics<kSlopesOf<Act>>(c, finisher.mean[c], finisher.invstd[c]);
+      channel_coeffs[0] = op.coefficients.of_statistics(c, finisher.mean[c], finisher.invstd[c]);
     }
     __syncthreads();
     const Coeffs here = channel_coeffs[0];

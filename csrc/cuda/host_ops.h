@@ -224,20 +224,26 @@ constexpr int vec_width() {
 // The per-channel tensors a kernel computes its coefficients from (kernels.cuh's ChannelCoefficients):
 // batch statistics (mean, invstd in acc_t) or the running ones (eval: `invstd` undefined), and the
 // parameters, all read by channel index (contiguous ones: check_* and the callers make sure).
-template <typename acc_t, typename param_t>
-ChannelCoefficients<acc_t, param_t> channel_coefficients(const Tensor& mean, const Tensor& invstd,
-                                                         const OptTensor& running_mean, const OptTensor& running_var,
-                                                         const OptTensor& weight, const OptTensor& bias, double eps,
-                                                         const Tensor& slopes) {
-  return {invstd.defined() ? mean.const_data_ptr<acc_t>() : nullptr,
-          invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr,
-          ptr_or_null<param_t>(running_mean),
-          ptr_or_null<param_t>(running_var),
-          ptr_or_null<param_t>(weight),
-          ptr_or_null<param_t>(bias),
-          eps,
-          slopes.defined() ? slopes.const_data_ptr<acc_t>() : nullptr,
-          slopes.defined() && slopes.numel() > 1 ? 1 : 0};
+// kSlope: PReLU's kernels', with its slopes (activation_slopes: 1 or C values).
+template <typename acc_t, typename param_t, bool kSlope>
+ChannelCoefficients<acc_t, param_t, kSlope> channel_coefficients(const Tensor& mean, const Tensor& invstd,
+                                                                 const OptTensor& running_mean,
+                                                                 const OptTensor& running_var, const OptTensor& weight,
+                                                                 const OptTensor& bias, double eps,
+                                                                 const Tensor& slopes) {
+  ChannelCoefficients<acc_t, param_t, kSlope> co{};
+  co.mean = invstd.defined() ? mean.const_data_ptr<acc_t>() : nullptr;
+  co.invstd = invstd.defined() ? invstd.const_data_ptr<acc_t>() : nullptr;
+  co.running_mean = ptr_or_null<param_t>(running_mean);
+  co.running_var = ptr_or_null<param_t>(running_var);
+  co.weight = ptr_or_null<param_t>(weight);
+  co.bias = ptr_or_null<param_t>(bias);
+  co.eps = eps;
+  if constexpr (kSlope) {
+    co.slopes = slopes.const_data_ptr<acc_t>();
+    co.slope_step = slopes.numel() > 1 ? 1 : 0;
+  }
+  return co;
 }
 
 // The normalize pass, y = act((x - mean) * alpha + beta [+ residual]) per channel with the coefficients
@@ -251,9 +257,9 @@ struct NormalizePass {
 };
 
 template <typename scalar_t, typename Act, typename acc_t, typename param_t>
-NormalizePass<scalar_t, acc_t, param_t, Act> normalize_pass(const Tensor& x, const ChannelLayout& layout,
-                                                       const ChannelCoefficients<acc_t, param_t>& coefficients,
-                                                       const OptTensor& residual, Epilogue epilogue) {
+NormalizePass<scalar_t, acc_t, param_t, Act> normalize_pass(
+    const Tensor& x, const ChannelLayout& layout, const ChannelCoefficients<acc_t, param_t, kSlopesOf<Act>>& coefficients,
+    const OptTensor& residual, Epilogue epilogue) {
   Tensor y = empty_like_dense(x, x.scalar_type());
   Tensor r = has(residual) ? to_layout(*residual, layout) : Tensor();
   const NormalizeOp<scalar_t, acc_t, param_t, Act> op{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
@@ -330,7 +336,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_train(const Tensor& input, const OptT
       constexpr int kVecWidth = vec_width<scalar_t>();
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(mean, invstd, {}, {}, w, b, eps, slopes),
+            x, layout,
+            channel_coefficients<acc_t, param_t, kSlopesOf<decltype(act)>>(mean, invstd, {}, {}, w, b, eps, slopes),
             residual, epilogue);
         y = pass.y;
         if (launch_one_pass_forward<kVecWidth>(layout, reducer, finisher, pass.op, pass.aligned(x), ctx)) return;
@@ -371,7 +378,8 @@ Tensor forward_eval(const Tensor& input, const OptTensor& weight, const OptTenso
       using param_t = decltype(param_tag);
       with_activation_policy(epilogue.act, [&](auto act) {
         const auto pass = normalize_pass<scalar_t, decltype(act)>(
-            x, layout, channel_coefficients<acc_t, param_t>(Tensor(), Tensor(), rm, rv, w, b, eps, slopes),
+            x, layout,
+            channel_coefficients<acc_t, param_t, kSlopesOf<decltype(act)>>(Tensor(), Tensor(), rm, rv, w, b, eps, slopes),
             residual, epilogue);
         launch_elementwise<vec_width<scalar_t>()>(layout, pass.op, x.numel(), pass.aligned(x), ctx);
         y = pass.y;
@@ -395,9 +403,10 @@ GradSource<scalar_t, acc_t, Act> grad_source(const BackwardInputs& in, bool read
 
 // The forward's coefficients, alpha = w * invstd and beta = b (and the activation's parameter), for the
 // backward's kernels.
-template <typename acc_t, typename param_t>
-ChannelCoefficients<acc_t, param_t> forward_coefficients(const BackwardInputs& in) {
-  return channel_coefficients<acc_t, param_t>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0, in.slopes);
+template <typename acc_t, typename param_t, typename Act>
+ChannelCoefficients<acc_t, param_t, kSlopesOf<Act>> forward_coefficients(const BackwardInputs& in) {
+  return channel_coefficients<acc_t, param_t, kSlopesOf<Act>>(in.mean, in.invstd, {}, {}, in.weight, in.bias, 0.0,
+                                                              in.slopes);
 }
 
 inline bool backward_aligned(const BackwardInputs& in) {
@@ -421,7 +430,7 @@ template <typename scalar_t, typename param_t, typename Act, typename Finisher, 
 void grad_reduction(const BackwardInputs& in, const Finisher& finisher, const Scratch& scratch, int64_t reserved_bytes,
                     const Context& ctx) {
   using acc_t = at::opmath_type<scalar_t>;
-  const GradReducer<scalar_t, acc_t, param_t, Act> reducer{forward_coefficients<acc_t, param_t>(in),
+  const GradReducer<scalar_t, acc_t, param_t, Act> reducer{forward_coefficients<acc_t, param_t, Act>(in),
                                                            grad_source<scalar_t, acc_t, Act>(in)};
   launch_reduce<vec_width<scalar_t>()>(in.layout, reducer, finisher, backward_aligned(in), scratch, reserved_bytes, ctx);
 }
@@ -440,7 +449,7 @@ Tensor dx_pass(const BackwardInputs& in, const at::opmath_type<scalar_t>* mean_d
       grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
       mean_dz,
       proj,
-      forward_coefficients<acc_t, param_t>(in),
+      forward_coefficients<acc_t, param_t, Act>(in),
       grad_source<scalar_t, acc_t, Act>(in, read_x)};
   launch_elementwise<vec_width<scalar_t>()>(
       in.layout, op, in.x.numel(),

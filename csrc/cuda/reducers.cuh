@@ -172,6 +172,16 @@ struct GradSource {
     return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset),
             side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{}};
   }
+  // The activation's parameter of lane k: PReLU's slope of its channel (co(k) read only then), else the op's.
+  template <typename Lanes>
+  __device__ __forceinline__ acc_t param_at(const Lanes& co, int k) const {
+    if constexpr (kSlopesOf<Act>) {
+      return co(k).slope;
+    } else {
+      return param;
+    }
+  }
+
   // dz[k] of a vector's values: g = dy, x the inputs, o the side values (Loaded::side), co(k) lane k's
   // channel's coefficients. One branch on the rule per vector for the fixed activations; per value for any
   // (the whole vector's values live across the branch to its code would not fit in the registers).
@@ -188,7 +198,7 @@ struct GradSource {
         for (int k = k0; k < k0 + kPerBranch; ++k) {
           dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
               static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
-              co(k).mean, co(k).alpha, co(k).beta, param_of(co(k), param));
+              co(k).mean, co(k).alpha, co(k).beta, param_at(co, k));
         }
       };
       switch (from) {
@@ -221,7 +231,7 @@ struct GradReducer {
   // loads already), of double, or where any activation's code may run (their registers).
   template <int kVec>
   static constexpr int kInFlight = sizeof(acc_t) == 8 || kVec >= 8 || kHeavyActivation<Act> ? 1 : 2;
-  ChannelCoefficients<acc_t, param_t> coefficients;  // the forward's
+  ChannelCoefficients<acc_t, param_t, kSlopes> coefficients;  // the forward's
   GradSource<scalar_t, acc_t, Act> source;
 
   template <int kVec>
@@ -304,7 +314,7 @@ struct GradReducer {
   };
 
   __device__ __forceinline__ Local at_channel(int64_t c) const {
-    return Local{this, coefficients.template at<kSlopes>(c)};
+    return Local{this, coefficients(c)};
   }
   // Every thread of the block calls it (the table is filled behind a barrier); lanes past C stay empty.
   template <int kVec>
@@ -313,7 +323,7 @@ struct GradReducer {
     Lanes<kVec> lanes{this, &table, {}, {}};
     if (threadIdx.y == 0 && c < C) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) table[k * blockDim.x + threadIdx.x] = coefficients.template at<kSlopes>(c + k);
+      for (int k = 0; k < kVec; ++k) table[k * blockDim.x + threadIdx.x] = coefficients(c + k);
     }
     __syncthreads();
     if (c < C) {
