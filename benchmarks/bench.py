@@ -51,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--workload", type=_choices(list(WORKLOADS), "all"), default=DEFAULT_WORKLOADS,
                         help="what follows BatchNorm: bn (nothing), bn+relu, bn+add+relu (a residual added, "
                         "then relu), bn+relu6, bn+leaky_relu, bn+elu, bn+silu, bn+hardswish, bn+gelu, bn+gelu_tanh, "
-                        "bn+add+silu; comma-separated, or all (default: bn, bn+relu, bn+add+relu)")
+                        "bn+prelu (a weight per channel), bn+add+silu, bn+add+prelu; comma-separated, or all "
+                        "(default: bn, bn+relu, bn+add+relu)")
     parser.add_argument("--compare", type=_choices(list(ANCHORS), "all"), default=["eager"],
                         help="anchors: eager (always) and compile (torch.compile, slow to compile on CPU)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,

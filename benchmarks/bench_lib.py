@@ -48,15 +48,15 @@ WORKLOADS = {w.name: w for w in (
     [Workload("bn", "identity", False, PASSES), Workload("bn+relu", "relu", False, PASSES),
      Workload("bn+add+relu", "relu", True, _ADD_PASSES)]
     + [Workload(f"bn+{a}", a, False, PASSES) for a in ("relu6", "leaky_relu", "elu", "silu", "hardswish", "gelu",
-                                                      "gelu_tanh")]
-    + [Workload("bn+add+silu", "silu", True, _ADD_PASSES)])}
+                                                      "gelu_tanh", "prelu")]
+    + [Workload("bn+add+silu", "silu", True, _ADD_PASSES), Workload("bn+add+prelu", "prelu", True, _ADD_PASSES)])}
 DEFAULT_WORKLOADS = ["bn", "bn+relu", "bn+add+relu"]
 # The torch module each activation is in torch's composition (default parameters).
 TORCH_ACTIVATIONS = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "leaky_relu": nn.LeakyReLU,
                      "elu": nn.ELU, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
-                     "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+                     "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "prelu": nn.PReLU}
 # Where each activation's derivative jumps (the pre-activation values whose gradient --check cannot pin).
-KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0)}
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardswish": (-3.0, 3.0), "prelu": (0.0,)}
 LAYOUTS = ("NCHW", "NHWC")
 
 # (C, H, W) of every BatchNorm2d input in torchvision's ResNet-50 at 224x224, stem to last stage
@@ -105,7 +105,10 @@ class Composition(nn.Module):
     def __init__(self, bn, workload, fused, residual):
         super().__init__()
         self.bn, self.workload, self.fused, self.residual = bn, workload, fused, residual
-        self.act = TORCH_ACTIVATIONS[workload.activation]()
+        # PReLU: a weight per channel (nn.PReLU's init, as the fused module's), in the input's dtype.
+        act_args = ((bn.num_features,), dict(device=residual.device, dtype=residual.dtype)) \
+            if workload.activation == "prelu" else ((), {})
+        self.act = TORCH_ACTIVATIONS[workload.activation](*act_args[0], **act_args[1])
 
     weight = property(lambda self: self.bn.weight)
     bias = property(lambda self: self.bn.bias)
