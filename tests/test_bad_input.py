@@ -410,14 +410,18 @@ def test_parameters_of_any_shape(device, shape, training):
 @pytest.mark.parametrize("shape", [(0, 3, 1024), (0, 3, 4, 4), (2, 3, 0, 1024)])
 def test_ops_on_empty_batches_return_zero_gradient_sums(device, shape):
     """The ops themselves on a batch with no values: parameter gradients are empty sums (zeros, as torch's),
-    also for runs long enough to take the chunked reduction."""
+    also for runs long enough to take the chunked reduction, PReLU's weight's among them."""
     x = torch.randn(shape, device=device)
     mean, invstd = torch.zeros(3, device=device), torch.ones(3, device=device)
+    slopes = torch.rand(3, device=device)
     for _ in range(2):  # a second call would see whatever the first left on the stack
         sum_dz, sum_dz_xmu, _ = fusedbn.ops.grad_sums(x, x, None, mean, invstd)
         _, grad_weight, grad_bias, *_ = fusedbn.ops.backward(x, x, torch.ones(3, device=device), mean, invstd, True,
                                                             [True, True, True])
-        for t in (sum_dz, sum_dz_xmu, grad_weight, grad_bias):
+        *_, sum_dslope = fusedbn.ops.grad_sums(x, x, None, mean, invstd, activation="prelu", activation_weight=slopes)
+        *_, grad_slopes = fusedbn.ops.backward(x, x, None, mean, invstd, True, [True, True, True], activation="prelu",
+                                               activation_weight=slopes, grad_activation_weight=True)
+        for t in (sum_dz, sum_dz_xmu, grad_weight, grad_bias, sum_dslope, grad_slopes):
             assert torch.equal(t, torch.zeros(3, device=device))
 
 
