@@ -211,6 +211,9 @@ inline at::Tensor activation_slopes(const std::optional<at::Tensor>& activation_
   return has(activation_weight) ? activation_weight->reshape({-1}).to(acc).contiguous() : at::Tensor();
 }
 
+// Channel c's slope is slopes[c * slope_step(slopes)]: one for every channel, or each its own.
+inline int64_t slope_step(const at::Tensor& slopes) { return slopes.numel() > 1 ? 1 : 0; }
+
 inline void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& mean,
                                 const at::Tensor& invstd, const std::optional<at::Tensor>& bias,

@@ -66,8 +66,9 @@ def spec(name: str, param: Optional[float] = None) -> Spec:
 
 def check_weight(act: Spec, weight: Optional[Tensor], input: Optional[Tensor] = None) -> None:
     """The ops' rule (csrc/checks.h, same exceptions and words), checked before any state changes on paths that
-    apply the activation after BatchNorm: PReLU needs its weight, of 1 or C values (C: ``input``'s channels,
-    where given), and no other activation takes one."""
+    apply the activation after BatchNorm: PReLU needs its weight, and no other activation takes one; where
+    ``input`` is given, the weight has 1 or C values (its channels), is on its device and of its dtype (or
+    float32 for float16 and bfloat16 input)."""
     if act[0] == "prelu" and weight is None:
         raise ValueError("fusedbn: activation 'prelu' needs its weight (activation_weight), got None")
     if act[0] != "prelu" and weight is not None:
@@ -77,6 +78,13 @@ def check_weight(act: Spec, weight: Optional[Tensor], input: Optional[Tensor] = 
         if weight.numel() != 1 and weight.numel() != channels:
             raise RuntimeError(f"fusedbn: PReLU's weight (activation_weight) should have 1 or {channels} elements "
                                f"(the input's channels), got {weight.numel()}")
+        if weight.device != input.device:
+            raise RuntimeError("Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{input.device} and {weight.device}! (activation_weight)")
+        reduced = input.dtype == torch.float16 or input.dtype == torch.bfloat16
+        if weight.dtype != input.dtype and not (reduced and weight.dtype == torch.float32):
+            raise RuntimeError(f"mixed dtype: expect PReLU's weight (activation_weight) to have scalar type of "
+                               f"{input.dtype}{' or torch.float32' if reduced else ''}, but it is {weight.dtype}")
 
 
 def apply_scripted(name: str, param: float, z: Tensor, residual: Optional[Tensor] = None,

@@ -256,8 +256,9 @@ def test_module_trains_its_weight_and_takes_the_callers(device):
 
 
 def test_module_rejects_a_wrong_weight_and_changes_nothing(device):
-    """A weight of another size, a weight for another activation, or none for a fused PReLU without its own
-    (as fuse_model makes them): refused before the running statistics or num_batches_tracked move."""
+    """A weight of another size or dtype, a weight for another activation, or none for a fused PReLU without its
+    own (as fuse_model makes them): refused before the running statistics or num_batches_tracked move, whether
+    the residual is fused or added after (broadcast)."""
     x = torch.randn(4, 3, 2, 2, device=device)
     made_by_fuse = fusedbn.FusedBatchNormAct2d(3, device=device)
     made_by_fuse.activation = "prelu"
@@ -265,7 +266,9 @@ def test_module_rejects_a_wrong_weight_and_changes_nothing(device):
               RuntimeError, "should have 1 or 3 elements"),
              (fusedbn.FusedBatchNormReLU2d(3, device=device), (None, torch.ones(3, device=device)), ValueError,
               "but the activation is 'relu'"),
-             (made_by_fuse, (), ValueError, "'prelu' needs its weight")]
+             (made_by_fuse, (), ValueError, "'prelu' needs its weight"),
+             (made_by_fuse, (None, torch.ones(3, device=device, dtype=torch.float64)), RuntimeError,
+              r"mixed dtype: expect PReLU's weight \(activation_weight\)")]
     for module, args, error, message in cases:
         for residual in (None, torch.randn(3, 1, 1, device=device)):  # fused, and added after (broadcast)
             before = copy.deepcopy(module.state_dict())

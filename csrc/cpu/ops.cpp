@@ -61,12 +61,12 @@ Tensor normalize_coefficients(const acc_t* mean, const acc_t* invstd, const OptT
   const acc_t* w = data_or_null<acc_t>(weight);
   const acc_t* b = data_or_null<acc_t>(bias);
   const acc_t* s = slopes.defined() ? slopes.const_data_ptr<acc_t>() : nullptr;
-  const int64_t slope_step = slopes.defined() && slopes.numel() == C ? 1 : 0;
+  const int64_t step = s ? slope_step(slopes) : 0;
   return channel_rows<acc_t, 4>(C, acc_options, [&](int64_t c, const auto& row) {
     row[0][c] = mean ? mean[c] : acc_t(0);
     row[1][c] = alpha_of(w, c, invstd[c]);
     row[2][c] = beta_of<acc_t>(b, c);
-    row[3][c] = s ? s[c * slope_step] : acc_t(0);
+    row[3][c] = s ? s[c * step] : acc_t(0);
   });
 }
 

@@ -86,6 +86,17 @@ inline constexpr bool kSlopesOf = std::is_same_v<Act, FixedActivation<Activation
 template <typename Act>
 inline constexpr bool kHeavyActivation = std::is_same_v<Act, AnyActivation> || kSlopesOf<Act>;
 
+// The activation's parameter for lane k of a vector whose lanes' coefficients are co(k): PReLU's slope of
+// the lane's channel (co(k) read only then), else the op's one parameter.
+template <typename Act, typename Lanes, typename acc_t>
+__device__ __forceinline__ acc_t activation_param(const Lanes& co, int k, acc_t param) {
+  if constexpr (kSlopesOf<Act>) {
+    return co(k).slope;
+  } else {
+    return param;
+  }
+}
+
 // Calls f(Policy{}) with the policy serving `act` (host side).
 template <typename F>
 void with_activation_policy(Activation act, F&& f) {

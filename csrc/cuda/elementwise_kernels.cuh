@@ -70,16 +70,6 @@ struct NormalizeOp {
     store_vec<kVec>(y + offset, outputs<kVec>(in.x, in.residual, co));
   }
 
-  // The activation's parameter of lane k: PReLU's slope of its channel (co(k) read only then), else the op's.
-  template <typename Lanes>
-  __device__ __forceinline__ acc_t param_at(const Lanes& co, int k) const {
-    if constexpr (kSlopesOf<Act>) {
-      return co(k).slope;
-    } else {
-      return param;
-    }
-  }
-
   // The outputs of the values xv (and their residual rv, zeros without one), lane k with co(k).
   template <int kVec, typename Lanes>
   __device__ __forceinline__ Vec<scalar_t, kVec> outputs(const Vec<scalar_t, kVec>& xv, const Vec<scalar_t, kVec>& rv,
@@ -95,7 +85,8 @@ struct NormalizeOp {
     Act::apply(act, [&](auto kind) {  // one branch on the activation per vector
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], param_at(co, k)));
+        const acc_t p = activation_param<Act>(co, k, param);
+        out.val[k] = static_cast<scalar_t>(ActivationFn<decltype(kind)::value>::forward(z[k], p));
       }
     });
     return out;

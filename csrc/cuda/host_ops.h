@@ -241,7 +241,7 @@ ChannelCoefficients<acc_t, param_t, kSlope> channel_coefficients(const Tensor& m
   co.eps = eps;
   if constexpr (kSlope) {
     co.slopes = slopes.const_data_ptr<acc_t>();
-    co.slope_step = slopes.numel() > 1 ? 1 : 0;
+    co.slope_step = slope_step(slopes);
   }
   return co;
 }

@@ -172,16 +172,6 @@ struct GradSource {
     return {load_vec<kVec>(dy + offset), load_vec<kVec>(x + offset),
             side ? load_vec<kVec>(side + offset) : Vec<scalar_t, kVec>{}};
   }
-  // The activation's parameter of lane k: PReLU's slope of its channel (co(k) read only then), else the op's.
-  template <typename Lanes>
-  __device__ __forceinline__ acc_t param_at(const Lanes& co, int k) const {
-    if constexpr (kSlopesOf<Act>) {
-      return co(k).slope;
-    } else {
-      return param;
-    }
-  }
-
   // dz[k] of a vector's values: g = dy, x the inputs, o the side values (Loaded::side), co(k) lane k's
   // channel's coefficients. One branch on the rule per vector for the fixed activations; per value for any
   // (the whole vector's values live across the branch to its code would not fit in the registers).
@@ -198,7 +188,7 @@ struct GradSource {
         for (int k = k0; k < k0 + kPerBranch; ++k) {
           dz[k] = grad_through_activation<decltype(kind)::value, decltype(from_c)::value, scalar_t>(
               static_cast<acc_t>(g.val[k]), static_cast<acc_t>(x.val[k]), o.val[k], static_cast<acc_t>(o.val[k]),
-              co(k).mean, co(k).alpha, co(k).beta, param_at(co, k));
+              co(k).mean, co(k).alpha, co(k).beta, activation_param<Act>(co, k, param));
         }
       };
       switch (from) {
