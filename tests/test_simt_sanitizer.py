@@ -53,7 +53,7 @@ def params(C, dtype=torch.float32, seed=1):
 def train_step(x, w, b, rm, rv, dy):
     """forward_train, then the backward of every gradient, through the emulator's ops."""
     y, mean, invstd = OPS.forward_train(x, w, b, rm, rv, 0.1, 1e-5)
-    dx, dw, db, _ = OPS.backward(dy, x, w, mean, invstd, True, [True, True, True], b)
+    dx, dw, db, *_ = OPS.backward(dy, x, w, mean, invstd, True, [True, True, True], b)
     return y, mean, invstd, dx, dw, db
 
 
