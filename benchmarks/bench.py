@@ -1,14 +1,17 @@
-"""fusedbn against nn.BatchNorm2d (and, with --compare eager,compile, torch.compile'd nn.BatchNorm2d): is it
-faster, by how much, and how close to the hardware limit.
+"""fusedbn against torch's nn.BatchNorm1d/2d/3d of the input's rank (and, with --compare eager,compile,
+torch.compile'd): is it faster, by how much, is that beyond the noise, and how close to the hardware limit.
 
     python benchmarks/bench.py --quick                       # a few shapes, short runs (make bench)
     python benchmarks/bench.py --device cpu --batch 8 --json out.json --plot out.png
+    python benchmarks/bench.py --device cpu --shapes unet3d --layout both   # a 3-D UNet's BatchNorm3d, N=2
     python benchmarks/bench.py --device cuda --dtype bfloat16,float32 --compare eager,compile
 
 Every contender runs on the same tensors, interleaved in rounds with the best round kept; times are medians
-from torch.utils.benchmark. Outputs and gradients are first checked against nn.BatchNorm2d (--no-check
-skips that). The roofline counts the passes over the tensor each mode cannot avoid (training forward 3,
-eval 2, training forward+backward 8) at the bandwidth of a plain copy measured in the same run.
+from torch.utils.benchmark, and each row's verdict says whether fusedbn's range of round times is clear of
+torch's (faster, slower) or overlaps it (tie). Outputs and gradients are first checked against torch's
+module (--no-check skips that). The roofline counts the passes over the tensor each mode cannot avoid
+(training forward 3, eval 2, training forward+backward 8) at the bandwidth of a plain copy measured in the
+same run.
 """
 import argparse
 import sys
@@ -18,7 +21,8 @@ import torch
 
 import bench_lib
 import report
-from bench_lib import ANCHORS, COPY_PASSES, DEFAULT_WORKLOADS, LAYOUTS, MODES, OURS, PRESETS, WORKLOADS, Setup
+from bench_lib import (ANCHORS, COPY_PASSES, DEFAULT_WORKLOADS, LAYOUTS, MODES, OURS, PRESET_BATCH, WORKLOADS,
+                       Setup)
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -37,15 +41,19 @@ def _choices(allowed, all_name):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", help=f"a preset ({', '.join(PRESETS)}: BatchNorm2d shapes at --batch; anchors: "
-                        "published anchors' 3-D, 4-D and 5-D shapes, run them in float16) or 'N,C,H,W;N,C,H,W' "
+    parser.add_argument("--shapes", help="a preset (resnet50, small: ResNet-50's BatchNorm2d shapes at --batch; "
+                        "unet3d: a 3-D UNet's BatchNorm3d shapes, C 16-128 at 32^3 to 4^3, at --batch, default 2; "
+                        "anchors: published anchors' 3-D, 4-D and 5-D shapes, run them in float16) or explicit "
+                        "shapes 'N,C,H,W;N,C,D,H,W;...' (N,C or N,C,L: BatchNorm1d; N,C,H,W: 2d; N,C,D,H,W: 3d) "
                         "(default: resnet50, small with --quick)")
-    parser.add_argument("--batch", type=int, help="N of the presets (default: 256 on cuda, 8 on cpu)")
+    parser.add_argument("--batch", type=int, help="N of the presets (default: 256 on cuda, 8 on cpu; unet3d: 2)")
     parser.add_argument("--dtype", type=_choices(DTYPES, "all"), default=["float32"],
                         help="input dtype(s), comma-separated (default: float32)")
     parser.add_argument("--param-dtype", choices=DTYPES, default="float32",
                         help="weight, bias and running statistics (default float32; float64 input uses float64)")
-    parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
+    parser.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both",
+                        help="nhwc: channels-last (channels_last_3d for 5-D inputs; 2-D and 3-D inputs have none "
+                        "and run nchw only); default both")
     parser.add_argument("--mode", type=_choices(MODES, "all"), default=list(MODES),
                         help=f"{', '.join(MODES)}, comma-separated, or all (default)")
     parser.add_argument("--workload", type=_choices(list(WORKLOADS), "all"), default=DEFAULT_WORKLOADS,
@@ -56,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--compare", type=_choices(list(ANCHORS), "all"), default=["eager"],
                         help="anchors: eager (always) and compile (torch.compile, slow to compile on CPU)")
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
-                        help="verify outputs, gradients and running statistics against nn.BatchNorm2d first")
+                        help="verify outputs, gradients and running statistics against torch's module first")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, one per core)")
     parser.add_argument("--distributed", type=int, metavar="N",
                         help="instead of the sweep: a training step of FusedSyncBatchNorm in N gloo processes "
@@ -77,13 +85,15 @@ def parse_args(argv=None):
 
     if args.cuda_graph and args.device != "cuda":
         parser.error("--cuda-graph needs --device cuda")
-    if args.batch is None:
-        args.batch = 256 if args.device == "cuda" else 8
     args.shapes = args.shapes or ("small" if args.quick else "resnet50")
+    if args.batch is None:
+        args.batch = PRESET_BATCH.get(args.shapes, 256 if args.device == "cuda" else 8)
     try:
         args.shapes = bench_lib.parse_shapes(args.shapes, args.batch)
     except ValueError as error:
         parser.error(f"--shapes: {error}")
+    if args.distributed and any(len(shape) != 4 for shape in args.shapes):
+        parser.error("--distributed times BatchNorm2d: N,C,H,W shapes only")
     args.layouts = list(LAYOUTS) if args.layout == "both" else [args.layout.upper()]
     args.anchors = [ANCHORS[name] for name in ANCHORS if name == "eager" or name in args.compare]
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 0.5)
@@ -100,7 +110,7 @@ def setups(args):
             for shape in args.shapes:
                 for layout in args.layouts:
                     if layout == "NHWC" and len(shape) not in bench_lib.CHANNELS_LAST:
-                        continue  # a 3-D input has no channels-last format
+                        continue  # 2-D and 3-D inputs have no channels-last format
                     yield Setup(tuple(shape), layout, dtype, param_dtype, args.device, WORKLOADS[workload])
 
 
@@ -154,7 +164,7 @@ def main(argv=None):
     meta = dict(bench_lib.environment(args.device), passes={w: WORKLOADS[w].passes for w in args.workload},
                 copy_passes=COPY_PASSES, unsteady_copy=bench_lib.UNSTEADY_COPY,
                 anchors=[a.name for a in args.anchors], ours=[o.name for o in OURS],
-                contenders={c.name: c.description for c in args.anchors + OURS},
+                contenders={c.name: c.describe(args.shapes) for c in args.anchors + OURS},
                 argv=sys.argv[1:] if argv is None else list(argv))
     print("\n".join(report.header_lines(meta)), flush=True)
     todo = list(setups(args))

@@ -3,7 +3,8 @@ the correctness check. bench.py is the command line over it; report.py turns its
 and figures.
 
 A row is a flat dict: one (shape, layout, dtype, mode) with every contender's time, bandwidth, fraction of
-the roofline and (training step) peak memory, and each of our contenders' time over each anchor's.
+the roofline and (training step) peak memory, and each of our contenders' time over each anchor's with its
+verdict (faster, tie or slower: report.verdict).
 """
 import importlib.metadata
 import math
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils import benchmark
 
 import fusedbn
+from report import verdict_of
 
 MODES = ("train-fwd", "train-fwd-bwd", "eval")
 # Passes over the tensor that a non-persistent BatchNorm cannot avoid: training forward reads it for the
@@ -65,32 +67,42 @@ RESNET50_SHAPES = [(64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (
                    (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7)]
 # One of each regime: few channels over a large image, the middle, many channels over a tiny one.
 SMALL_SHAPES = [(64, 56, 56), (512, 28, 28), (2048, 7, 7)]
-PRESETS = {"resnet50": RESNET50_SHAPES, "small": SMALL_SHAPES}
+# (C, D, H, W) of the BatchNorm3d inputs of 16 to 128 channels in MONAI's 3-D UNet (benchmarks/models.py's
+# unet3d) at a 64^3 input, then at a 32^3 one: the small layers of 10^4-10^6 values at batch 2 (its last
+# BatchNorm, 2 channels at the input's size, is left out; tests/test_bench.py checks these against the model).
+UNET3D_SHAPES = [(16, 32, 32, 32), (32, 16, 16, 16), (64, 8, 8, 8), (128, 8, 8, 8),
+                 (16, 16, 16, 16), (32, 8, 8, 8), (64, 4, 4, 4), (128, 4, 4, 4)]
+PRESETS = {"resnet50": RESNET50_SHAPES, "small": SMALL_SHAPES, "unet3d": UNET3D_SHAPES}
+# The batch of a preset where it is not the device's default (--batch overrides it).
+PRESET_BATCH = {"unet3d": 2}
 # Published anchors, whole shapes (no --batch): a 1 GB NCHW tensor (an H200 training forward was published
 # at 0.91 ms, torch.compile's at 1.02 ms; its 2-read-1-write bound at ~4.05 TB/s is ~0.80 ms; float16), a
 # BatchNorm1d input (N, C, L) with few channels and long rows (torch's backward runs ~100x below the
 # roofline there; float16), and a BatchNorm3d input (channels-last-3d as NHWC).
 ANCHOR_SHAPES = [(4, 128, 1024, 1024), (20, 6, 65536), (2, 32, 64, 64, 64)]
 FIXED_PRESETS = {"anchors": ANCHOR_SHAPES}
-# The channels-last memory format of each input rank (a 3-D input has none: channels-first only).
+# The channels-last memory format of each input rank (2-D and 3-D inputs have none: channels-first only).
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+# The BatchNorm of each input rank, as torch names it: (N, C) and (N, C, L) 1d, (N, C, H, W) 2d, (N, C, D, H, W) 3d.
+BATCH_NORM_KIND = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}
 
-# Largest difference from nn.BatchNorm2d that --check accepts, relative to the largest magnitude of the
+# Largest difference from torch's BatchNorm that --check accepts, relative to the largest magnitude of the
 # quantity compared (weight and bias gradients are sums over N*H*W values, so an absolute bound would not do).
 CHECK_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 
 
 def parse_shapes(spec, batch):
-    """A preset name (its (C, H, W) at `batch`; anchors: whole shapes) or explicit shapes "N,C,H,W;N,C,H,W"."""
+    """A preset name (its per-sample shapes at `batch`; anchors: whole shapes) or explicit shapes
+    "N,C,H,W;N,C,D,H,W": N, C and up to three spatial sizes, the input of one of torch's BatchNorm*d."""
     if spec in PRESETS:
-        return [(batch, *chw) for chw in PRESETS[spec]]
+        return [(batch, *sample) for sample in PRESETS[spec]]
     if spec in FIXED_PRESETS:
         return list(FIXED_PRESETS[spec])
     shapes = []
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         dims = tuple(int(d) for d in item.split(","))
-        if len(dims) != 4 or min(dims) < 1:
-            raise ValueError(f"shape {item!r} is not N,C,H,W with positive sizes")
+        if len(dims) not in BATCH_NORM_KIND or min(dims) < 1:
+            raise ValueError(f"shape {item!r} is not N,C[,L | ,H,W | ,D,H,W] with positive sizes")
         shapes.append(dims)
     if not shapes:
         raise ValueError(f"no shapes in {spec!r}")
@@ -126,14 +138,21 @@ class Composition(nn.Module):
 @dataclass(frozen=True)
 class Contender:
     """One implementation in the race: `make(num_features, device, param_dtype, workload, residual)` builds
-    a fresh module computing the workload, with nn.BatchNorm2d's parameters and buffers."""
+    a fresh module computing the workload for an input of the residual's rank, with the parameters and
+    buffers of torch's BatchNorm of that rank. `description` names the modules with "{d}" for the ranks'
+    kinds (describe())."""
     name: str
     description: str
     make: Callable[..., nn.Module]
 
+    def describe(self, shapes):
+        """The description for a run of `shapes`: "{d}" becomes their kinds, e.g. "3d" or "1d/2d/3d"."""
+        kinds = sorted({BATCH_NORM_KIND[len(shape)] for shape in shapes})
+        return self.description.format(d="/".join(kinds))
+
 
 def _torch_composition(c, device, dtype, workload, residual):
-    batch_norm = {3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[residual.dim()]
+    batch_norm = getattr(nn, f"BatchNorm{BATCH_NORM_KIND[residual.dim()]}")
     return Composition(batch_norm(c, device=device, dtype=dtype), workload, False, residual)
 
 
@@ -144,7 +163,7 @@ def _compiled_composition(c, device, dtype, workload, residual):
 
 
 def _fused(c, device, dtype, workload, residual):
-    d = {3: "1d", 4: "2d", 5: "3d"}[residual.dim()]  # the module of the input's rank, as torch's
+    d = BATCH_NORM_KIND[residual.dim()]  # the module of the input's rank, as torch's
     if workload.activation == "identity":
         bn = getattr(fusedbn, f"FusedBatchNorm{d}")(c, device=device, dtype=dtype)
     elif workload.activation == "relu":
@@ -156,11 +175,11 @@ def _fused(c, device, dtype, workload, residual):
 
 # What users would run instead: eager is always measured and is --check's reference; --compare adds compile.
 ANCHORS = {
-    "eager": Contender("torch", "eager nn.BatchNorm2d (then + r, relu as the workload asks)", _torch_composition),
+    "eager": Contender("torch", "eager nn.BatchNorm{d} (then + r, relu as the workload asks)", _torch_composition),
     "compile": Contender("compile", "the same torch.compile'd (inductor)", _compiled_composition),
 }
 # Ours: each is timed against every anchor. Later kernels join by adding an entry.
-OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm2d, or FusedBatchNormReLU2d / FusedBatchNormAct2d for the "
+OURS = [Contender("fusedbn", "fusedbn.FusedBatchNorm{d}, or FusedBatchNormReLU{d} / FusedBatchNormAct{d} for the "
                    "activation workloads", _fused)]
 
 
@@ -402,6 +421,7 @@ def measure(setup, modules, anchors, ours, x, grad, residual, mode, min_run_time
     for mine in ours:
         for anchor in anchors:
             row[f"{mine.name}_over_{anchor.name}"] = times[mine.name] / times[anchor.name]
+            row[f"{mine.name}_vs_{anchor.name}"] = verdict_of(row, mine.name, anchor.name)
     for name in names:
         row[f"{name}_peak_bytes"] = None if peak_bytes is None else peak_bytes[name]
     return row

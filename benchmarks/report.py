@@ -1,7 +1,7 @@
 """Output of the benchmarks: the header and table (rich on a terminal, aligned text when piped), JSON, CSV,
 the speedup figure, and the README's markdown table rendered from results files.
 
-    python benchmarks/report.py FILE.json...          # markdown table of fusedbn against nn.BatchNorm2d
+    python benchmarks/report.py FILE.json...          # markdown table of fusedbn against torch's BatchNorm
     python benchmarks/report.py --readme benchmarks/README.md    # re-render the table between README's markers from
                                                       # the files its start marker names
 """
@@ -16,10 +16,33 @@ from pathlib import Path
 LEGACY_MODES = {"train fwd": "train-fwd", "train fwd+bwd": "train-fwd-bwd", "eval fwd": "eval"}
 README_START = re.compile(r"<!-- bench-table: (?P<files>[^>]*?) -->\n")
 README_END = "<!-- /bench-table -->"
+VERDICT_LEGEND = ("faster where our slowest round beats the anchor's best, slower where our best round loses to "
+                  "the anchor's slowest, else tie: the rounds run interleaved, so the machine's load moves both "
+                  "ranges alike, and two that overlap are within this run's noise (one round: no range, no tie)")
 
 
 def unique(values):
     return list(dict.fromkeys(values))
+
+
+def verdict(ours, anchor):
+    """'faster', 'tie' or 'slower': ours against an anchor, each a (best, slowest) range of its rounds'
+    median times (VERDICT_LEGEND)."""
+    if ours[1] < anchor[0]:
+        return "faster"
+    if ours[0] > anchor[1]:
+        return "slower"
+    return "tie"
+
+
+def verdict_of(row, mine, anchor):
+    """verdict() of `mine` against `anchor` in a row, whose `{name}_s` is the best round and `{name}_spread`
+    the slowest over it less 1; None in rows of results files that recorded no spreads."""
+    if f"{mine}_spread" not in row or f"{anchor}_spread" not in row:
+        return None
+    mine_range, anchor_range = ((row[f"{name}_s"], row[f"{name}_s"] * (1 + row[f"{name}_spread"]))
+                                for name in (mine, anchor))
+    return verdict(mine_range, anchor_range)
 
 
 def shape_str(shape):
@@ -38,6 +61,8 @@ def header_lines(meta):
         "contenders: " + ", ".join(f"{name} = {description}" for name, description in meta["contenders"].items())
         + "; " + ", ".join(f"{mine}/{anchor}" for mine in ours for anchor in anchors)
         + " = time over time (< 1: ours faster)",
+        "verdict (" + ", ".join(f"{mine} vs {anchor}" for mine in ours for anchor in anchors) + "): each one's "
+        f"rounds give a range of times, best to slowest; {VERDICT_LEGEND}",
         "peak MiB (training step): " + ("peak allocated during forward+backward" if meta["device"].startswith("cuda")
                                         else "bytes saved for backward, each storage once"),
         "spread % = the slowest round's median over the best's, largest of the contenders; "
@@ -46,10 +71,13 @@ def header_lines(meta):
     ]
 
 
-def _cell(key, fmt, scale=1.0):
+def _cell(key, fmt=None, scale=1.0):
+    """A column's renderer: the row's value at `key`, formatted by `fmt` (numbers) or as it is (text)."""
     def render(row):
         value = row[key]
-        return "-" if value is None else format(value * scale, fmt)
+        if value is None:
+            return "-"
+        return value if fmt is None else format(value * scale, fmt)
     return render
 
 
@@ -64,6 +92,8 @@ def columns(meta):
                  (f"{name} % roof", _cell(f"{name}_roofline", ".0f", 100))]
     cols += [(f"{mine}/{anchor}", _cell(f"{mine}_over_{anchor}", ".2f"))
              for mine in meta["ours"] for anchor in meta["anchors"]]
+    cols += [(f"{mine} vs {anchor}", _cell(f"{mine}_vs_{anchor}"))
+             for mine in meta["ours"] for anchor in meta["anchors"]]
     cols += [(f"{name} peak MiB", _cell(f"{name}_peak_bytes", ".1f", 2 ** -20)) for name in names]
     cols += [("spread %", lambda r: format(100 * max(r[f"{name}_spread"] for name in names), ".0f")),
              ("", lambda r: "unsteady" if r["unsteady"] else "")]
@@ -71,13 +101,13 @@ def columns(meta):
 
 
 def summary_lines(rows, meta):
-    """One line per row: the workload, shape, layout, dtype and mode, each of ours over each anchor, and our
-    fraction of the roofline, with the row's spread (and its flag)."""
+    """One line per row: the workload, shape, layout, dtype and mode, each of ours over each anchor with its
+    verdict, and our fraction of the roofline, with the row's spread (and its flag)."""
     names = meta["anchors"] + meta["ours"]
     lines = []
     for row in rows:
-        ratios = [f"{mine}/{anchor} {row[f'{mine}_over_{anchor}']:.2f}" for mine in meta["ours"]
-                  for anchor in meta["anchors"]]
+        ratios = [f"{mine}/{anchor} {row[f'{mine}_over_{anchor}']:.2f} {row[f'{mine}_vs_{anchor}']}"
+                  for mine in meta["ours"] for anchor in meta["anchors"]]
         roofs = [f"{mine} {100 * row[f'{mine}_roofline']:.0f}% of roofline" for mine in meta["ours"]]
         spread = max(row[f"{name}_spread"] for name in names)
         lines.append([row["workload"], shape_str(row["shape"]), row["layout"], row["dtype"], row["mode"],
@@ -175,9 +205,17 @@ def load_results(path):
     return data, rows
 
 
+def _ratio_cell(row):
+    """fusedbn's time over torch's, 'tie' where their ranges of round times overlap, and its roofline."""
+    tie = " tie" if verdict_of(row, "fusedbn", "torch") == "tie" else ""
+    return f"{row['fusedbn_s'] / row['torch_s']:.2f}{tie}, {100 * row['fusedbn_roofline']:.0f} %"
+
+
 def markdown(paths, root="."):
-    """One table per machine and workload: fusedbn's time over eager torch's (< 1: fusedbn faster) and its
-    fraction of the roofline, a column per dtype and mode. `paths` are relative to `root`."""
+    """One table per machine and workload: fusedbn's time over eager torch's (< 1: fusedbn faster; 'tie'
+    where the two are within the run's noise) and its fraction of the roofline, a column per dtype and mode.
+    `paths` are relative to `root`; files that recorded no spreads (older runs) say that their ties are
+    not marked."""
     machines = {}
     for path in paths:
         meta, rows = load_results(Path(root) / path)
@@ -190,12 +228,13 @@ def markdown(paths, root="."):
     for (machine, torch_version, threads), entry in machines.items():
         files = ", ".join(f"`{p}`" for p in entry["paths"])
         where = f"**{machine}**" + (f", threads: {threads}" if threads else "")
+        unmarked = any(verdict_of(r, "fusedbn", "torch") is None for r in entry["rows"])
+        files += "; no spreads recorded, ties not marked" if unmarked else ""
         for workload in unique(r["workload"] for r in entry["rows"]):
             rows = [r for r in entry["rows"] if r["workload"] == workload]
             dtypes = unique(r["dtype"] for r in rows)
             modes = unique(r["mode"] for r in rows)
-            cells = {(shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]):
-                     f"{r['fusedbn_s'] / r['torch_s']:.2f}, {100 * r['fusedbn_roofline']:.0f} %" for r in rows}
+            cells = {(shape_str(r["shape"]), r["layout"], r["dtype"], r["mode"]): _ratio_cell(r) for r in rows}
             what = "" if workload == "bn" else f", {workload}"
             out += [f"{where}, torch {torch_version}{what} ({files}):", "",
                     "| shape | layout | " + " | ".join(f"{d} {m}" for d in dtypes for m in modes) + " |",

@@ -91,10 +91,98 @@ def test_anchors_preset_runs_3d_and_5d_inputs(monkeypatch, tmp_path):
     assert x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-@pytest.mark.parametrize("argv", [["--shapes", "2,3,4"], ["--shapes", "2,0,4,4"], ["--shapes", "a,b,c,d"],
-                                  ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
+def test_unet3d_preset_is_batchnorm3d_at_batch_2():
+    """--shapes unet3d: 5-D shapes at N=2 unless --batch says otherwise, timed as nn.BatchNorm3d against
+    fusedbn's 3-D modules, NHWC as channels-last-3d."""
+    args = bench.parse_args(["--device", "cpu", "--shapes", "unet3d", "--layout", "nhwc", "--workload", "all"])
+    assert args.shapes == [(2, *sample) for sample in bench_lib.UNET3D_SHAPES] and len(args.shapes) == 8
+    assert bench.parse_args(["--shapes", "unet3d", "--batch", "4"]).shapes[0] == (4, 16, 32, 32, 32)
+    assert bench.parse_args(["--device", "cpu"]).shapes[0][0] == 8  # other presets keep the device's batch
+    assert {shape[1] for shape in args.shapes} == {16, 32, 64, 128}
+    assert {shape[2:] for shape in args.shapes} == {(s, s, s) for s in (32, 16, 8, 4)}
+    setups = list(bench.setups(args))
+    assert {s.layout for s in setups} == {"NHWC"} and len(setups) == len(WORKLOADS) * 8
+    fused_class = {"identity": fusedbn.FusedBatchNorm3d, "relu": fusedbn.FusedBatchNormReLU3d}
+    for setup in setups[:: len(args.shapes)]:  # the first shape of each workload
+        x, _, residual = setup.make_tensors()
+        assert x.is_contiguous(memory_format=torch.channels_last_3d) and x.dim() == 5
+        modules = bench_lib.build_modules(setup, [bench_lib.ANCHORS["eager"]] + bench_lib.OURS, residual)
+        assert type(modules["torch"].bn) is nn.BatchNorm3d
+        assert type(modules["fusedbn"].bn) is fused_class.get(setup.workload.activation, fusedbn.FusedBatchNormAct3d)
+    assert bench_lib.ANCHORS["eager"].describe(args.shapes).startswith("eager nn.BatchNorm3d ")
+    assert "FusedBatchNormReLU1d/3d" in bench_lib.OURS[0].describe([(2, 3), (2, 3, 4, 4, 4)])
+
+
+def test_unet3d_preset_is_the_unet_of_models_py():
+    """The preset is the BatchNorm3d inputs of 16-128 channels of models.py's unet3d at 64^3, then 32^3."""
+    pytest.importorskip("monai")
+    import models
+
+    with torch.device("meta"):
+        model = models.UNET3D.build()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[1:])))
+    for side in (64, 32):
+        model(torch.empty(2, 1, side, side, side, device="meta"))
+    assert bench_lib.UNET3D_SHAPES == [shape for shape in dict.fromkeys(seen) if shape[0] >= 16]
+
+
+def test_verdict_from_interleaved_round_ranges(monkeypatch):
+    """faster: ours' slowest round beats the anchor's best; slower: ours' best loses to the anchor's
+    slowest; otherwise the ranges overlap and it is a tie (even at a ratio of 1.05)."""
+    def rounds_row(ours_rounds, torch_rounds):
+        return {f"{name}_{key}": value for name, rounds in (("fusedbn", ours_rounds), ("torch", torch_rounds))
+                for key, value in (("s", min(rounds)), ("spread", max(rounds) / min(rounds) - 1))}
+
+    cases = {"faster": ([1.0, 1.1, 1.05], [1.2, 1.3, 1.25]), "slower": ([1.4, 1.5], [1.2, 1.3]),
+             "tie": ([1.05, 1.1], [1.0, 1.2])}
+    for expected, (ours_rounds, torch_rounds) in cases.items():
+        assert report.verdict((min(ours_rounds), max(ours_rounds)), (min(torch_rounds), max(torch_rounds))) \
+            == expected
+        assert report.verdict_of(rounds_row(ours_rounds, torch_rounds), "fusedbn", "torch") == expected
+    assert report.verdict((1.0, 1.0), (1.0, 1.0)) == "tie"  # touching ranges are not apart
+    assert report.verdict_of(dict(fusedbn_s=1.0, torch_s=2.0), "fusedbn", "torch") is None  # an old file
+    # measure() stores it per anchor: the copy, torch, fusedbn (best, spread) as interleaved_medians gives them.
+    monkeypatch.setattr(bench_lib, "interleaved_medians", lambda fns, *_: ([1e-3, 2e-3, 2.1e-3], [0.0, 0.1, 0.1]))
+    setup = Setup((2, 3, 4, 4, 4), "NHWC", torch.float32, torch.float32, "cpu")
+    x, grad, residual = setup.make_tensors()
+    contenders = [bench_lib.ANCHORS["eager"]] + bench_lib.OURS
+    modules = bench_lib.build_modules(setup, contenders, residual)
+    row = bench_lib.measure(setup, modules, contenders[:1], bench_lib.OURS, x, grad, residual, "eval", 0.001, 2)
+    assert row["fusedbn_over_torch"] == pytest.approx(1.05) and row["fusedbn_vs_torch"] == "tie"
+
+
+def test_5d_and_1d_shapes_end_to_end(tmp_path, capsys):
+    """Explicit N,C,D,H,W (both layouts), N,C and N,C,L shapes: checked against torch's BatchNorm of their
+    rank, timed, and the verdict in every output."""
+    paths = {kind: tmp_path / f"out.{kind}" for kind in ("json", "csv", "txt")}
+    assert bench.main(["--device", "cpu", "--shapes", "2,4,3,3,3;3,5;2,3,7", "--workload", "bn,bn+add+prelu",
+                       "--mode", "train-fwd-bwd", "--min-run-time", "0.002", "--rounds", "2",
+                       "--json", str(paths["json"]), "--csv", str(paths["csv"]),
+                       "--full-table", str(paths["txt"])]) == 0
+    data = json.loads(paths["json"].read_text())
+    assert [(r["workload"], r["shape"], r["layout"]) for r in data["rows"]] == [
+        (workload, shape, layout) for workload in ("bn", "bn+add+prelu")
+        for shape, layout in (([2, 4, 3, 3, 3], "NCHW"), ([2, 4, 3, 3, 3], "NHWC"), ([3, 5], "NCHW"),
+                              ([2, 3, 7], "NCHW"))]
+    assert data["contenders"]["torch"].startswith("eager nn.BatchNorm1d/3d ")
+    assert all(r["fusedbn_vs_torch"] in ("faster", "tie", "slower") and r["fusedbn_peak_bytes"] for r in data["rows"])
+    csv_lines = paths["csv"].read_text().splitlines()
+    assert "fusedbn_vs_torch" in csv_lines[0].split(",") and csv_lines[1].startswith("bn,2x4x3x3x3,NCHW,")
+    table = paths["txt"].read_text()
+    assert "fusedbn vs torch" in table and "verdict (fusedbn vs torch)" in table
+    summary = capsys.readouterr().out.splitlines()[-9:-1]
+    assert [line.split()[1:3] for line in summary[:4]] == [["2x4x3x3x3", "NCHW"], ["2x4x3x3x3", "NHWC"],
+                                                          ["3x5", "NCHW"], ["2x3x7", "NCHW"]]
+
+
+@pytest.mark.parametrize("argv", [["--shapes", "2"], ["--shapes", "1,2,3,4,5,6"], ["--shapes", "2,0,4,4"],
+                                  ["--shapes", "a,b,c,d"], ["--shapes", ";"], ["--mode", "train"], ["--layout", "nwhc"],
                                   ["--dtype", "int8"], ["--compare", "jit"], ["--workload", "bn+tanh"],
-                                  ["--device", "cpu", "--cuda-graph"]])
+                                  ["--device", "cpu", "--cuda-graph"],
+                                  ["--distributed", "2", "--shapes", "2,4,3,3,3"]])
 def test_bad_arguments_are_rejected(argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
@@ -181,7 +269,8 @@ def test_outputs(tmp_path, capsys):
     assert set(rows[0]) == {"workload", "shape", "layout", "dtype", "param_dtype", "mode", "passes", "bytes", "cuda_graph", "copy_s",
                             "copy_gbps", "copy_spread", "unsteady", "torch_s", "torch_spread", "torch_gbps",
                             "torch_roofline", "fusedbn_s", "fusedbn_spread", "fusedbn_gbps", "fusedbn_roofline",
-                            "fusedbn_over_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
+                            "fusedbn_over_torch", "fusedbn_vs_torch", "torch_peak_bytes", "fusedbn_peak_bytes"}
+    assert all(r["fusedbn_vs_torch"] in ("faster", "tie", "slower") for r in rows)
     assert all((r["fusedbn_peak_bytes"] is not None) == (r["mode"] == "train-fwd-bwd") for r in rows)
 
     csv_lines = paths["csv"].read_text().splitlines()
@@ -214,6 +303,7 @@ def test_full_table_file_and_summary(tmp_path, capsys):
     summary = out[out.index("") + 1:]
     assert summary[-1] == f"(full table: {path})" and len(summary) == 1 + 3 * len(TINY.split(";"))
     assert all("fusedbn/torch" in line and "% of roofline" in line and "spread" in line for line in summary[:-1])
+    assert all(line.split()[7] in ("faster", "tie", "slower") for line in summary[:-1])  # after the ratio
     table = path.read_text().splitlines()
     assert table[0].startswith("fusedbn benchmark on ") and any("spread %" in line for line in table)
 
@@ -269,10 +359,56 @@ def test_whole_model_rows(tmp_path, capsys):
                         "--min-run-time", "0.01", "--rounds", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["task"], r["threads"], r["mode"]) for r in rows] == [("train", 1, "eager"), ("infer", 1, "eager")]
-    assert all(r[f"{v}_s"] > 0 for r in rows for v in models.VARIANTS)
+    assert all(r[f"{v}_s"] > 0 and r[f"{v}_spread"] >= 0 for r in rows for v in models.VARIANTS)
+    assert all(r[f"{v}_vs_torch"] in ("faster", "tie", "slower") for r in rows for v in ("convert", "fuse"))
     assert "fuse_model fused (relu): 8, fused (add+relu): 8, converted: 4" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         models.parse_args(["--inputs", "8by224"])
+
+
+def test_unet3d_variants_agree_in_float64():
+    """models.py's unet3d (MONAI's UNet) and its convert_model and fuse_model copies, channels-last-3d: the
+    same loss and, after an SGD step, the same eval output, in float64."""
+    pytest.importorskip("monai")
+    import models
+
+    assert models.parse_args(["--models", "unet3d"]).inputs is None  # its own default inputs
+    assert models.UNET3D.default_inputs == ((2, 32), (2, 64))
+    assert models.network("resnet50").default_inputs == ((8, 224), (32, 64))
+    variants, fuse_report = models.build_variants(models.UNET3D, torch.channels_last_3d)
+    assert "fused (prelu): 13" in str(fuse_report)
+    volumes, labels = models.UNET3D.example(1, 16, torch.Generator().manual_seed(1))
+    assert volumes.shape == (1, 1, 16, 16, 16) and labels.shape == (1, 16, 16, 16)
+    volumes = volumes.double().to(memory_format=torch.channels_last_3d)
+    losses, outputs = {}, {}
+    for name, model in variants.items():
+        model.double().train()
+        losses[name] = models.make_task("train", model, volumes, labels)().item()
+        outputs[name] = models.make_task("infer", model.eval(), volumes, labels)()
+    assert outputs["torch"].shape == (1, 2, 16, 16, 16)
+    for name in ("convert", "fuse"):
+        assert losses[name] == pytest.approx(losses["torch"], rel=1e-10)
+        torch.testing.assert_close(outputs[name], outputs["torch"], rtol=1e-9, atol=1e-9)
+
+
+def test_unet3d_rows_and_missing_monai(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("monai")
+    import models
+
+    out = tmp_path / "unet3d.json"
+    assert models.main(["--models", "unet3d", "--inputs", "1x16", "--threads", "1", "--compile", "eager",
+                        "--tasks", "train", "--channels-last", "--min-run-time", "0.01", "--rounds", "2",
+                        "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["environment"]["layout"] == "NHWC"
+    [row] = data["rows"]
+    assert (row["model"], row["batch"], row["image_size"], row["task"]) == ("unet3d", 1, 16, "train")
+    assert {row["convert_vs_torch"], row["fuse_vs_torch"]} <= {"faster", "tie", "slower"}
+    assert "convert vs torch" in capsys.readouterr().out
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        models.parse_args(["--models", "unet3d"])
+    assert "needs MONAI" in capsys.readouterr().err
 
 
 def test_readme_table_is_rendered_from_the_results():
@@ -284,14 +420,21 @@ def test_readme_table_is_rendered_from_the_results():
 
 
 def test_markdown_reads_old_and_new_results(tmp_path):
+    """Files of older runs lack the spreads, and say so; in newer ones a tie is marked, a clear loss not."""
     old = dict(machine="GPU", torch="2.11", rows=[dict(shape=[2, 3, 4, 5], layout="NCHW", dtype="float32",
                                                        mode="train fwd+bwd", torch_s=2.0, fusedbn_s=1.0,
                                                        fusedbn_roofline=0.5)])
     (tmp_path / "old.json").write_text(json.dumps(old))
     table = report.markdown(["old.json"], tmp_path).splitlines()
-    assert table[0] == "**GPU**, torch 2.11 (`old.json`):"
+    assert table[0] == "**GPU**, torch 2.11 (`old.json`; no spreads recorded, ties not marked):"
     assert table[1:] == ["", "| shape | layout | float32 train-fwd-bwd |", "|---|---|---|",
                          "| 2x3x4x5 | NCHW | 0.50, 50 % |"]
+    new_rows = [dict(old["rows"][0], layout=layout, mode="eval", workload="bn", torch_s=1.0, torch_spread=0.1,
+                     fusedbn_s=fusedbn_s, fusedbn_spread=0.1) for layout, fusedbn_s in (("NCHW", 1.05), ("NHWC", 1.2))]
+    (tmp_path / "new.json").write_text(json.dumps(dict(old, machine="CPU", threads=2, rows=new_rows)))
+    table = report.markdown(["new.json"], tmp_path).splitlines()
+    assert table[0] == "**CPU**, threads: 2, torch 2.11 (`new.json`):"
+    assert table[4:] == ["| 2x3x4x5 | NCHW | 1.05 tie, 50 % |", "| 2x3x4x5 | NHWC | 1.20, 50 % |"]
 
 
 @pytest.mark.slow  # gloo processes
