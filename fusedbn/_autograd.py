@@ -1,21 +1,46 @@
-"""Keeping autograd.Function overhead off the hot path: when a call needs its Function at all, its
-forward's signature computed once, and a classic-style twin for plain eager autograd."""
+"""Keeping autograd.Function overhead off the hot path: which variant of a Function a call applies, and none at
+all where nothing will differentiate the call; its forward's signature computed once; a classic-style twin for
+plain eager autograd."""
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch.autograd import forward_ad
 
 
-def autograd_needed(*tensors) -> bool:
-    """Whether something will differentiate this call: a tensor that requires grad while grad mode is on,
-    forward-mode AD, a torch.func transform, or torch.export tracing (which expects the Function).
-    Otherwise the op runs alone: torch binds an autograd.Function's arguments with inspect.signature on
-    every call, tens of microseconds of host time, more than the kernel takes at small sizes."""
-    if torch.compiler.is_compiling() or forward_ad._current_level >= 0:
-        return True
-    if torch._C._are_functorch_transforms_active():  # as torch.autograd.Function.apply itself asks
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+class Variants(NamedTuple):
+    """An autograd.Function in the three variants fusedbn/_functions.py defines for each: ``function``, the
+    setup_context style (torch.func transforms, tracing); ``with_jvp``, its subclass with a jvp rule
+    (forward-mode AD); ``eager``, its classic-style twin (``eager_twin``, plain eager autograd)."""
+
+    function: type
+    with_jvp: type
+    eager: type
+
+
+def pick(variants: Variants) -> type:
+    """Which variant to apply: ``with_jvp`` while forward-mode AD is active; ``function`` under a torch.func
+    transform or torch.compile / torch.export tracing (as Function.apply itself asks); else ``eager``."""
+    if forward_ad._current_level >= 0:
+        return variants.with_jvp
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return variants.function
+    return variants.eager
+
+
+def function_for(variants: Variants, *tensors):
+    """``pick(variants)`` where something will differentiate a call on ``tensors``: forward-mode AD, a torch.func
+    transform, torch.export tracing (which expects the Function), or a tensor that requires grad while grad
+    mode is on. Otherwise None, and the op runs alone: an autograd.Function's apply costs more host time than
+    the kernel takes at small sizes."""
+    function = pick(variants)
+    if function is not variants.eager:
+        return function
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop: any() over a generator costs twice as much
+            if t is not None and t.requires_grad:
+                return function
+    return None
 
 
 def cached_signature(function_class):
@@ -29,14 +54,18 @@ def cached_signature(function_class):
 
 def eager_twin(function_class):
     """A classic-style twin (``forward(ctx, *args)``) of a setup_context-style autograd.Function, with the
-    same forward, saved state and backward. torch binds a setup_context-style Function's arguments through
-    inspect.signature on every apply (about 10 us of host time, more than the kernel at small sizes); the
-    classic style skips that. torch.func transforms, forward-mode AD and tracing need the setup_context
-    style: ``pick`` says which to apply."""
+    same forward and backward. torch binds a setup_context-style Function's arguments through inspect.signature
+    on every apply (about 10 us of host time, more than the kernel at small sizes); the classic style skips
+    that. torch.func transforms, forward-mode AD and tracing need the setup_context style: ``pick`` says which
+    to apply. The twin never runs under forward-mode AD, so it keeps only what backward needs
+    (``function_class.setup_backward``, setup_context less ``save_for_forward``), and it leaves the gradients
+    of outputs marked non-differentiable (the training statistics), which backward ignores, unmaterialized
+    where torch would make a zeros tensor of each (as torch's AOTAutograd does for its Functions)."""
 
     def forward(ctx, *args):
         outputs = function_class.forward(*args)
-        function_class.setup_context(ctx, args, outputs)
+        function_class.setup_backward(ctx, args, outputs)
+        ctx._materialize_non_diff_grads = False
         return outputs
 
     name = function_class.__name__ + "Eager"
@@ -44,17 +73,6 @@ def eager_twin(function_class):
         "__doc__": f"{function_class.__name__} for plain eager autograd (fusedbn._autograd.eager_twin).",
         "__qualname__": name, "__module__": function_class.__module__,
         "forward": staticmethod(forward), "backward": staticmethod(function_class.backward)})
-
-
-def pick(function, with_jvp, eager):
-    """Which variant of an autograd.Function to apply: ``with_jvp`` (the subclass with its jvp rule) while
-    forward-mode AD is active; ``eager`` (its ``eager_twin``) in plain eager autograd; else ``function`` (the
-    setup_context style that torch.func transforms and tracing need)."""
-    if forward_ad._current_level >= 0:
-        return with_jvp
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
-        return function
-    return eager
 
 
 # The ops carry autograd of their own (fusedbn/_op_autograd.py), a Python kernel at the Autograd key; an

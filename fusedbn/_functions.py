@@ -16,7 +16,7 @@ from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import activations, ops
-from ._autograd import autograd_needed, below_autograd, cached_signature, eager_twin, pick
+from ._autograd import Variants, below_autograd, cached_signature, eager_twin, function_for, pick
 from ._derivatives import (BackwardTerms, backward_in_torch_ops, backward_jvp, backward_of_composition,
                            double_backward, forward_jvp, invstd_of, running_statistics, saved_for_activation, to_dtype)
 from ._shapes import (act_weight_to_batch, act_weight_to_channels, channels_to_batch, input_to_channels,
@@ -30,15 +30,16 @@ def gradients(ctx, saved, grad_output, mean, invstd, training):
     unpacks every saved tensor). Returns the gradients of (input, weight, bias, residual, act_weight)."""
     input, weight, bias, output, residual, act_weight = saved[:6]
     mask = list(ctx.needs_input_grad[:3])
-    if ctx.act[0] not in activations.PIECEWISE_LINEAR and autograd_needed(grad_output, input, weight, bias, residual,
-                                                                          act_weight):
+    # A smooth activation's gradients that something will differentiate (where BackwardFunction would apply).
+    if ctx.act[0] not in activations.PIECEWISE_LINEAR and function_for(BACKWARD, grad_output, input, weight, bias,
+                                                                       residual, act_weight) is not None:
         return backward_in_torch_ops(ctx, saved, grad_output, training, mask)
     return batch_norm_backward(grad_output, input, weight, mean, invstd, training, mask, bias, output, residual,
                                ctx.act, ctx.needs_residual_grad, act_weight, ctx.needs_act_weight_grad)
 
 
 def _save_activation_context(ctx, act, eps, residual, act_weight, residual_index):
-    """What both forwards' setup_context record beside the saved tensors: the activation, eps, and which of
+    """What both forwards' setup_backward record beside the saved tensors: the activation, eps, and which of
     the residual and PReLU's weight (the Function's inputs at ``residual_index`` and past the act) need
     gradients."""
     ctx.act, ctx.eps = act, eps
@@ -58,14 +59,21 @@ class TrainingFunction(torch.autograd.Function):
                                      act_weight)
 
     @staticmethod
-    def setup_context(ctx, inputs, outputs):
+    def setup_backward(ctx, inputs, outputs):
+        """setup_context's part that backward needs (all the eager twin keeps)."""
         input, weight, bias, _, _, _, eps, residual, act, act_weight = inputs
         output, mean, invstd = outputs
         ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act, act_weight), mean,
                               invstd)
-        ctx.save_for_forward(input, weight, bias, output, residual, act_weight, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
         _save_activation_context(ctx, act, eps, residual, act_weight, residual_index=7)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        TrainingFunction.setup_backward(ctx, inputs, outputs)
+        input, weight, bias, _, _, _, _, residual, _, act_weight = inputs
+        output, mean, invstd = outputs
+        ctx.save_for_forward(input, weight, bias, output, residual, act_weight, mean, invstd)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_mean, _grad_invstd):
@@ -81,7 +89,7 @@ class TrainingFunction(torch.autograd.Function):
                 "place; use torch.func.replace_all_batch_norm_modules_ or track_running_stats=False")
         size = info.batch_size
         x = input_to_channels(input, in_dims[0], size)
-        output, mean, invstd = training_function().apply(
+        output, mean, invstd = pick(TRAINING).apply(
             x, param_to_channels(weight, in_dims[1], size), param_to_channels(bias, in_dims[2], size), None, None,
             momentum, eps, input_to_channels(residual, in_dims[7], size), act,
             act_weight_to_channels(act_weight, in_dims[9], size, x))
@@ -99,12 +107,18 @@ class EvalFunction(torch.autograd.Function):
             return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act, act_weight)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_backward(ctx, inputs, output):
+        """setup_context's part that backward needs (all the eager twin keeps)."""
         input, weight, bias, running_mean, running_var, eps, residual, act, act_weight = inputs
         ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act, act_weight),
                               running_mean, running_var)
-        ctx.save_for_forward(input, weight, bias, output, residual, act_weight, running_mean, running_var)
         _save_activation_context(ctx, act, eps, residual, act_weight, residual_index=6)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        EvalFunction.setup_backward(ctx, inputs, output)
+        input, weight, bias, running_mean, running_var, _, residual, _, act_weight = inputs
+        ctx.save_for_forward(input, weight, bias, output, residual, act_weight, running_mean, running_var)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -116,7 +130,7 @@ class EvalFunction(torch.autograd.Function):
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, eps, residual, act, act_weight):
         size = info.batch_size
         x = input_to_channels(input, in_dims[0], size)
-        output = eval_function().apply(
+        output = pick(EVAL).apply(
             x, param_to_channels(weight, in_dims[1], size), param_to_channels(bias, in_dims[2], size),
             param_to_channels(running_mean, in_dims[3], size), param_to_channels(running_var, in_dims[4], size), eps,
             input_to_channels(residual, in_dims[6], size), act, act_weight_to_channels(act_weight, in_dims[8], size, x))
@@ -148,25 +162,16 @@ class EvalFunctionWithJvp(EvalFunction):
 
 TrainingFunctionEager = eager_twin(TrainingFunction)
 EvalFunctionEager = eager_twin(EvalFunction)
-
-
-def training_function():
-    """The training autograd.Function to apply (fusedbn._autograd.pick)."""
-    return pick(TrainingFunction, TrainingFunctionWithJvp, TrainingFunctionEager)
-
-
-def eval_function():
-    """The eval autograd.Function to apply (fusedbn._autograd.pick)."""
-    return pick(EvalFunction, EvalFunctionWithJvp, EvalFunctionEager)
+TRAINING = Variants(TrainingFunction, TrainingFunctionWithJvp, TrainingFunctionEager)
+EVAL = Variants(EvalFunction, EvalFunctionWithJvp, EvalFunctionEager)
 
 
 def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act,
                         act_weight=None):
     """(output, mean, invstd), through the autograd.Function only when something will differentiate it."""
     args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, act, act_weight)
-    if autograd_needed(input, weight, bias, residual, act_weight):
-        return training_function().apply(*args)
-    return TrainingFunction.forward(*args)
+    function = function_for(TRAINING, input, weight, bias, residual, act_weight)
+    return TrainingFunction.forward(*args) if function is None else function.apply(*args)
 
 
 def _has_tangent(*tensors):
@@ -182,9 +187,8 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
         raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
                            "forward grad defined")
     args = (input, weight, bias, running_mean, running_var, eps, residual, act, act_weight)
-    if autograd_needed(input, weight, bias, residual, act_weight):
-        return eval_function().apply(*args)
-    return EvalFunction.forward(*args)
+    function = function_for(EVAL, input, weight, bias, residual, act_weight)
+    return EvalFunction.forward(*args) if function is None else function.apply(*args)
 
 
 @cached_signature
@@ -202,13 +206,19 @@ class BackwardFunction(torch.autograd.Function):
                                       residual, *act, grad_residual, act_weight, grad_act_weight))
 
     @staticmethod
-    def setup_context(ctx, inputs, outputs):
+    def setup_backward(ctx, inputs, outputs):
+        """setup_context's part that backward needs (all the eager twin keeps)."""
         grad_output, input, weight, mean, invstd, training, _, bias, output, residual, act, _, act_weight, _ = inputs
         ctx.save_for_backward(grad_output, input, weight, bias, output, residual, act_weight, mean, invstd)
-        ctx.save_for_forward(grad_output, input, weight, bias, output, residual, act_weight, mean, invstd)
         ctx.training, ctx.act = training, act
         ctx.output_dtypes = [None if o is None else o.dtype for o in outputs]
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        BackwardFunction.setup_backward(ctx, inputs, outputs)
+        grad_output, input, weight, mean, invstd, _, _, bias, output, residual, _, _, act_weight, _ = inputs
+        ctx.save_for_forward(grad_output, input, weight, bias, output, residual, act_weight, mean, invstd)
 
     @staticmethod
     def backward(ctx, gg_input, gg_weight, gg_bias, gg_residual, gg_act_weight):
@@ -265,15 +275,15 @@ class BackwardFunctionWithJvp(BackwardFunction):
 
 
 BackwardFunctionEager = eager_twin(BackwardFunction)
+BACKWARD = Variants(BackwardFunction, BackwardFunctionWithJvp, BackwardFunctionEager)
 
 
 def batch_norm_backward(*args):
     """``BackwardFunction`` applied (the variant fusedbn._autograd.pick chooses) where something will
     differentiate the gradients (``create_graph=True``, torch.func); else the fused op alone."""
     grad_output, input, weight, _, _, _, _, bias, output, residual, _, _, act_weight, _ = args
-    if not autograd_needed(grad_output, input, weight, bias, output, residual, act_weight):
-        return BackwardFunction.forward(*args)
-    return pick(BackwardFunction, BackwardFunctionWithJvp, BackwardFunctionEager).apply(*args)
+    function = function_for(BACKWARD, grad_output, input, weight, bias, output, residual, act_weight)
+    return BackwardFunction.forward(*args) if function is None else function.apply(*args)
 
 
 class SyncFunction(torch.autograd.Function):

@@ -1,9 +1,9 @@
 """``batch_norm`` with ``torch.nn.functional.batch_norm``'s signature, ``batch_norm_act`` (BatchNorm, an
 optional residual added, then an activation, in one op; ``batch_norm_relu`` its ReLU case), and
-``run_batch_norm``, which every module and function goes through: torch's checks, then fusedbn's ops (their
-autograd.Functions in fusedbn/_functions.py) or, under torch.compile, ONNX export and jit.trace, torch's own
-ops. ``act`` below is an activation spec, (name, parameter), and ``act_weight`` PReLU's weight beside it
-(fusedbn/activations.py)."""
+``run_batch_norm``, which every function goes through (and every module, by way of its second half
+``run_ops``): torch's checks, then fusedbn's ops (their autograd.Functions in fusedbn/_functions.py) or, under
+torch.compile, ONNX export and jit.trace, torch's own ops. ``act`` below is an activation spec, (name,
+parameter), and ``act_weight`` PReLU's weight beside it (fusedbn/activations.py)."""
 from typing import Optional
 
 import torch
@@ -34,10 +34,11 @@ def _check_running_stats(running_mean, running_var, training):
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
     if torch.is_grad_enabled():
-        for name, stat in (("running_mean", running_mean), ("running_var", running_var)):
-            if stat is not None and stat.requires_grad:
-                raise RuntimeError(f"batch_norm is not differentiable with respect to argument '{name}'. This "
-                                   "input cannot have requires_grad True.")
+        mean_requires_grad = running_mean is not None and running_mean.requires_grad
+        if mean_requires_grad or (running_var is not None and running_var.requires_grad):
+            name = "running_mean" if mean_requires_grad else "running_var"
+            raise RuntimeError(f"batch_norm is not differentiable with respect to argument '{name}'. This input "
+                               "cannot have requires_grad True.")
 
 
 def _empty_batch(input, weight, bias, residual, act, act_weight):
@@ -86,6 +87,12 @@ def run_batch_norm(input, running_mean, running_var, weight, bias, training, mom
     if computes_in_torch_ops():
         return _with_torch_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act,
                                act_weight)
+    return run_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act, act_weight)
+
+
+def run_ops(input, running_mean, running_var, weight, bias, training, momentum, eps, residual, act, act_weight):
+    """``run_batch_norm`` past its first two steps (PReLU's weight checked, not computing in torch's ops), for
+    callers that took them already: torch's checks, then fusedbn's ops."""
     check_eps(eps, training)
     if input.dim() < 2:
         # torch.nn.functional.batch_norm's exception types: IndexError where it indexes the missing dims (a
@@ -109,14 +116,14 @@ def run_batch_norm(input, running_mean, running_var, weight, bias, training, mom
 _STOP_RECOMPUTATION = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
-def counted_apply(num_batches_tracked: Tensor, *args) -> Tensor:
-    """``run_batch_norm(*args)`` for a module that tracks its batches: the batch counted first, as torch's BatchNorm
-    counts it (a non-reentrant checkpoint stops recomputing right after the BatchNorm op, so torch's module
-    counts the recomputed batch again, and so must this), and uncounted if the call is rejected, so a rejected
-    input leaves the module as it was."""
+def counted_apply(num_batches_tracked: Tensor, run, *args) -> Tensor:
+    """``run(*args)`` (``run_batch_norm`` or ``run_ops``) for a module that tracks its batches: the batch counted
+    first, as torch's BatchNorm counts it (a non-reentrant checkpoint stops recomputing right after the BatchNorm
+    op, so torch's module counts the recomputed batch again, and so must this), and uncounted if the call is
+    rejected, so a rejected input leaves the module as it was."""
     num_batches_tracked.add_(1)
     try:
-        return run_batch_norm(*args)
+        return run(*args)
     except _STOP_RECOMPUTATION:
         raise
     except BaseException:

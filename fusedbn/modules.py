@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import activations
 from ._fx import as_fx_leaf
-from .functional import computes_in_torch_ops, counted_apply, fuses_residual, run_batch_norm
+from .functional import computes_in_torch_ops, counted_apply, fuses_residual, run_ops
 
 
 def running_statistics_use(training: bool, track_running_stats: bool, momentum: Optional[float],
@@ -31,6 +31,38 @@ def running_statistics_use(training: bool, track_running_stats: bool, momentum: 
     use_batch_stats = training or (running_mean is None and running_var is None)
     use_running = not training or track_running_stats
     return tracks, factor, use_batch_stats, use_running
+
+
+# The tensors nn.BatchNorm*d registers: its parameters, then its buffers.
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# Per class: whether its instances' attribute lookup reaches nn.Module.__getattr__ for those names (neither a
+# class in its MRO defines one nor the class a lookup of its own), set at the class's first call.
+_LOOKUP_REACHES_DICTS = {}
+
+
+def _lookup_reaches_dicts(cls) -> bool:
+    return (cls.__getattr__ is nn.Module.__getattr__ and cls.__getattribute__ is object.__getattribute__
+            and not any(name in vars(c) for c in cls.__mro__ for name in _STATE))
+
+
+def batch_norm_state(module: nn.Module) -> tuple:
+    """(weight, bias, running_mean, running_var, num_batches_tracked): what ``module.<name>`` returns for each,
+    read from the module's parameter and buffer dicts, where nn.Module.__getattr__ would read it (a Python call
+    after a failed lookup, about 0.4 us a name: more than the rest of a small call's host time). Where any of
+    them is elsewhere (an attribute of the instance or its class, as torch's parametrizations and FSDP's views
+    make, or deleted), all through ``getattr``."""
+    cls, attributes = type(module), module.__dict__
+    reaches_dicts = _LOOKUP_REACHES_DICTS.get(cls)
+    if reaches_dicts is None:
+        reaches_dicts = _LOOKUP_REACHES_DICTS[cls] = _lookup_reaches_dicts(cls)
+    if reaches_dicts and attributes.keys().isdisjoint(_STATE):
+        parameters, buffers = attributes["_parameters"], attributes["_buffers"]
+        try:
+            return (parameters["weight"], parameters["bias"], buffers["running_mean"], buffers["running_var"],
+                    buffers["num_batches_tracked"])
+        except KeyError:  # not registered as nn.BatchNorm*d registers it
+            pass
+    return module.weight, module.bias, module.running_mean, module.running_var, module.num_batches_tracked
 
 
 class _FusedForward:
@@ -66,15 +98,13 @@ class _FusedForward:
             output = nn.modules.batchnorm._BatchNorm.forward(self, input)
             return activations.apply(act, output, residual, act_weight)
         self._check_input_dim(input)
-        # Each attribute read once: a module's buffers and parameters are found by nn.Module.__getattr__, a
-        # Python call each, which at small sizes costs as much as the kernel.
-        training, track_running_stats, momentum = self.training, self.track_running_stats, self.momentum
-        running_mean, running_var, num_batches_tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        weight, bias, running_mean, running_var, num_batches_tracked = batch_norm_state(self)
+        activations.check_weight(act, act_weight, input)  # run_batch_norm's first step; run_ops takes the rest
         tracks, factor, use_batch_stats, use_running = running_statistics_use(
-            training, track_running_stats, momentum, num_batches_tracked, running_mean, running_var)
-        args = (input, running_mean if use_running else None, running_var if use_running else None, self.weight,
-                self.bias, use_batch_stats, factor, self.eps, residual, act, act_weight)
-        return counted_apply(num_batches_tracked, *args) if tracks else run_batch_norm(*args)
+            self.training, self.track_running_stats, self.momentum, num_batches_tracked, running_mean, running_var)
+        args = (input, running_mean if use_running else None, running_var if use_running else None, weight, bias,
+                use_batch_stats, factor, self.eps, residual, act, act_weight)
+        return counted_apply(num_batches_tracked, run_ops, *args) if tracks else run_ops(*args)
 
 
 class _FusedBatchNorm(_FusedForward):

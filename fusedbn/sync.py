@@ -243,7 +243,7 @@ class FusedSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         for check in checks:
             check(input)
         args = (input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps)
-        return counted_apply(self.num_batches_tracked, *args) if tracks else run_batch_norm(*args)
+        return counted_apply(self.num_batches_tracked, run_batch_norm, *args) if tracks else run_batch_norm(*args)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None, *, report: Optional[Report] = None) -> nn.Module:

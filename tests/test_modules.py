@@ -51,6 +51,58 @@ def test_deepcopy_and_pickle_keep_state():
     restored.load_state_dict(torch.load(buffer))  # our checkpoints load into torch's module and back
 
 
+class _Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def _batch_norm(cls, device):
+    m = cls(3, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        m._parameters["weight"].copy_(torch.tensor([0.5, 1.0, 1.5]))  # not m.weight: a product in one case below
+    return m
+
+
+def _parametrized(cls, device):
+    m = _batch_norm(cls, device)
+    nn.utils.parametrize.register_parametrization(m, "weight", _Doubled())
+    return m
+
+
+def _bias_attribute(cls, device):
+    m = _batch_norm(cls, device)
+    del m.bias
+    m.bias = torch.full((3,), 0.5, dtype=torch.float64, device=device)  # a plain attribute now, not a parameter
+    return m
+
+
+def _own_getattr(cls, device):
+    class TripledWeight(cls):
+        def __getattr__(self, name):
+            value = super().__getattr__(name)
+            return 3 * value if name == "weight" else value
+    return _batch_norm(TripledWeight, device)
+
+
+STATE_CHANGES = {"parametrized": _parametrized, "bias attribute": _bias_attribute, "own __getattr__": _own_getattr}
+
+
+@pytest.mark.parametrize("change", STATE_CHANGES)
+def test_state_is_what_attribute_lookup_returns(device, change):
+    """The modules read their parameters and buffers from the module's dicts (fusedbn/modules.py, batch_norm_state)
+    only where ``module.<name>`` would: a parametrization, a plain attribute in a parameter's place or a class
+    with a lookup of its own change what they compute as they change torch's module."""
+    ref, ours = (STATE_CHANGES[change](cls, device) for cls in (nn.BatchNorm2d, fusedbn.FusedBatchNorm2d))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
+    for training in (True, False):
+        expected, actual = (m.train(training)(x) for m in (ref, ours))
+        torch.testing.assert_close(actual, expected)
+        for name, a in ref.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[name], a, msg=name)
+        (expected_grad,), (actual_grad,) = (torch.autograd.grad(y.sum(), x) for y in (expected, actual))
+        torch.testing.assert_close(actual_grad, expected_grad)
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
