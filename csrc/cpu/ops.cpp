@@ -314,37 +314,59 @@ void with_grad_source(const BackwardInputs& in, const Tensor& coefficients, F&& 
   });
 }
 
+// The backward's per-part sums, [sums][parts][C]: sum(dz), sum(dz * (x - mean)) and, for PReLU, its weight's
+// gradient sum(dy * min(z, 0)). Each reduction tile writes its own slots (tile_grad_sums); the parts then
+// merge pairwise into part 0's row, channel by channel, so any split of the channels gives the same bits.
+template <typename acc_t>
+struct PartSums {
+  int64_t parts, C, count;
+  std::vector<acc_t> values;
+
+  PartSums(const ChannelLayout& layout, int64_t count)
+      : parts(num_parts(layout)), C(layout.C), count(count), values(count * parts * layout.C) {}
+  acc_t* sum(int64_t k) { return k < count ? values.data() + k * parts * C : nullptr; }
+  // Channels [c0, c0 + n) of every sum, into part 0's row.
+  void merge(int64_t c0, int64_t n) {
+    for (int64_t k = 0; k < count; ++k) sum_rows_pairwise(sum(k) + c0, parts, n, C);
+  }
+  // The merged sums as C-value tensors (each its own storage, as the schema's outputs are); the third undefined
+  // without PReLU.
+  std::array<Tensor, 3> totals(const at::TensorOptions& acc_options) {
+    std::array<Tensor, 3> out;
+    for (int64_t k = 0; k < count; ++k) {
+      out[k] = at::empty({C}, acc_options);
+      std::copy(sum(k), sum(k) + C, out[k].template mutable_data_ptr<acc_t>());
+    }
+    return out;
+  }
+};
+
+// Sums of one reduction tile into its slots of `sums` (tile_grad_sums).
+template <typename scalar_t, typename Rule, typename acc_t, int kMultiChannel>
+void tile_sums(const BackwardInputs& in, const GradSource<scalar_t, acc_t>& source, PartSums<acc_t>& sums,
+               const Tile& tile) {
+  tile_grad_sums<scalar_t, acc_t, kMultiChannel, Rule>(source, in.x.const_data_ptr<scalar_t>(),
+                                                        in.mean.const_data_ptr<acc_t>(), tile, in.layout.C,
+                                                        sums.sum(0), sums.sum(1), sums.sum(2));
+}
+
 // sum(dz) and sum(dz * (x - mean)) per channel, dz the gradient reaching BatchNorm's output, and PReLU's
 // weight gradient per channel sum(dy * min(z, 0)) (else undefined); dz itself written into `dz_out` when that
 // is defined (only for the activations computed in spans, GradRule::kBuffered).
-std::tuple<Tensor, Tensor, Tensor> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients,
-                                                     const Tensor& dz_out = Tensor()) {
-  const int64_t C = in.layout.C;
-  const auto acc_options = in.x.options().dtype(in.acc);
-  const bool slopes = in.slopes.defined();
-  std::array<Tensor, 3> sums = {at::empty({C}, acc_options), at::empty({C}, acc_options),
-                                slopes ? at::empty({C}, acc_options) : Tensor()};  // each its own (the schema's)
-  const int64_t count = slopes ? 3 : 2;
+std::array<Tensor, 3> channel_grad_sums(const BackwardInputs& in, const Tensor& coefficients,
+                                        const Tensor& dz_out = Tensor()) {
+  std::array<Tensor, 3> totals;
   with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
     using scalar_t = decltype(scalar_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t parts = num_parts(in.layout);
-    std::vector<acc_t> part_sums(count * parts * C);  // [sums][parts][C]
-    acc_t* part_dz = part_sums.data();
-    acc_t* part_dz_xmu = part_dz + parts * C;
-    acc_t* part_dslope = slopes ? part_dz_xmu + parts * C : nullptr;
+    PartSums<acc_t> sums(in.layout, in.slopes.defined() ? 3 : 2);
     parallel_for_tiles(in.layout, [&](const Tile& tile, auto stride) {
-      tile_grad_sums<scalar_t, acc_t, decltype(stride)::value, decltype(rule)>(
-          source, in.x.const_data_ptr<scalar_t>(), in.mean.const_data_ptr<acc_t>(), tile, C, part_dz, part_dz_xmu,
-          part_dslope);
+      tile_sums<scalar_t, decltype(rule), acc_t, decltype(stride)::value>(in, source, sums, tile);
     });
-    for (int64_t k = 0; k < count; ++k) {
-      acc_t* parts_k = part_sums.data() + k * parts * C;
-      sum_rows_pairwise(parts_k, parts, C);
-      std::copy(parts_k, parts_k + C, sums[k].mutable_data_ptr<acc_t>());
-    }
+    sums.merge(0, in.layout.C);
+    totals = sums.totals(in.x.options().dtype(in.acc));
   }, dz_out);
-  return {sums[0], sums[1], sums[2]};
+  return totals;
 }
 
 // dx = (dz - mean_dz - (x - mean) * proj) * alpha per value (dz * alpha under eval statistics: `centering`
@@ -386,6 +408,70 @@ Tensor centering_terms(const BackwardInputs& in, const Tensor& sum_dz, const Ten
   });
 }
 
+// Channels-first training backward whose sums and dx can share one sweep per channel group: the group's
+// values (every row) fit in kFusedGroupBytes, and there are enough groups to keep kFusedGroupsPerThread
+// per thread busy (or the tensor is small enough for one thread). Then the dx pass reads dy and x from
+// cache, where the two passes apart read them from memory twice (torch's channels-first backward is per
+// channel for that reason). The thread count only picks the path: both give the same bits.
+constexpr int64_t kFusedGroupBytes = 1 << 20;
+constexpr int64_t kFusedGroupsPerThread = 4;
+
+bool fuses_sums_and_dx(const BackwardInputs& in, const BackwardPlan& plan, bool keep_dz) {
+  const ChannelLayout& layout = in.layout;
+  if (layout.channels_last || !plan.centered || !plan.elementwise || keep_dz) return false;
+  const int64_t tensors_read = 2 + (in.out.defined() || in.residual.defined() ? 1 : 0);
+  const int64_t group_bytes = layout.N * view_width(layout) * tensors_read * in.x.element_size();
+  return group_bytes <= kFusedGroupBytes &&
+         (runs_on_one_thread(layout) || TileGrid(layout).groups >= kFusedGroupsPerThread * at::get_num_threads());
+}
+
+// The sums (PartSums::totals) and dx (and dz into grad_residual when defined) of fuses_sums_and_dx's case: per
+// channel group, its reduction tiles, the merge of its channels' parts, their centering terms, then its dx.
+// The same tiles, merge order and formulas as channel_grad_sums, centering_terms and dx_pass.
+std::pair<std::array<Tensor, 3>, Tensor> fused_sums_and_dx(const BackwardInputs& in, const Tensor& coefficients,
+                                                           const Tensor& grad_residual) {
+  const ChannelLayout& layout = in.layout;
+  const int64_t C = layout.C;
+  Tensor grad_input = empty_like_dense(in.x, in.x.scalar_type());
+  std::array<Tensor, 3> totals;
+  with_grad_source(in, coefficients, [&](auto scalar_tag, auto rule, const auto& source) {
+    using scalar_t = decltype(scalar_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    PartSums<acc_t> sums(layout, in.slopes.defined() ? 3 : 2);
+    const TileGrid grid(layout);
+    std::vector<acc_t> centering(2 * C);  // rows mean_dz, proj
+    const acc_t inv_m = inv_count_of<acc_t>(layout.count_per_channel());
+    const acc_t* invstd = in.invstd.const_data_ptr<acc_t>();
+    with_flag(grad_residual.defined(), [&](auto write_dz) {
+      parallel_for_tasks(layout, grid.groups, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+          for (int64_t p = 0; p < sums.parts; ++p) {
+            with_tile_kind(layout, reduction_tile(layout, grid, p, g), [&](const Tile& tile, auto stride) {
+              tile_sums<scalar_t, decltype(rule), acc_t, decltype(stride)::value>(in, source, sums, tile);
+            });
+          }
+          const Tile group = group_runs_tile(layout, grid, 0, g);
+          sums.merge(group.channel, group.rows);
+          for (int64_t c = group.channel; c < group.channel + group.rows; ++c) {
+            const auto terms = centering_of(sums.sum(0)[c], sums.sum(1)[c], invstd[c], inv_m);
+            centering[c] = terms.mean_dz;
+            centering[C + c] = terms.proj;
+          }
+          for (int64_t n = 0; n < layout.N; ++n) {
+            tile_backward_elemt<scalar_t, acc_t, 0, decltype(rule), decltype(write_dz)::value, true>(
+                source, in.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+                grad_residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr,
+                in.mean.const_data_ptr<acc_t>(), centering.data(), centering.data() + C,
+                group_runs_tile(layout, grid, n, g));
+          }
+        }
+      });
+    });
+    totals = sums.totals(in.x.options().dtype(in.acc));
+  });
+  return {totals, grad_input};
+}
+
 // Gradients of y = (x - mean) * invstd * w + b, with alpha = w * invstd and dz the gradient reaching y
 // (dy, or dy through the activation). Training (mean, invstd are the batch's, m values per channel):
 //   dx = (dz - sum(dz)/m - (x - mean) * invstd^2 * sum(dz*(x-mean))/m) * alpha
@@ -409,23 +495,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   const bool keep_dz = plan.sums && plan.elementwise && in.from == GradFrom::kRecompute &&
                        is_transcendental(in.epilogue.act);
   const Tensor dz = keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  const auto [sum_dz, sum_dz_xmu, sum_dslope] =
-      plan.sums ? channel_grad_sums(in, coefficients, dz) : std::make_tuple(Tensor(), Tensor(), Tensor());
-  const Tensor centering = plan.centered ? centering_terms(in, sum_dz, sum_dz_xmu) : Tensor();
   Tensor grad_input, grad_weight;
   Tensor grad_residual = want_grad_residual && !keep_dz ? empty_like_dense(in.x, input.scalar_type()) : Tensor();
-  if (keep_dz) {
-    BackwardInputs from_dz = in;  // dz as the gradient of an op without activation
-    from_dz.dy = dz;
-    from_dz.from = GradFrom::kDy;
-    from_dz.residual = Tensor();
-    if (output_mask[0]) grad_input = dx_pass(from_dz, coefficients, centering, Tensor());
-    if (want_grad_residual) grad_residual = dz;
-  } else if (plan.scaled_dy) {
-    grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
-  } else if (plan.elementwise) {
-    grad_input = dx_pass(in, coefficients, centering, grad_residual);
+  std::array<Tensor, 3> sums;
+  if (fuses_sums_and_dx(in, plan, keep_dz)) {
+    std::tie(sums, grad_input) = fused_sums_and_dx(in, coefficients, grad_residual);
+  } else {
+    if (plan.sums) sums = channel_grad_sums(in, coefficients, dz);
+    const Tensor centering = plan.centered ? centering_terms(in, sums[0], sums[1]) : Tensor();
+    if (keep_dz) {
+      BackwardInputs from_dz = in;  // dz as the gradient of an op without activation
+      from_dz.dy = dz;
+      from_dz.from = GradFrom::kDy;
+      from_dz.residual = Tensor();
+      if (output_mask[0]) grad_input = dx_pass(from_dz, coefficients, centering, Tensor());
+      if (want_grad_residual) grad_residual = dz;
+    } else if (plan.scaled_dy) {
+      grad_input = normalize(in.dy, in.layout, coefficients, std::nullopt, {}, in.x);
+    } else if (plan.elementwise) {
+      grad_input = dx_pass(in, coefficients, centering, grad_residual);
+    }
   }
+  const auto& [sum_dz, sum_dz_xmu, sum_dslope] = sums;
   if (output_mask[1]) {  // sum(dz * (x - mean)) * invstd
     grad_weight = at::empty({C}, acc_options);
     FUSEDBN_DISPATCH_STATISTICS(in.acc, [&] {
@@ -449,7 +540,8 @@ std::tuple<Tensor, Tensor, Tensor> grad_sums(const Tensor& grad_output, const Te
                                              const OptTensor& activation_weight) {
   const BackwardInputs in = prepare_backward(grad_output, input, weight, mean, invstd, bias, output, residual,
                                              activation, activation_param, activation_weight);
-  return channel_grad_sums(in, backward_coefficients(in));
+  const auto [sum_dz, sum_dz_xmu, sum_dslope] = channel_grad_sums(in, backward_coefficients(in));
+  return {sum_dz, sum_dz_xmu, sum_dslope};
 }
 
 std::tuple<Tensor, Tensor> backward_elemt(const Tensor& grad_output, const Tensor& input, const OptTensor& weight,

@@ -47,44 +47,30 @@ void merge_pairwise(int64_t n, MergeRow merge_row) {
   }
 }
 
-// Sums rows[0..n) (row i is rows[i * width .. i * width + width)) column by column, pairwise; the result
-// lands in row 0. Overwrites rows.
+// Sums rows[0..n) (row i is rows[i * ld .. i * ld + width), ld = width unless given) column by column,
+// pairwise; the result lands in row 0. Overwrites rows. Each column's sum is the same whatever the width.
 template <typename T>
-void sum_rows_pairwise(T* rows, int64_t n, int64_t width) {
+void sum_rows_pairwise(T* rows, int64_t n, int64_t width, int64_t ld = 0) {
+  ld = ld > 0 ? ld : width;
   merge_pairwise(n, [&](int64_t i, int64_t k) {
-    T* __restrict__ into = rows + i * width;
-    const T* __restrict__ from = rows + k * width;
+    T* __restrict__ into = rows + i * ld;
+    const T* __restrict__ from = rows + k * ld;
     for (int64_t j = 0; j < width; ++j) into[j] += from[j];
   });
 }
 
-// Sum of v[0..n) by pairwise summation. Overwrites v.
+// Sum of v[0..n) by pairwise summation, in sum_rows_pairwise's order (each level adds the upper half onto the
+// lower in one vectorized loop). Overwrites v.
 template <typename acc_t>
 acc_t pairwise_sum(acc_t* v, int64_t n) {
   if (n == 0) return acc_t(0);
-  sum_rows_pairwise(v, n, 1);
+  while (n > 1) {
+    const int64_t half = n / 2, upper = n - half;
+#pragma GCC ivdep
+    for (int64_t i = 0; i < half; ++i) v[i] += v[upper + i];  // i < half <= upper: the halves do not overlap
+    n = upper;
+  }
   return v[0];
-}
-
-// v holds `channels` rows of `span` values (a tile's per-column results, channel by channel); returns them
-// as `span` rows of `channels`, so sums over each channel's columns run across channels in vector lanes.
-template <typename acc_t>
-std::vector<acc_t> columns_by_position(const acc_t* v, int64_t channels, int64_t span) {
-  std::vector<acc_t> t(channels * span);
-  for (int64_t k = 0; k < channels; ++k) {
-    for (int64_t j = 0; j < span; ++j) t[j * channels + k] = v[k * span + j];
-  }
-  return t;
-}
-
-// out[k] = sum over j of rows[j * channels + k], j < span: sequential sums of at most kShortRun values.
-template <typename acc_t>
-void sum_position_rows(const acc_t* rows, int64_t channels, int64_t span, acc_t* __restrict__ out) {
-  std::fill(out, out + channels, acc_t(0));
-  for (int64_t j = 0; j < span; ++j) {
-    const acc_t* __restrict__ row = rows + j * channels;
-    for (int64_t k = 0; k < channels; ++k) out[k] += row[k];
-  }
 }
 
 // A stream of partials merged as the leaves of a balanced binary tree, left to right, in O(log n) space
@@ -303,7 +289,7 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
     parts.m2s[tile.part * parts.channels + tile.channel] = total.m2;
     return;
   }
-  const int64_t block_rows = block_rows_for(W);
+  const int64_t block_rows = block_rows_for(tile.view_width);
   const int64_t blocks = (tile.rows + block_rows - 1) / block_rows;
   // Per block: its row count, and per column its mean and M2 (row b of the two [blocks, W] buffers).
   const int64_t span = tile.columns_per_channel;
@@ -336,32 +322,21 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
     std::copy(m2, m2 + W, out_m2);
     return;
   }
-  // A channel's `span` columns have `seen` values each, so M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2.
+  // A channel's `span` columns have `seen` values each, so M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2,
+  // each sum pairwise over the channel's columns.
   const acc_t seen = static_cast<acc_t>(counts[0]);
-  if (W == span) {  // one channel: pairwise over its columns
-    std::vector<acc_t> spread(mean, mean + span);
+  std::vector<acc_t> spread(span);
+  for (int64_t k = 0; k < W / span; ++k) {
+    const acc_t* channel_means = mean + k * span;
+    std::copy(channel_means, channel_means + span, spread.begin());
     const acc_t channel_mean = pairwise_sum(spread.data(), span) / static_cast<acc_t>(span);
-    for (int64_t j = 0; j < span; ++j) spread[j] = (mean[j] - channel_mean) * (mean[j] - channel_mean);
-    *out_mean = channel_mean;
-    *out_m2 = pairwise_sum(m2, span) + seen * pairwise_sum(spread.data(), span);
-    return;
-  }
-  const int64_t channels = W / span;  // several channels of at most kShortRun columns each
-  const std::vector<acc_t> means_t = columns_by_position(mean, channels, span);
-  const std::vector<acc_t> m2s_t = columns_by_position(m2, channels, span);
-  std::vector<acc_t> spread_t(channels * span), spread(channels);
-  sum_position_rows(means_t.data(), channels, span, out_mean);
-  const acc_t inv_span = acc_t(1) / static_cast<acc_t>(span);
-  for (int64_t k = 0; k < channels; ++k) out_mean[k] *= inv_span;
-  for (int64_t j = 0; j < span; ++j) {
-    for (int64_t k = 0; k < channels; ++k) {
-      const acc_t d = means_t[j * channels + k] - out_mean[k];
-      spread_t[j * channels + k] = d * d;
+    for (int64_t j = 0; j < span; ++j) {
+      const acc_t d = channel_means[j] - channel_mean;
+      spread[j] = d * d;
     }
+    out_mean[k] = channel_mean;
+    out_m2[k] = pairwise_sum(m2 + k * span, span) + seen * pairwise_sum(spread.data(), span);
   }
-  sum_position_rows(spread_t.data(), channels, span, spread.data());
-  sum_position_rows(m2s_t.data(), channels, span, out_m2);
-  for (int64_t k = 0; k < channels; ++k) out_m2[k] += seen * spread[k];
 }
 
 // dz_out[i + j] = dz[j] for j < n, when dz_out is given.
@@ -428,15 +403,18 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     return;
   }
   // Column j's channel coefficients: the channels' own arrays where each column is a channel, else copies
-  // spread over the channels' columns.
+  // spread over the channels' columns (alpha and beta only where dz recomputes the activation, the slope only
+  // for PReLU).
   const int64_t span = tile.columns_per_channel;
   std::vector<acc_t> spread_buf(span == 1 ? 0 : 4 * W);
   for (int64_t k = 0; span > 1 && k < W / span; ++k) {
     const int64_t c = tile.channel + k, j = k * span;
     std::fill_n(spread_buf.begin() + j, span, mean[c]);
-    std::fill_n(spread_buf.begin() + W + j, span, kRecompute ? alpha[c] : acc_t(0));
-    std::fill_n(spread_buf.begin() + 2 * W + j, span, kRecompute ? beta[c] : acc_t(0));
-    std::fill_n(spread_buf.begin() + 3 * W + j, span, param_for<Rule::kAct>(param, source.slope, c));
+    if (kRecompute) {
+      std::fill_n(spread_buf.begin() + W + j, span, alpha[c]);
+      std::fill_n(spread_buf.begin() + 2 * W + j, span, beta[c]);
+    }
+    if (Rule::kSlopes) std::fill_n(spread_buf.begin() + 3 * W + j, span, param_for<Rule::kAct>(param, source.slope, c));
   }
   const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf.data();
   const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf.data() + W;
@@ -491,9 +469,8 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
       std::copy(col, col + W, sums + slot);
     } else if (W == span) {  // one channel: pairwise over its columns
       sums[slot] = pairwise_sum(col, span);
-    } else {  // several channels of at most kShortRun columns each
-      const int64_t channels = W / span;
-      sum_position_rows(columns_by_position(col, channels, span).data(), channels, span, sums + slot);
+    } else {  // several channels of at most kShortRun columns each, each pairwise over its columns
+      for (int64_t k = 0; k < W / span; ++k) sums[slot + k] = pairwise_sum(col + k * span, span);
     }
   };
   finish(block_dz_buf, sum_dz);
