@@ -105,7 +105,7 @@ struct TileGrid {
       : parts(num_parts(layout)), rows_per_part(fusedbn::cpu::rows_per_part(layout)) {
     const int64_t C = std::max<int64_t>(1, layout.C);
     if (!layout.channels_last) {
-      group = view_width(layout) / std::max<int64_t>(1, layout.S);
+      group = std::max<int64_t>(1, view_width(layout) / std::max<int64_t>(1, layout.S));  // S = 0: a view of no values
     } else {
       const int64_t wanted = (kTasksPerThread * at::get_num_threads() + parts - 1) / parts;
       const int64_t split = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, C / kMinGroupChannels));
