@@ -28,18 +28,28 @@ def test_parallel_for_runs_on_every_thread(torch_threads, memory_format):
         assert torch.ops.fusedbn._reduction_threads(x) == threads
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_results_do_not_depend_on_the_thread_count(torch_threads, memory_format):
+# Shapes where the thread count changes how the work is split, though never a result (csrc/cpu/tiles.h, ops.cpp):
+# channels-last channels split into 2 groups at one thread and 4 at two (4096 channels, 4 row parts); the
+# channels-first backward's sums and dx in one sweep per channel at one thread (6 channel groups: at least 4 a
+# thread) and in two passes at two and three; both at sizes run on one thread and on several.
+SPLIT_BY_THREADS = [((8, 16, 32, 32), torch.contiguous_format), ((8, 16, 32, 32), torch.channels_last),
+                    ((4, 4096, 4, 4), torch.channels_last), ((8, 6, 30, 30), torch.contiguous_format),
+                    ((2, 6, 30, 30), torch.contiguous_format), ((3, 40, 7, 7), torch.contiguous_format)]
+
+
+@pytest.mark.parametrize("shape, memory_format", SPLIT_BY_THREADS)
+def test_results_do_not_depend_on_the_thread_count(torch_threads, shape, memory_format):
     gen = torch.Generator().manual_seed(0)
-    x, dy = (torch.randn(8, 16, 32, 32, generator=gen).to(memory_format=memory_format) for _ in range(2))
-    w, b = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    x, dy = (torch.randn(*shape, generator=gen).to(memory_format=memory_format) for _ in range(2))
+    w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         torch_threads(threads)
         y, mean, invstd = fusedbn.ops.forward_train(x, w, b, None, None, 0.1, 1e-5)
         results.append((y, mean, invstd, *fusedbn.ops.backward(dy, x, w, mean, invstd, True, [True] * 3)[:3]))
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    for others in results[1:]:
+        for one, other in zip(results[0], others):
+            assert torch.equal(one, other)
 
 
 def test_cpu_kernels_loaded_are_the_best_build_for_this_cpu():
