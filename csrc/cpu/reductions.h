@@ -467,10 +467,8 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     acc_t* col = block_sums.data();
     if (span == 1) {
       std::copy(col, col + W, sums + slot);
-    } else if (W == span) {  // one channel: pairwise over its columns
-      sums[slot] = pairwise_sum(col, span);
-    } else {  // several channels of at most kShortRun columns each, each pairwise over its columns
-      for (int64_t k = 0; k < W / span; ++k) sums[slot + k] = pairwise_sum(col + k * span, span);
+    } else {  // each channel (one, or several of at most kShortRun columns) pairwise over its columns
+      for (int64_t k = 0; k * span < W; ++k) sums[slot + k] = pairwise_sum(col + k * span, span);
     }
   };
   finish(block_dz_buf, sum_dz);
