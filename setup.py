@@ -88,7 +88,7 @@ def cpu_extensions():
 def extension():
     cxx_flags = ["-O3"]
     link_flags = []
-    cpp_sources = ["csrc/fusedbn.cpp"]
+    cpp_sources = ["csrc/fusedbn.cpp", "csrc/autograd.cpp"]
     if not want_cuda():
         return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                                           extra_link_args=link_flags)

@@ -291,9 +291,10 @@ def simt_recorder(simt_library=None):
             module.train()(x).backward(torch.empty_like(x))
 
     def record(row):
-        saved = {name: getattr(fusedbn.ops, name) for name in ops}
+        saved = {name: getattr(fusedbn.ops, name) for name in ops + ("namespace",)}
         device, record_only = simt.device()["name"], simt.record_only()
         try:
+            fusedbn.ops.namespace = "fusedbn_simt"  # the ops fusedbn._C's eager autograd calls
             for name in ops:
                 setattr(fusedbn.ops, name, getattr(torch.ops.fusedbn_simt, name))
             simt.set_device("h200")

@@ -1,17 +1,20 @@
 """Keeping autograd.Function overhead off the hot path: which variant of a Function a call applies, and none at
-all where nothing will differentiate the call; its forward's signature computed once; a classic-style twin for
-plain eager autograd."""
+all where nothing will differentiate the call; its forward's signature computed once; for plain eager autograd,
+a classic-style twin or a function in C++."""
 import inspect
 from typing import NamedTuple
 
 import torch
 from torch.autograd import forward_ad
 
+from . import ops
+
 
 class Variants(NamedTuple):
     """An autograd.Function in the three variants fusedbn/_functions.py defines for each: ``function``, the
     setup_context style (torch.func transforms, tracing); ``with_jvp``, its subclass with a jvp rule
-    (forward-mode AD); ``eager``, its classic-style twin (``eager_twin``, plain eager autograd)."""
+    (forward-mode AD); ``eager``, for plain eager autograd: its classic-style twin (``eager_twin``) or a
+    ``CppFunction``. Each has ``apply``."""
 
     function: type
     with_jvp: type
@@ -73,6 +76,18 @@ def eager_twin(function_class):
         "__doc__": f"{function_class.__name__} for plain eager autograd (fusedbn._autograd.eager_twin).",
         "__qualname__": name, "__module__": function_class.__module__,
         "forward": staticmethod(forward), "backward": staticmethod(function_class.backward)})
+
+
+class CppFunction:
+    """The eager variant of a Function implemented in C++ (csrc/autograd.cpp): ``apply(*args)`` with the
+    Function's arguments calls ``entry(namespace, *args)``, ``namespace`` that of the ops fusedbn/ops.py holds
+    (fusedbn's, or the tests' emulator's), whose ops the C++ code runs."""
+
+    def __init__(self, entry):
+        self.entry = entry
+
+    def apply(self, *args):
+        return self.entry(ops.namespace, *args)
 
 
 # The ops carry autograd of their own (fusedbn/_op_autograd.py), a Python kernel at the Autograd key; an

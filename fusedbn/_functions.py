@@ -7,16 +7,17 @@ activation's (name, parameter) pair, as the ops take it after theirs; it gets it
 
 Each Function comes in three variants: setup_context style (torch.func transforms, tracing), with a jvp rule
 (forward-mode AD; torch.compile cannot trace a Function that has one, so it is a subclass used only then),
-and a classic-style twin for plain eager autograd (fusedbn/_autograd.py). The ops themselves carry the same
-Functions as autograd kernels (fusedbn/_op_autograd.py).
+and one for plain eager autograd: the training and eval forwards' in C++ (csrc/autograd.cpp: the same saved
+tensors and gradients), the backward's a classic-style twin (fusedbn/_autograd.py). The ops themselves carry
+the same Functions as autograd kernels (fusedbn/_op_autograd.py).
 """
 import torch
 import torch.distributed as dist
 from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from . import activations, ops
-from ._autograd import Variants, below_autograd, cached_signature, eager_twin, function_for, pick
+from . import _C, activations, ops
+from ._autograd import CppFunction, Variants, below_autograd, cached_signature, eager_twin, function_for, pick
 from ._derivatives import (BackwardTerms, backward_in_torch_ops, backward_jvp, backward_of_composition,
                            double_backward, forward_jvp, invstd_of, running_statistics, saved_for_activation, to_dtype)
 from ._shapes import (act_weight_to_batch, act_weight_to_channels, channels_to_batch, input_to_channels,
@@ -39,7 +40,7 @@ def gradients(ctx, saved, grad_output, mean, invstd, training):
 
 
 def _save_activation_context(ctx, act, eps, residual, act_weight, residual_index):
-    """What both forwards' setup_backward record beside the saved tensors: the activation, eps, and which of
+    """What both forwards' setup_context record beside the saved tensors: the activation, eps, and which of
     the residual and PReLU's weight (the Function's inputs at ``residual_index`` and past the act) need
     gradients."""
     ctx.act, ctx.eps = act, eps
@@ -59,20 +60,13 @@ class TrainingFunction(torch.autograd.Function):
                                      act_weight)
 
     @staticmethod
-    def setup_backward(ctx, inputs, outputs):
-        """setup_context's part that backward needs (all the eager twin keeps)."""
+    def setup_context(ctx, inputs, outputs):
         input, weight, bias, _, _, _, eps, residual, act, act_weight = inputs
         output, mean, invstd = outputs
         ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act, act_weight), mean,
                               invstd)
         ctx.mark_non_differentiable(mean, invstd)
         _save_activation_context(ctx, act, eps, residual, act_weight, residual_index=7)
-
-    @staticmethod
-    def setup_context(ctx, inputs, outputs):
-        TrainingFunction.setup_backward(ctx, inputs, outputs)
-        input, weight, bias, _, _, _, _, residual, _, act_weight = inputs
-        output, mean, invstd = outputs
         ctx.save_for_forward(input, weight, bias, output, residual, act_weight, mean, invstd)
 
     @staticmethod
@@ -107,17 +101,11 @@ class EvalFunction(torch.autograd.Function):
             return ops.forward_eval(input, weight, bias, running_mean, running_var, eps, residual, *act, act_weight)
 
     @staticmethod
-    def setup_backward(ctx, inputs, output):
-        """setup_context's part that backward needs (all the eager twin keeps)."""
+    def setup_context(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, eps, residual, act, act_weight = inputs
         ctx.save_for_backward(input, weight, *saved_for_activation(bias, output, residual, act, act_weight),
                               running_mean, running_var)
         _save_activation_context(ctx, act, eps, residual, act_weight, residual_index=6)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        EvalFunction.setup_backward(ctx, inputs, output)
-        input, weight, bias, running_mean, running_var, _, residual, _, act_weight = inputs
         ctx.save_for_forward(input, weight, bias, output, residual, act_weight, running_mean, running_var)
 
     @staticmethod
@@ -160,18 +148,16 @@ class EvalFunctionWithJvp(EvalFunction):
     jvp = staticmethod(_eval_function_jvp)
 
 
-TrainingFunctionEager = eager_twin(TrainingFunction)
-EvalFunctionEager = eager_twin(EvalFunction)
-TRAINING = Variants(TrainingFunction, TrainingFunctionWithJvp, TrainingFunctionEager)
-EVAL = Variants(EvalFunction, EvalFunctionWithJvp, EvalFunctionEager)
+TRAINING = Variants(TrainingFunction, TrainingFunctionWithJvp, CppFunction(_C.batch_norm_training))
+EVAL = Variants(EvalFunction, EvalFunctionWithJvp, CppFunction(_C.batch_norm_eval))
 
 
 def batch_norm_training(input, weight, bias, running_mean, running_var, momentum, eps, residual, act,
                         act_weight=None):
-    """(output, mean, invstd), through the autograd.Function only when something will differentiate it."""
-    args = (input, weight, bias, running_mean, running_var, momentum, eps, residual, act, act_weight)
-    function = function_for(TRAINING, input, weight, bias, residual, act_weight)
-    return TrainingFunction.forward(*args) if function is None else function.apply(*args)
+    """(output, mean, invstd), through the variant ``pick`` chooses; the eager one records a node only where
+    something will differentiate the call."""
+    return pick(TRAINING).apply(input, weight, bias, running_mean, running_var, momentum, eps, residual, act,
+                                act_weight)
 
 
 def _has_tangent(*tensors):
@@ -179,16 +165,13 @@ def _has_tangent(*tensors):
 
 
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual, act, act_weight=None):
-    """The output with running statistics, through the autograd.Function only when something will
-    differentiate it."""
+    """The output with running statistics, as ``batch_norm_training``."""
     # torch's rule, checked here: the jvp rule cannot, as autograd hands it zeros for tangent-less inputs.
     if (forward_ad._current_level >= 0 and _has_tangent(running_mean, running_var)
             and _has_tangent(input, weight, bias, residual, act_weight)):
         raise RuntimeError("batch_norm is not differentiable wrt running_mean and running_var, they cannot have "
                            "forward grad defined")
-    args = (input, weight, bias, running_mean, running_var, eps, residual, act, act_weight)
-    function = function_for(EVAL, input, weight, bias, residual, act_weight)
-    return EvalFunction.forward(*args) if function is None else function.apply(*args)
+    return pick(EVAL).apply(input, weight, bias, running_mean, running_var, eps, residual, act, act_weight)
 
 
 @cached_signature

@@ -35,6 +35,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The namespace of the ops below, whose ops fusedbn._C's eager autograd (csrc/autograd.cpp) calls too. The tests
+# route fusedbn's calls to the emulator's library by setting both (tests/helpers.py, route_ops).
+namespace = "fusedbn"
 forward_train = torch.ops.fusedbn.forward_train
 forward_eval = torch.ops.fusedbn.forward_eval
 backward = torch.ops.fusedbn.backward

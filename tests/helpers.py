@@ -211,6 +211,7 @@ def route_ops(library: str, set_attribute=setattr) -> None:
     ops ("fusedbn", or the emulator's "fusedbn_simt": the same schemas). ``set_attribute``: e.g. a
     monkeypatch's setattr, so a test's switch is undone after it."""
     import fusedbn
+    set_attribute(fusedbn.ops, "namespace", library)  # the ops fusedbn._C's eager autograd calls
     for name in OP_NAMES:
         set_attribute(fusedbn.ops, name, getattr(getattr(torch.ops, library), name))
 

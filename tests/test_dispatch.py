@@ -1,4 +1,5 @@
-"""The autograd.Functions are applied only where something will differentiate the call (fusedbn/_functions.py):
+"""Autograd records a node only where something will differentiate the call (fusedbn/_functions.py), and the Python
+autograd.Functions are applied only where the C++ eager one cannot serve (torch.func, forward-mode AD, tracing):
 inference and first-order backward run the ops alone, and still give torch's results."""
 import pytest
 import torch
@@ -18,16 +19,22 @@ def test_no_function_where_nothing_needs_gradients(device, training, monkeypatch
     w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     stats = (torch.zeros(3, dtype=torch.float64, device=device), torch.ones(3, dtype=torch.float64, device=device))
     expected = F.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
-    for name in ("TrainingFunction", "EvalFunction", "TrainingFunctionWithJvp", "EvalFunctionWithJvp",
-                 "TrainingFunctionEager", "EvalFunctionEager"):
+    for name in ("TrainingFunction", "EvalFunction", "TrainingFunctionWithJvp", "EvalFunctionWithJvp"):
         monkeypatch.setattr(getattr(_functions, name), "apply", _refuse)
     with torch.no_grad():
         actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w, None, training=training)
     torch.testing.assert_close(actual, expected)
+    assert actual.grad_fn is None
     actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w.detach(), None, training=training)
     torch.testing.assert_close(actual, expected)
-    with pytest.raises(AssertionError, match="was applied"):
-        fusedbn.batch_norm(x, *stats, w, None, training=training)
+    assert actual.grad_fn is None
+    # Plain eager autograd: the C++ node (csrc/autograd.cpp), and the weight's gradient through it.
+    actual = fusedbn.batch_norm(x, *[s.clone() for s in stats], w, None, training=training)
+    assert actual.grad_fn is not None
+    grad = torch.randn_like(actual)
+    w_ref = w.detach().clone().requires_grad_()
+    expected = F.batch_norm(x, *[s.clone() for s in stats], w_ref, None, training=training)
+    torch.testing.assert_close(torch.autograd.grad(actual, w, grad), torch.autograd.grad(expected, w_ref, grad))
 
 
 def test_backward_function_only_for_gradients_of_gradients(device, monkeypatch):
