@@ -31,6 +31,30 @@ inline int64_t block_rows_for(int64_t width) {
   return std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, width), kMinBlockRows, kMaxBlockRows);
 }
 
+// The calling thread's scratch memory for one tile's buffers, kept from tile to tile: allocating, zeroing and
+// freeing a tile's few vectors costs more than the work of a small tile. take(n) hands out consecutive slices
+// of one buffer, uninitialized. A tile function makes one per element type, and tiles do not nest, so no two
+// are alive on one thread.
+template <typename T>
+class TileScratch {
+ public:
+  explicit TileScratch(int64_t total) : data_(storage(total)) {}
+  T* take(int64_t n) {
+    T* slice = data_ + used_;
+    used_ += n;
+    return slice;
+  }
+
+ private:
+  static T* storage(int64_t total) {
+    thread_local std::vector<T> buffer;
+    if (static_cast<int64_t>(buffer.size()) < total) buffer.resize(total);
+    return buffer.data();
+  }
+  T* data_;
+  int64_t used_ = 0;
+};
+
 template <typename acc_t>
 acc_t plus(const acc_t& a, const acc_t& b) {
   return a + b;
@@ -293,28 +317,30 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   const int64_t blocks = (tile.rows + block_rows - 1) / block_rows;
   // Per block: its row count, and per column its mean and M2 (row b of the two [blocks, W] buffers).
   const int64_t span = tile.columns_per_channel;
-  std::vector<int64_t> counts(blocks);
-  // Column j's shift: the channel's own where each column is a channel, else copies over its columns.
-  std::vector<acc_t> shift_buf(span == 1 ? 0 : W), sum_sq(span == 1 ? W : 0), means_buf(blocks * W),
-      m2s_buf(blocks * W);
-  for (int64_t k = 0; span > 1 && k < W / span; ++k) {
-    std::fill(shift_buf.begin() + k * span, shift_buf.begin() + (k + 1) * span, shift[k]);
-  }
-  const acc_t* __restrict__ column_shift = span == 1 ? shift : shift_buf.data();
+  TileScratch<int64_t> count_scratch(blocks);
+  int64_t* counts = count_scratch.take(blocks);
+  // Column j's shift: the channel's own where each column is a channel, else copies over its columns; sum_sq
+  // (one-pass blocks' scratch) or the channels' column spreads; per block, each column's mean and M2 (zeros).
+  TileScratch<acc_t> scratch(W + 2 * blocks * W);
+  acc_t* shift_buf = scratch.take(W);
+  acc_t* means_buf = scratch.take(blocks * W);
+  acc_t* m2s_buf = scratch.take(blocks * W);
+  std::fill_n(means_buf, 2 * blocks * W, acc_t(0));
+  for (int64_t k = 0; span > 1 && k < W / span; ++k) std::fill_n(shift_buf + k * span, span, shift[k]);
+  const acc_t* __restrict__ column_shift = span == 1 ? shift : shift_buf;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t r0 = b * block_rows, nb = std::min(block_rows, tile.rows - r0);
     counts[b] = nb;
     const scalar_t* rows = x + tile.offset + r0 * tile.ld;
     if (span == 1 && nb >= kMinBlockRows) {
-      block_moments_one_pass(rows, tile.ld, nb, W, column_shift, means_buf.data() + b * W, m2s_buf.data() + b * W,
-                             sum_sq.data());
+      block_moments_one_pass(rows, tile.ld, nb, W, column_shift, means_buf + b * W, m2s_buf + b * W, shift_buf);
     } else {
-      block_moments_two_pass(rows, tile.ld, nb, W, column_shift, means_buf.data() + b * W, m2s_buf.data() + b * W);
+      block_moments_two_pass(rows, tile.ld, nb, W, column_shift, means_buf + b * W, m2s_buf + b * W);
     }
   }
-  merge_moment_blocks(counts.data(), means_buf.data(), m2s_buf.data(), blocks, W);
-  acc_t* mean = means_buf.data();
-  acc_t* m2 = m2s_buf.data();
+  merge_moment_blocks(counts, means_buf, m2s_buf, blocks, W);
+  acc_t* mean = means_buf;
+  acc_t* m2 = m2s_buf;
   acc_t* out_mean = parts.means.data() + tile.part * parts.channels + tile.channel;
   acc_t* out_m2 = parts.m2s.data() + tile.part * parts.channels + tile.channel;
   if (span == 1) {
@@ -325,17 +351,17 @@ void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shif
   // A channel's `span` columns have `seen` values each, so M2 = sum_j M2_j + seen * sum_j (mean_j - mean)^2,
   // each sum pairwise over the channel's columns.
   const acc_t seen = static_cast<acc_t>(counts[0]);
-  std::vector<acc_t> spread(span);
+  acc_t* spread = shift_buf;  // the shifts' copies are read no more
   for (int64_t k = 0; k < W / span; ++k) {
     const acc_t* channel_means = mean + k * span;
-    std::copy(channel_means, channel_means + span, spread.begin());
-    const acc_t channel_mean = pairwise_sum(spread.data(), span) / static_cast<acc_t>(span);
+    std::copy(channel_means, channel_means + span, spread);
+    const acc_t channel_mean = pairwise_sum(spread, span) / static_cast<acc_t>(span);
     for (int64_t j = 0; j < span; ++j) {
       const acc_t d = channel_means[j] - channel_mean;
       spread[j] = d * d;
     }
     out_mean[k] = channel_mean;
-    out_m2[k] = pairwise_sum(m2 + k * span, span) + seen * pairwise_sum(spread.data(), span);
+    out_m2[k] = pairwise_sum(m2 + k * span, span) + seen * pairwise_sum(spread, span);
   }
 }
 
@@ -406,28 +432,32 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   // spread over the channels' columns (alpha and beta only where dz recomputes the activation, the slope only
   // for PReLU).
   const int64_t span = tile.columns_per_channel;
-  std::vector<acc_t> spread_buf(span == 1 ? 0 : 4 * W);
+  const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
+  const int64_t num_sums = Rule::kSlopes ? 3 : 2;
+  TileScratch<acc_t> scratch((span == 1 ? 0 : 4 * W) + num_sums * blocks * W);
+  acc_t* spread_buf = scratch.take(span == 1 ? 0 : 4 * W);
   for (int64_t k = 0; span > 1 && k < W / span; ++k) {
     const int64_t c = tile.channel + k, j = k * span;
-    std::fill_n(spread_buf.begin() + j, span, mean[c]);
+    std::fill_n(spread_buf + j, span, mean[c]);
     if (kRecompute) {
-      std::fill_n(spread_buf.begin() + W + j, span, alpha[c]);
-      std::fill_n(spread_buf.begin() + 2 * W + j, span, beta[c]);
+      std::fill_n(spread_buf + W + j, span, alpha[c]);
+      std::fill_n(spread_buf + 2 * W + j, span, beta[c]);
     }
-    if (Rule::kSlopes) std::fill_n(spread_buf.begin() + 3 * W + j, span, param_for<Rule::kAct>(param, source.slope, c));
+    if (Rule::kSlopes) std::fill_n(spread_buf + 3 * W + j, span, param_for<Rule::kAct>(param, source.slope, c));
   }
-  const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf.data();
-  const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf.data() + W;
-  const acc_t* __restrict__ col_beta = span == 1 ? beta + tile.channel : spread_buf.data() + 2 * W;
+  const acc_t* __restrict__ col_mean = span == 1 ? mean + tile.channel : spread_buf;
+  const acc_t* __restrict__ col_alpha = span == 1 ? alpha + tile.channel : spread_buf + W;
+  const acc_t* __restrict__ col_beta = span == 1 ? beta + tile.channel : spread_buf + 2 * W;
   const acc_t* __restrict__ col_slope =
-      !Rule::kSlopes ? nullptr : span == 1 ? source.slope + tile.channel : spread_buf.data() + 3 * W;
-  const int64_t blocks = std::max<int64_t>(1, (tile.rows + kMinBlockRows - 1) / kMinBlockRows);  // >= 1 zero row
-  std::vector<acc_t> block_dz_buf(blocks * W, acc_t(0)), block_dz_xmu_buf(blocks * W, acc_t(0));
-  std::vector<acc_t> block_dslope_buf(Rule::kSlopes ? blocks * W : 0, acc_t(0));
+      !Rule::kSlopes ? nullptr : span == 1 ? source.slope + tile.channel : spread_buf + 3 * W;
+  acc_t* block_dz_buf = scratch.take(blocks * W);
+  acc_t* block_dz_xmu_buf = scratch.take(blocks * W);
+  acc_t* block_dslope_buf = scratch.take(Rule::kSlopes ? blocks * W : 0);
+  std::fill_n(block_dz_buf, num_sums * blocks * W, acc_t(0));
   for (int64_t b = 0; b < blocks; ++b) {
-    acc_t* __restrict__ block_dz = block_dz_buf.data() + b * W;
-    acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf.data() + b * W;
-    acc_t* __restrict__ block_dslope = Rule::kSlopes ? block_dslope_buf.data() + b * W : nullptr;
+    acc_t* __restrict__ block_dz = block_dz_buf + b * W;
+    acc_t* __restrict__ block_dz_xmu = block_dz_xmu_buf + b * W;
+    acc_t* __restrict__ block_dslope = Rule::kSlopes ? block_dslope_buf + b * W : nullptr;
     for (int64_t r = b * kMinBlockRows; r < std::min(tile.rows, (b + 1) * kMinBlockRows); ++r) {
       const int64_t base = tile.offset + r * tile.ld;
       if constexpr (Rule::kBuffered) {
@@ -462,9 +492,9 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
     }
   }
   // Each sum's columns: blocks pairwise, then a channel's columns into its slot.
-  const auto finish = [&](std::vector<acc_t>& block_sums, acc_t* __restrict__ sums) {
-    sum_rows_pairwise(block_sums.data(), blocks, W);
-    acc_t* col = block_sums.data();
+  const auto finish = [&](acc_t* block_sums, acc_t* __restrict__ sums) {
+    sum_rows_pairwise(block_sums, blocks, W);
+    acc_t* col = block_sums;
     if (span == 1) {
       std::copy(col, col + W, sums + slot);
     } else {  // each channel (one, or several of at most kShortRun columns) pairwise over its columns
