@@ -83,11 +83,31 @@ void sum_rows_pairwise(T* rows, int64_t n, int64_t width, int64_t ld = 0) {
   });
 }
 
+// pairwise_sum of a size known at compile time, its levels unrolled into straight-line vector code.
+template <int64_t kN, typename acc_t>
+acc_t pairwise_sum_of(acc_t* __restrict__ v) {
+  int64_t n = kN;
+#pragma GCC unroll 8
+  for (int level = 0; level < 8 && n > 1; ++level) {
+    const int64_t half = n / 2, upper = n - half;
+    for (int64_t i = 0; i < half; ++i) v[i] += v[upper + i];
+    n = upper;
+  }
+  return v[0];
+}
+
 // Sum of v[0..n) by pairwise summation, in sum_rows_pairwise's order (each level adds the upper half onto the
-// lower in one vectorized loop). Overwrites v.
+// lower in one vectorized loop). Overwrites v. The powers of two up to run_sum's lanes (a 4x4x4 run's columns,
+// the lanes themselves) take the unrolled code: the loop's per-level overhead costs twice the additions there.
 template <typename acc_t>
 acc_t pairwise_sum(acc_t* v, int64_t n) {
-  if (n == 0) return acc_t(0);
+  switch (n) {
+    case 0: return acc_t(0);
+    case 8: return pairwise_sum_of<8>(v);
+    case 16: return pairwise_sum_of<16>(v);
+    case 32: return pairwise_sum_of<32>(v);
+    case 64: return pairwise_sum_of<64>(v);
+  }
   while (n > 1) {
     const int64_t half = n / 2, upper = n - half;
 #pragma GCC ivdep
