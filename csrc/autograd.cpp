@@ -238,44 +238,59 @@ std::pair<std::string, double> activation_arg(PyObject* obj) {
   return {string_arg(PyTuple_GET_ITEM(obj, 0)), double_arg(PyTuple_GET_ITEM(obj, 1))};
 }
 
-bool any_requires_grad(const Tensor& input, std::initializer_list<const OptTensor*> others) {
-  if (!at::GradMode::is_enabled()) return false;
-  if (input.requires_grad()) return true;
-  for (const OptTensor* t : others) {
-    if (requires_grad(*t)) return true;
-  }
-  return false;
-}
-
 void check_nargs(Py_ssize_t nargs, Py_ssize_t expected, const char* name) {
   if (nargs != expected) throw torch::TypeError(c10::str("fusedbn._C.", name, " takes ", expected, " arguments (", nargs, " given)"));
 }
+
+// The arguments both entry points take: the namespace, input, weight and bias first; the residual, the
+// activation spec and PReLU's weight last.
+struct SharedArgs {
+  std::string ns;
+  const Tensor& input;
+  OptTensor weight, bias, residual;
+  std::string activation;
+  double param;
+  OptTensor act_weight;
+
+  SharedArgs(PyObject* const* args, Py_ssize_t nargs)
+      : ns(string_arg(args[0])),
+        input(tensor_arg(args[1], "input")),
+        weight(optional_tensor_arg(args[2], "weight")),
+        bias(optional_tensor_arg(args[3], "bias")),
+        residual(optional_tensor_arg(args[nargs - 3], "residual")),
+        act_weight(optional_tensor_arg(args[nargs - 1], "act_weight")) {
+    std::tie(activation, param) = activation_arg(args[nargs - 2]);
+  }
+
+  // Whether autograd records a node: grad mode on and a differentiable argument that requires grad.
+  bool records_node() const {
+    return at::GradMode::is_enabled() && (input.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
+                                          requires_grad(residual) || requires_grad(act_weight));
+  }
+};
 
 // batch_norm_training(ns, input, weight, bias, running_mean, running_var, momentum, eps, residual, act,
 // act_weight) -> (output, mean, invstd)
 PyObject* batch_norm_training(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 11, "batch_norm_training");
-  const std::string ns = string_arg(args[0]);
-  const Tensor& input = tensor_arg(args[1], "input");
-  const OptTensor weight = optional_tensor_arg(args[2], "weight"), bias = optional_tensor_arg(args[3], "bias");
+  const SharedArgs a(args, nargs);
   const OptTensor running_mean = optional_tensor_arg(args[4], "running_mean");
   const OptTensor running_var = optional_tensor_arg(args[5], "running_var");
   const double momentum = double_arg(args[6]), eps = double_arg(args[7]);
-  const OptTensor residual = optional_tensor_arg(args[8], "residual");
-  const auto [activation, param] = activation_arg(args[9]);
-  const OptTensor act_weight = optional_tensor_arg(args[10], "act_weight");
   Tensor output, mean, invstd;
   {
     const WithoutGil no_gil;
-    if (any_requires_grad(input, {&weight, &bias, &residual, &act_weight})) {
-      const variable_list outputs = TrainingNode::apply(input, weight, bias, running_mean, running_var, momentum, eps,
-                                                        residual, c10::string_view(activation), param, act_weight, ns);
+    if (a.records_node()) {
+      const variable_list outputs =
+          TrainingNode::apply(a.input, a.weight, a.bias, running_mean, running_var, momentum, eps, a.residual,
+                              c10::string_view(a.activation), a.param, a.act_weight, a.ns);
       output = outputs[0], mean = outputs[1], invstd = outputs[2];
     } else {
       const at::AutoDispatchBelowAutograd below_autograd;
-      std::tie(output, mean, invstd) = ops_of(ns).forward_train.call(
-          input, weight, bias, running_mean, running_var, momentum, eps, residual, activation, param, act_weight);
+      std::tie(output, mean, invstd) =
+          ops_of(a.ns).forward_train.call(a.input, a.weight, a.bias, running_mean, running_var, momentum, eps,
+                                          a.residual, a.activation, a.param, a.act_weight);
     }
   }
   PyObject* result = PyTuple_New(3);
@@ -291,25 +306,20 @@ PyObject* batch_norm_training(PyObject*, PyObject* const* args, Py_ssize_t nargs
 PyObject* batch_norm_eval(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   check_nargs(nargs, 10, "batch_norm_eval");
-  const std::string ns = string_arg(args[0]);
-  const Tensor& input = tensor_arg(args[1], "input");
-  const OptTensor weight = optional_tensor_arg(args[2], "weight"), bias = optional_tensor_arg(args[3], "bias");
+  const SharedArgs a(args, nargs);
   const Tensor& running_mean = tensor_arg(args[4], "running_mean");
   const Tensor& running_var = tensor_arg(args[5], "running_var");
   const double eps = double_arg(args[6]);
-  const OptTensor residual = optional_tensor_arg(args[7], "residual");
-  const auto [activation, param] = activation_arg(args[8]);
-  const OptTensor act_weight = optional_tensor_arg(args[9], "act_weight");
   Tensor output;
   {
     const WithoutGil no_gil;
-    if (any_requires_grad(input, {&weight, &bias, &residual, &act_weight})) {
-      output = EvalNode::apply(input, weight, bias, running_mean, running_var, eps, residual,
-                               c10::string_view(activation), param, act_weight, ns)[0];
+    if (a.records_node()) {
+      output = EvalNode::apply(a.input, a.weight, a.bias, running_mean, running_var, eps, a.residual,
+                               c10::string_view(a.activation), a.param, a.act_weight, a.ns)[0];
     } else {
       const at::AutoDispatchBelowAutograd below_autograd;
-      output = ops_of(ns).forward_eval.call(input, weight, bias, running_mean, running_var, eps, residual, activation,
-                                            param, act_weight);
+      output = ops_of(a.ns).forward_eval.call(a.input, a.weight, a.bias, running_mean, running_var, eps, a.residual,
+                                              a.activation, a.param, a.act_weight);
     }
   }
   return THPVariable_Wrap(std::move(output));
