@@ -3,7 +3,8 @@
 // (merge_moment_blocks, sum_rows_pairwise).
 //
 // Accuracy: no float accumulator takes a long sequential stream. Values are summed in short blocks (at
-// most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of one run), and the blocks'
+// most kMaxBlockRows rows of a column, or kLanes-way lanes over a chunk of a channel's runs, at most
+// kBlockValues / kLanes values a lane), and the blocks'
 // results, the chunks' and the parts' are merged pairwise, so rounding error grows like
 // kMaxBlockRows + log2(count), in both layouts alike. Welford partials are all about one shift per
 // channel (channel_shifts, near the channel's mean) and stay about it until the channel's total, so a mean
@@ -11,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "../welford.h"
@@ -143,25 +145,51 @@ class PairwiseStream {
 // without being allowed to reassociate a single float sum.
 constexpr int kLanes = 64;
 
-// sum of f(j) over j in [0, n) (f gives acc_t), n <= kBlockValues, in kLanes accumulators combined pairwise.
-template <typename acc_t, typename F>
-acc_t run_sum(int64_t n, F f) {
-  acc_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] += f(j + l);
+// The kSums sums of f(r, j) (a std::array<acc_t, kSums>) over rows r < rows and columns j < n of a chunk, in one
+// pass, each in kLanes accumulators (lane j mod kLanes of each row) combined pairwise. A chunk gives each lane
+// at most kBlockValues / kLanes values (for_each_chunk).
+template <int kSums, typename acc_t, typename F>
+std::array<acc_t, kSums> run_sums(int64_t rows, int64_t n, F f) {
+  acc_t lanes[kSums][kLanes] = {};
+  const auto add = [&](int l, const std::array<acc_t, kSums>& v) {
+    for (int s = 0; s < kSums; ++s) lanes[s][l] += v[s];
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) add(l, f(r, j + l));
+    }
+    for (int l = 0; j < n; ++j, ++l) add(l, f(r, j));
   }
-  for (int l = 0; j < n; ++j, ++l) lanes[l] += f(j);
-  return pairwise_sum(lanes, kLanes);
+  std::array<acc_t, kSums> sums;
+  for (int s = 0; s < kSums; ++s) sums[s] = pairwise_sum_of<kLanes>(lanes[s]);
+  return sums;
 }
 
-// Calls chunk(offset, n) for each chunk of at most kBlockValues values of each of the tile's rows (long
-// channels-first runs), in memory order.
+// run_sums of one sum, f(r, j) an acc_t.
+template <typename acc_t, typename F>
+acc_t run_sum(int64_t rows, int64_t n, F f) {
+  return run_sums<1, acc_t>(rows, n, [&](int64_t r, int64_t j) { return std::array<acc_t, 1>{f(r, j)}; })[0];
+}
+
+// Channels-first runs of at least this many values are reduced run by run in run_sum's lanes; shorter runs
+// fill too few lanes to beat the column sums of a tile's rows.
+constexpr int64_t kMinLaneRun = kLanes / 2;
+
+inline bool reduces_in_lanes(const Tile& tile) { return tile.columns_per_channel >= kMinLaneRun; }
+
+// Calls chunk(offset, rows, n) for the chunks of the k-th channel of a channels-first tile (the k-th run of
+// each row), in memory order: blocks of rows, each row cut into pieces of at most kBlockValues values, with
+// at most kBlockValues / kLanes values in a lane of run_sum. The chunks, and so every sum, depend on the run
+// length and the tile's rows alone.
 template <typename F>
-void for_each_chunk(const Tile& tile, F chunk) {
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    for (int64_t s0 = 0; s0 < tile.width; s0 += kBlockValues) {
-      chunk(tile.offset + r * tile.ld + s0, std::min(kBlockValues, tile.width - s0));
+void for_each_chunk(const Tile& tile, int64_t k, F chunk) {
+  const int64_t span = tile.columns_per_channel, piece = std::min(span, kBlockValues);
+  const int64_t rows_per_chunk = std::max<int64_t>(1, kBlockValues / (kLanes * ((piece + kLanes - 1) / kLanes)));
+  for (int64_t r0 = 0; r0 < tile.rows; r0 += rows_per_chunk) {
+    for (int64_t s0 = 0; s0 < span; s0 += piece) {
+      chunk(tile.offset + k * span + r0 * tile.ld + s0, std::min(rows_per_chunk, tile.rows - r0),
+            std::min(piece, span - s0));
     }
   }
 }
@@ -305,32 +333,38 @@ void block_moments_one_pass(const scalar_t* __restrict__ rows, int64_t ld, int64
 
 // Welford statistics of one tile about the per-channel shifts, into its part's slots of `parts` (the caller
 // sets the parts' counts), without a division per value.
-// Long channels-first runs: each chunk of a run gives (count, mean, M2) by two passes over the cached
-// chunk, and the chunks merge pairwise. Otherwise: for each block of rows, per-column block mean and M2,
-// in one pass where each column is a channel (channels-last, blocks of at least kMinBlockRows rows), else
-// in two; the blocks merged pairwise; channels-first tiles then fold each channel's S columns into the
-// channel (their columns hold only N values each, too few for the one-pass test to pass often).
+// Channels-first runs of at least kMinLaneRun values: per channel, each chunk (for_each_chunk) gives
+// (count, mean, M2) by two passes of lane sums over the cached chunk, and the chunks merge pairwise.
+// Otherwise: for each block of rows, per-column block mean and M2, in one pass where each column is a
+// channel (channels-last, blocks of at least kMinBlockRows rows), else in two; the blocks merged pairwise;
+// channels-first tiles then fold each channel's S columns into the channel (their columns hold only N values
+// each, too few for the one-pass test to pass often).
 template <typename scalar_t, typename acc_t, int kMultiChannel>
 void tile_welford(const scalar_t* __restrict__ x, const acc_t* __restrict__ shifts, const Tile& tile,
                   PartMoments<acc_t>& parts) {
   const int64_t W = tile.width;
   if (tile.rows == 0 || W == 0) return;  // an empty batch: the parts stay empty (zeros)
   const acc_t* __restrict__ shift = shifts + tile.channel;
-  if (kMultiChannel == 0 && W >= kLongRun) {
-    PairwiseStream<WelfordPartial<acc_t>, welford_merge<acc_t>> chunks;
-    for_each_chunk(tile, [&](int64_t offset, int64_t n) {
-      const scalar_t* chunk = x + offset;
-      const acc_t chunk_mean =
-          run_sum<acc_t>(n, [&](int64_t j) { return static_cast<acc_t>(chunk[j]) - shift[0]; }) / static_cast<acc_t>(n);
-      const acc_t chunk_m2 = run_sum<acc_t>(n, [&](int64_t j) {
-        const acc_t d = (static_cast<acc_t>(chunk[j]) - shift[0]) - chunk_mean;
-        return d * d;
+  if (reduces_in_lanes(tile)) {
+    // Each chunk of a run gives (count, mean, M2) by two passes over the cached chunk; a channel's chunks
+    // merge pairwise.
+    for (int64_t k = 0; k < W / tile.columns_per_channel; ++k) {
+      const acc_t channel_shift = shift[k];
+      PairwiseStream<WelfordPartial<acc_t>, welford_merge<acc_t>> chunks;
+      for_each_chunk(tile, k, [&](int64_t offset, int64_t rows, int64_t n) {
+        const scalar_t* chunk = x + offset;
+        const auto value = [&](int64_t r, int64_t j) { return static_cast<acc_t>(chunk[r * tile.ld + j]) - channel_shift; };
+        const acc_t chunk_mean = run_sum<acc_t>(rows, n, value) / static_cast<acc_t>(rows * n);
+        const acc_t chunk_m2 = run_sum<acc_t>(rows, n, [&](int64_t r, int64_t j) {
+          const acc_t d = value(r, j) - chunk_mean;
+          return d * d;
+        });
+        chunks.push(WelfordPartial<acc_t>{chunk_mean, chunk_m2, rows * n});
       });
-      chunks.push(WelfordPartial<acc_t>{chunk_mean, chunk_m2, n});
-    });
-    const WelfordPartial<acc_t> total = chunks.total();
-    parts.means[tile.part * parts.channels + tile.channel] = total.mean;
-    parts.m2s[tile.part * parts.channels + tile.channel] = total.m2;
+      const WelfordPartial<acc_t> total = chunks.total();
+      parts.means[tile.part * parts.channels + tile.channel + k] = total.mean;
+      parts.m2s[tile.part * parts.channels + tile.channel + k] = total.m2;
+    }
     return;
   }
   const int64_t block_rows = block_rows_for(tile.view_width);
@@ -395,9 +429,9 @@ inline void keep_dz(scalar_t* __restrict__ dz_out, int64_t i, int64_t n, const a
 // Per channel: sum(dz) and sum(dz * (x - mean)), the two reductions of the batch-norm backward, with dz
 // read through the activation (GradRule, elementwise.h), and for PReLU (GradRule::kSlopes) its weight's
 // gradient sum(dy * min(z, 0)) into sum_dslope; for the kBuffered rules (SiLU, GELU, ELU) dz is also kept in
-// source.dz_out when given, so the dx pass need not compute the activation's derivative again. Long
-// channels-first runs: lane sums per chunk, chunks summed pairwise. Otherwise per block of kMinBlockRows
-// rows into columns, blocks summed pairwise.
+// source.dz_out when given, so the dx pass need not compute the activation's derivative again. Tiles of one
+// channel (channels-first runs of more than kShortRun values): lane sums per chunk, chunks summed pairwise.
+// Otherwise per block of kMinBlockRows rows into columns, blocks summed pairwise.
 template <typename scalar_t, typename acc_t, int kMultiChannel, typename Rule>
 void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* __restrict__ x,
                     const acc_t* __restrict__ mean, const Tile& tile, int64_t C, acc_t* __restrict__ sum_dz,
@@ -411,37 +445,46 @@ void tile_grad_sums(const GradSource<scalar_t, acc_t>& source, const scalar_t* _
   constexpr bool kRecompute = Rule::kFrom == GradFrom::kRecompute;
   const int64_t W = tile.width;
   const int64_t slot = tile.part * C + tile.channel;
-  if (kMultiChannel == 0 && W >= kLongRun) {
-    // The second (and third) lane sum re-reads the chunk (and its dz) from cache.
+  if (kMultiChannel == 0) {
+    // The sums of each chunk in one pass of lane sums. (Shorter runs keep the column sums below, measured
+    // faster there: lanes that a run fills only in part cost more than the columns' folds.)
+    constexpr int kNumSums = Rule::kSlopes ? 3 : 2;
     const int64_t c = tile.channel;
     const acc_t mu = mean[c];
     const acc_t a = kRecompute ? alpha[c] : acc_t(0), b = kRecompute ? beta[c] : acc_t(0);
     const acc_t p = param_for<Rule::kAct>(param, source.slope, c);
     PairwiseStream<acc_t, plus<acc_t>> total_dz, total_dz_xmu, total_dslope;
-    for_each_chunk(tile, [&](int64_t offset, int64_t n) {
-      const scalar_t* __restrict__ xs = x + offset;
+    for_each_chunk(tile, 0, [&](int64_t offset, int64_t rows, int64_t n) {
+      const auto x_at = [&](int64_t r, int64_t j) { return static_cast<acc_t>(x[offset + r * tile.ld + j]); };
+      std::array<acc_t, kNumSums> sums;
       if constexpr (Rule::kBuffered) {
-        acc_t buf[kBlockValues];
-        for_each_span(n, [&](int64_t j0, int64_t m) {
-          dz_span<Rule, 0>(source, x, offset + j0, m, &mean[c], &alpha[c], &beta[c], buf + j0);
-        });
-        keep_dz(source.dz_out, offset, n, buf);
-        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) { return buf[j]; }));
-        total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) { return buf[j] * (static_cast<acc_t>(xs[j]) - mu); }));
-      } else {
-        total_dz.push(run_sum<acc_t>(n, [&](int64_t j) {
-          return dz_at<Rule>(dy, out, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b, p);
-        }));
-        total_dz_xmu.push(run_sum<acc_t>(n, [&](int64_t j) {
-          const acc_t xv = static_cast<acc_t>(xs[j]);
-          return dz_at<Rule>(dy, out, residual, offset + j, xv, mu, a, b, p) * (xv - mu);
-        }));
-        if constexpr (Rule::kSlopes) {
-          total_dslope.push(run_sum<acc_t>(n, [&](int64_t j) {
-            return dslope_at<Rule>(dy, residual, offset + j, static_cast<acc_t>(xs[j]), mu, a, b);
-          }));
+        acc_t buf[kBlockValues];  // the chunk's dz, its rows back to back
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = offset + r * tile.ld;
+          for_each_span(n, [&](int64_t j0, int64_t m) {
+            dz_span<Rule, 0>(source, x, row + j0, m, &mean[c], &alpha[c], &beta[c], buf + r * n + j0);
+          });
+          keep_dz(source.dz_out, row, n, buf + r * n);
         }
+        sums = run_sums<2, acc_t>(rows, n, [&](int64_t r, int64_t j) {
+          const acc_t g = buf[r * n + j];
+          return std::array<acc_t, 2>{g, g * (x_at(r, j) - mu)};
+        });
+      } else {
+        sums = run_sums<kNumSums, acc_t>(rows, n, [&](int64_t r, int64_t j) {
+          const int64_t i = offset + r * tile.ld + j;
+          const acc_t xv = x_at(r, j);
+          const acc_t g = dz_at<Rule>(dy, out, residual, i, xv, mu, a, b, p);
+          if constexpr (Rule::kSlopes) {
+            return std::array<acc_t, 3>{g, g * (xv - mu), dslope_at<Rule>(dy, residual, i, xv, mu, a, b)};
+          } else {
+            return std::array<acc_t, 2>{g, g * (xv - mu)};
+          }
+        });
       }
+      total_dz.push(sums[0]);
+      total_dz_xmu.push(sums[1]);
+      if constexpr (Rule::kSlopes) total_dslope.push(sums[2]);
     });
     sum_dz[slot] = total_dz.total();
     sum_dz_xmu[slot] = total_dz_xmu.total();
