@@ -14,11 +14,18 @@ The CPU kernels' at::parallel_for uses torch's parallel backend: with OpenMP (to
 inlined into our code and runs in parallel only if compiled with -fopenmp, which every build path here
 adds (it then shares the OpenMP runtime torch loaded, so torch.set_num_threads applies).
 TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU, sm_80 and sm_90 are built.
+The architectures built are compiled into fusedbn._C (FUSEDBN_CUDA_ARCHS), which names them when a GPU
+outside them is used and in `python -m fusedbn`.
+The extensions build concurrently, each in its own build directory, with at most MAX_JOBS compilers at once
+(default: one per core), and each prints its build time.
 """
+import copy
 import glob
 import os
 import platform
+import re
 import sys
+import time
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -85,21 +92,40 @@ def cpu_extensions():
             for name, flags in cpu_builds().items()]
 
 
+def build_jobs():
+    """Compilers to run at once: MAX_JOBS, as torch's extensions read it, else one per core."""
+    jobs = os.environ.get("MAX_JOBS", "")
+    return int(jobs) if jobs.isdigit() and int(jobs) > 0 else len(os.sched_getaffinity(0))
+
+
+def cuda_archs():
+    """The architectures nvcc compiles for, from the -gencode flags torch derives from TORCH_CUDA_ARCH_LIST:
+    sm_XY (machine code) and compute_XY (PTX), comma-separated, e.g. "sm_80,sm_90,compute_90"."""
+    codes = []
+    for flag in cpp_extension._get_cuda_arch_flags():
+        for code in re.findall(r"code=\[?([\w,]+)\]?", flag):
+            codes += [c for c in code.split(",") if c not in codes]
+    return ",".join(codes)
+
+
 def extension():
     cxx_flags = ["-O3"]
     link_flags = []
-    cpp_sources = ["csrc/fusedbn.cpp", "csrc/autograd.cpp"]
+    cpp_sources = ["csrc/fusedbn.cpp", "csrc/autograd.cpp", "csrc/cuda_archs.cpp"]
     if not want_cuda():
         return cpp_extension.CppExtension("fusedbn._C", cpp_sources, extra_compile_args={"cxx": cxx_flags},
                                           extra_link_args=link_flags)
     # +PTX: the sm_90 PTX too, which the driver compiles for newer GPUs (Blackwell) at first use; without
     # it they would find no kernel image.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    print(f"fusedbn: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+    archs = cuda_archs()
+    print(f"fusedbn: building CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} ({archs})")
     return cpp_extension.CUDAExtension(
         "fusedbn._C",
         cpp_sources + sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx_flags + [f"-DFUSEDBN_CUDA_ARCHS={archs}"],
+                            # nvcc compiles the architectures in parallel, within the build's share of jobs.
+                            "nvcc": ["-O3", f"--threads={BuildConcurrently.jobs_per_extension}"]},
         extra_link_args=link_flags,
     )
 
@@ -119,7 +145,43 @@ def simt_extension():
     )
 
 
+class BuildConcurrently(cpp_extension.BuildExtension):
+    """torch's BuildExtension with the extensions built concurrently (setuptools' parallel build_ext), each in
+    a build directory of its own (sharing one, they overwrite each other's build.ninja and, where two builds
+    compile the same source, its object file). At most build_jobs() compilers run: extensions_at_once
+    builds at once, each ninja running jobs_per_extension of them."""
+
+    extensions_at_once = 1
+    jobs_per_extension = 1
+
+    @classmethod
+    def plan(cls, count):
+        jobs = build_jobs()
+        cls.extensions_at_once = max(1, min(jobs, count))
+        cls.jobs_per_extension = max(1, jobs // cls.extensions_at_once)
+        os.environ["MAX_JOBS"] = str(cls.jobs_per_extension)  # read by torch's ninja runs
+        print(f"fusedbn: {jobs} compilers at once: {cls.extensions_at_once} extensions, "
+              f"{cls.jobs_per_extension} each (MAX_JOBS sets the total)")
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.parallel = self.extensions_at_once
+
+    def build_extension(self, ext):
+        own = copy.copy(self)
+        own.build_temp = os.path.join(self.build_temp, ext.name)
+        start = time.perf_counter()
+        super(BuildConcurrently, own).build_extension(ext)
+        print(f"fusedbn: built {ext.name} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def extensions():
+    others = cpu_extensions() + ([simt_extension()] if os.environ.get("FUSEDBN_SIMT") == "1" else [])
+    BuildConcurrently.plan(1 + len(others))  # before extension() gives nvcc its share of the jobs
+    return [extension()] + others
+
+
 setup(
-    ext_modules=[extension()] + cpu_extensions() + ([simt_extension()] if os.environ.get("FUSEDBN_SIMT") == "1" else []),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": BuildConcurrently.with_options(use_ninja=True)},
 )

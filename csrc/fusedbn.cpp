@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "autograd.h"
+#include "cuda_archs.h"
 #include "meta_kernels.h"
 #include "schemas.h"
 
@@ -13,6 +14,15 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module);
 }
 
-TORCH_LIBRARY(fusedbn, m) { fusedbn::define_schemas(m); }
+TORCH_LIBRARY(fusedbn, m) {
+  fusedbn::define_schemas(m);
+  // What the CUDA kernels were built for (cuda_archs.h), for fusedbn.info() and its tests.
+  m.def("_cuda_archs() -> str", [] { return std::string(fusedbn::built_cuda_archs()); });
+  m.def("_unsupported_gpu_message(str archs, int major, int minor, str name) -> str",
+        [](c10::string_view archs, int64_t major, int64_t minor, c10::string_view name) {
+          return fusedbn::unsupported_gpu_message(std::string(archs), static_cast<int>(major), static_cast<int>(minor),
+                                                  std::string(name));
+        });
+}
 
 TORCH_LIBRARY_IMPL(fusedbn, Meta, m) { fusedbn::meta::register_meta_kernels(m); }

@@ -10,19 +10,34 @@
 #include <mutex>
 #include <tuple>
 
+#include "../cuda_archs.h"
 #include "host_ops.h"
 
 namespace fusedbn::cuda {
 namespace {
 
-// A device's SM count, read once per device.
+// Raises unsupported_gpu_message's error where the kernels built cannot run on the device, before any launch
+// could fail with the runtime's "no kernel image is available".
+void check_architecture(int device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  cudaDeviceProp properties{};
+  C10_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
+  const std::string message = unsupported_gpu_message(built_cuda_archs(), major, minor, properties.name);
+  TORCH_CHECK(message.empty(), message);
+}
+
+// A device's SM count, read once per device, whose architecture is checked then.
 int sm_count_of(int device) {
   static std::mutex mutex;
   static std::map<int, int> counts;
   const std::lock_guard lock(mutex);
-  auto [it, fresh] = counts.try_emplace(device, 0);
-  if (fresh) C10_CUDA_CHECK(cudaDeviceGetAttribute(&it->second, cudaDevAttrMultiProcessorCount, device));
-  return it->second;
+  if (const auto it = counts.find(device); it != counts.end()) return it->second;
+  check_architecture(device);
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return counts[device] = count;
 }
 
 // Everything a launch needs about the input's device, with the device made current for the op.

@@ -1,0 +1,75 @@
+#include "cuda_archs.h"
+
+#include <cctype>
+#include <set>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#define FUSEDBN_STRINGIFY(...) #__VA_ARGS__
+#define FUSEDBN_STRING(...) FUSEDBN_STRINGIFY(__VA_ARGS__)
+
+namespace fusedbn {
+namespace {
+
+struct Code {
+  bool ptx;       // compute_XY rather than sm_XY
+  int version;    // 10 * X + Y
+  bool specific;  // sm_XYa
+};
+
+std::vector<Code> parse_codes(const std::string& archs) {
+  std::vector<Code> codes;
+  std::stringstream list(archs);
+  for (std::string code; std::getline(list, code, ',');) {
+    const bool ptx = code.rfind("compute_", 0) == 0;
+    const std::string digits = code.substr(code.find('_') + 1);
+    const bool specific = !digits.empty() && !std::isdigit(static_cast<unsigned char>(digits.back()));
+    codes.push_back({ptx, std::stoi(digits), specific});
+  }
+  return codes;
+}
+
+bool runs_on(const Code& code, int capability) {
+  if (code.ptx) return code.version <= capability;
+  if (code.specific) return code.version == capability;
+  return code.version / 10 == capability / 10 && code.version <= capability;
+}
+
+std::string dotted(int version) { return std::to_string(version / 10) + "." + std::to_string(version % 10); }
+
+}  // namespace
+
+const char* built_cuda_archs() {
+#ifdef FUSEDBN_CUDA_ARCHS
+  return FUSEDBN_STRING(FUSEDBN_CUDA_ARCHS);
+#else
+  return "";
+#endif
+}
+
+std::string unsupported_gpu_message(const std::string& archs, int major, int minor, const std::string& name) {
+  const int capability = 10 * major + minor;
+  const std::vector<Code> codes = parse_codes(archs);
+  for (const Code& code : codes) {
+    if (runs_on(code, capability)) return "";
+  }
+  // The TORCH_CUDA_ARCH_LIST of this build, with the GPU's architecture added.
+  std::set<std::pair<int, bool>> entries{{capability, false}};  // (version, +PTX)
+  for (const Code& code : codes) entries.insert({code.version, code.ptx});
+  std::string arch_list;
+  for (auto it = entries.begin(); it != entries.end(); ++it) {
+    if (it->second) continue;  // printed as the +PTX of its machine-code entry, or alone below
+    arch_list += (arch_list.empty() ? "" : ";") + dotted(it->first) +
+                 (entries.count({it->first, true}) ? "+PTX" : "");
+  }
+  for (const auto& [version, ptx] : entries) {
+    if (ptx && !entries.count({version, false})) arch_list += ";" + dotted(version) + "+PTX";
+  }
+  std::string built = archs.empty() ? "no GPU architecture" : archs;
+  return "fusedbn's CUDA kernels were built for " + built + " (TORCH_CUDA_ARCH_LIST), none of which runs on " + name +
+         " (compute capability " + std::to_string(major) + "." + std::to_string(minor) + "). Rebuild fusedbn for it: " +
+         "TORCH_CUDA_ARCH_LIST=\"" + arch_list + "\" pip install --no-build-isolation . (or make build)";
+}
+
+}  // namespace fusedbn
