@@ -101,11 +101,11 @@ def build_jobs():
 def cuda_archs():
     """The architectures nvcc compiles for, from the -gencode flags torch derives from TORCH_CUDA_ARCH_LIST:
     sm_XY (machine code) and compute_XY (PTX), comma-separated, e.g. "sm_80,sm_90,compute_90"."""
-    codes = []
-    for flag in cpp_extension._get_cuda_arch_flags():
-        for code in re.findall(r"code=\[?([\w,]+)\]?", flag):
-            codes += [c for c in code.split(",") if c not in codes]
-    return ",".join(codes)
+    codes = set()
+    for flag in cpp_extension._get_cuda_arch_flags():  # -gencode=arch=compute_90,code=sm_90 or code=[sm_90,...]
+        for listed in re.findall(r",code=\[?([\w,]+)\]?", flag):
+            codes.update(listed.split(","))
+    return ",".join(sorted(codes, key=lambda code: (code.startswith("compute_"), code)))
 
 
 def extension():

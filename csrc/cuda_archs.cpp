@@ -23,8 +23,10 @@ std::vector<Code> parse_codes(const std::string& archs) {
   std::stringstream list(archs);
   for (std::string code; std::getline(list, code, ',');) {
     const bool ptx = code.rfind("compute_", 0) == 0;
+    if (!ptx && code.rfind("sm_", 0) != 0) continue;  // not an architecture's code
     const std::string digits = code.substr(code.find('_') + 1);
-    const bool specific = !digits.empty() && !std::isdigit(static_cast<unsigned char>(digits.back()));
+    if (digits.empty() || !std::isdigit(static_cast<unsigned char>(digits.front()))) continue;
+    const bool specific = !std::isdigit(static_cast<unsigned char>(digits.back()));
     codes.push_back({ptx, std::stoi(digits), specific});
   }
   return codes;
