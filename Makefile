@@ -87,8 +87,9 @@ sdist: $(DEPS_STAMP)
 
 # That the sdist installs and works outside this tree: a fresh venv with the pinned torch only (from the
 # package index), the sdist installed into it (one CPU build, -march=native, no CUDA, to stay quick: ~4 min on
-# 2 cores), then .ci/sdist_smoke.py run from an empty folder elsewhere. A file the build needs but missing from
-# the sdist (MANIFEST.in) fails here. --no-build-isolation: an isolated build would install torch a second time.
+# 2 cores), then .ci/sdist_smoke.py and `python -m fusedbn` (a new user's first command) run from an empty
+# folder elsewhere. A file the build needs but missing from the sdist (MANIFEST.in) fails here.
+# --no-build-isolation: an isolated build would install torch a second time.
 SDIST_VENV := build/sdist-venv
 sdist-check: sdist
 	@start=$$(date +%s); set -e; \
@@ -100,6 +101,7 @@ sdist-check: sdist
 	FUSEDBN_CUDA=0 FUSEDBN_CPU_ARCH=native $(CURDIR)/$(SDIST_VENV)/bin/python -m pip install -qq --no-build-isolation \
 	  $(CURDIR)/$(SDIST_DIR)/fusedbn-$(VERSION).tar.gz; \
 	$(CURDIR)/$(SDIST_VENV)/bin/python $(CURDIR)/.ci/sdist_smoke.py $(VERSION); \
+	$(CURDIR)/$(SDIST_VENV)/bin/python -m fusedbn; \
 	cd $(CURDIR); rm -rf $$smoke $(SDIST_VENV); \
 	echo "fusedbn: sdist-check passed in $$(( $$(date +%s) - start )) s"
 
