@@ -95,7 +95,9 @@ def cpu_extensions():
 def build_jobs():
     """Compilers to run at once: MAX_JOBS, as torch's extensions read it, else one per core."""
     jobs = os.environ.get("MAX_JOBS", "")
-    return int(jobs) if jobs.isdigit() and int(jobs) > 0 else len(os.sched_getaffinity(0))
+    if jobs.isdigit() and int(jobs) > 0:
+        return int(jobs)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
 
 
 def cuda_archs():

@@ -56,18 +56,23 @@ std::string unsupported_gpu_message(const std::string& archs, int major, int min
   for (const Code& code : codes) {
     if (runs_on(code, capability)) return "";
   }
-  // The TORCH_CUDA_ARCH_LIST of this build, with the GPU's architecture added.
-  std::set<std::pair<int, bool>> entries{{capability, false}};  // (version, +PTX)
-  for (const Code& code : codes) entries.insert({code.version, code.ptx});
+  // The TORCH_CUDA_ARCH_LIST of this build, with the GPU's architecture added: machine code as X.Y (X.Ya), PTX
+  // as the +PTX of its X.Y entry, or alone.
+  std::set<std::pair<int, bool>> machine{{capability, false}};  // (version, architecture-specific)
+  std::set<int> ptx;
+  for (const Code& code : codes) {
+    if (code.ptx) {
+      ptx.insert(code.version);
+    } else {
+      machine.insert({code.version, code.specific});
+    }
+  }
   std::string arch_list;
-  for (auto it = entries.begin(); it != entries.end(); ++it) {
-    if (it->second) continue;  // printed as the +PTX of its machine-code entry, or alone below
-    arch_list += (arch_list.empty() ? "" : ";") + dotted(it->first) +
-                 (entries.count({it->first, true}) ? "+PTX" : "");
+  const auto add = [&](const std::string& entry) { arch_list += (arch_list.empty() ? "" : ";") + entry; };
+  for (const auto& [version, specific] : machine) {
+    add(dotted(version) + (specific ? "a" : ptx.erase(version) ? "+PTX" : ""));
   }
-  for (const auto& [version, ptx] : entries) {
-    if (ptx && !entries.count({version, false})) arch_list += ";" + dotted(version) + "+PTX";
-  }
+  for (const int version : ptx) add(dotted(version) + "+PTX");
   std::string built = archs.empty() ? "no GPU architecture" : archs;
   return "fusedbn's CUDA kernels were built for " + built + " (TORCH_CUDA_ARCH_LIST), none of which runs on " + name +
          " (compute capability " + std::to_string(major) + "." + std::to_string(minor) + "). Rebuild fusedbn for it: " +

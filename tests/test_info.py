@@ -82,7 +82,7 @@ def test_a_gpu_the_build_covers_gets_no_message(capability):
 @pytest.mark.parametrize("archs, capability, arch_list", [
     (BUILT, (7, 5), "7.5;8.0;9.0+PTX"),
     ("sm_80,sm_90", (10, 0), "8.0;9.0;10.0"),
-    ("sm_90a", (9, 9), "9.0;9.9"),
+    ("sm_90a", (9, 9), "9.0a;9.9"),
     ("compute_90", (8, 6), "8.6;9.0+PTX"),
 ])
 def test_a_gpu_outside_the_build_is_told_what_to_rebuild_with(archs, capability, arch_list):
